@@ -1,0 +1,289 @@
+"""Model folders: the one checkpoint format, readable by transformers.
+
+A folder holds config.json, model.safetensors (transformers' parameter names), generation_config.json and the
+tokenizer files. Reading accepts what transformers writes too (sharded safetensors; pytorch_model.bin only through
+torch.load(weights_only=True)), so any GPT-2 / Llama / Mistral / Qwen2 / SmolLM2 folder works without a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from chatforge.errors import ChatforgeError
+from chatforge.io import atomic_write_text
+from chatforge.model import GPT, ModelConfig
+
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+
+
+# ---------------------------------------------------------------- config.json <-> ModelConfig
+
+def config_to_hf(c: ModelConfig, special_ids: dict | None = None) -> dict:
+    ids = {k: v for k, v in (special_ids or {}).items() if v is not None}
+    if c.family == "gpt2":
+        d = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+             "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head, "n_positions": c.max_seq_len,
+             "n_ctx": c.max_seq_len, "n_inner": c.d_ff, "layer_norm_epsilon": c.norm_eps,
+             "activation_function": {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"}[c.activation],
+             "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+             "initializer_range": c.init_std, "scale_attn_weights": True, "tie_word_embeddings": True}
+        if c.norm != "layernorm" or c.positions != "learned" or c.mlp != "gelu" or not c.tie_embeddings:
+            raise ChatforgeError("model: family gpt2 needs layernorm, learned positions, gelu MLP and tied embeddings")
+        return c.extra | d | ids
+    if c.norm != "rmsnorm" or c.positions != "rope" or c.mlp != "swiglu":
+        raise ChatforgeError(f"model: family {c.family} needs rmsnorm, rope positions and a swiglu MLP")
+    family = c.family
+    if c.sliding_window and family == "llama":
+        family = "mistral"  # transformers' Llama has no sliding window; Mistral is Llama with one
+    if c.attn_bias and not c.attn_out_bias and family == "llama":
+        family = "qwen2"  # q/k/v biases without an output bias is Qwen2's layout
+    _check_family(c, family)
+    d = {"architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                            "qwen2": "Qwen2ForCausalLM"}[family]],
+         "model_type": family, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+         "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+         "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
+         "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+         "tie_word_embeddings": c.tie_embeddings, "attention_dropout": c.dropout,
+         "initializer_range": c.init_std}
+    if family == "llama":
+        d |= {"attention_bias": c.attn_bias, "mlp_bias": c.mlp_bias}
+    elif family == "mistral":
+        d |= {"sliding_window": c.sliding_window}
+    else:
+        d |= {"use_sliding_window": bool(c.sliding_window), "sliding_window": c.sliding_window,
+              "max_window_layers": c.n_layer}
+    return c.extra | d | ids
+
+
+def _check_family(c: ModelConfig, family: str) -> None:
+    if family == "llama" and (c.attn_bias != c.attn_out_bias):
+        raise ChatforgeError("model: a llama-family model has biases on all or none of q/k/v/o")
+    if family in ("mistral", "qwen2") and c.attn_out_bias:
+        raise ChatforgeError(f"model: {family} has no attention output bias")
+    if c.mlp_bias and family != "llama":
+        raise ChatforgeError(f"model: {family} has no MLP bias")
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    mt = d.get("model_type")
+    if mt not in SUPPORTED:
+        raise ChatforgeError(f"{source}: unsupported architecture {mt!r} (supported: {', '.join(SUPPORTED)})")
+    keep = {k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in d}
+    if mt == "gpt2":
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+            d.get("activation_function", "gelu_new"))
+        if act is None:
+            raise ChatforgeError(f"{source}: unsupported activation_function {d.get('activation_function')!r}")
+        if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
+            raise ChatforgeError(f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx) are not supported")
+        return ModelConfig(family="gpt2", vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"],
+                           d_model=d["n_embd"], d_ff=d.get("n_inner") or 4 * d["n_embd"],
+                           max_seq_len=d.get("n_positions", 1024), norm="layernorm",
+                           norm_eps=d.get("layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
+                           activation=act, attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
+                           extra=keep)
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ChatforgeError(f"{source}: unsupported rope scaling {rope_type!r}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ChatforgeError(f"{source}: unsupported hidden_act {d.get('hidden_act')!r}")
+    window = None
+    if mt == "mistral" or (mt == "qwen2" and d.get("use_sliding_window")):
+        window = d.get("sliding_window")
+    bias = bool(d.get("attention_bias", False)) if mt == "llama" else mt == "qwen2"
+    n_head = d["num_attention_heads"]
+    return ModelConfig(family=mt, vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head,
+                       n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
+                       d_ff=d["intermediate_size"], head_dim=d.get("head_dim") or d["hidden_size"] // n_head,
+                       max_seq_len=d.get("max_position_embeddings", 2048), norm="rmsnorm",
+                       norm_eps=d.get("rms_norm_eps", 1e-6), positions="rope",
+                       rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                       mlp="swiglu", activation="silu", attn_bias=bias, attn_out_bias=bias and mt == "llama",
+                       mlp_bias=bool(d.get("mlp_bias", False)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                       sliding_window=window, extra=keep)
+
+
+# ---------------------------------------------------------------- state dict names
+
+def _gpt2_to_hf(sd: dict, c: ModelConfig) -> dict:
+    """chatforge names -> GPT2LMHeadModel names (Conv1D weights are stored transposed, q/k/v fused)."""
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+           "transformer.wpe.weight": sd["model.embed_positions.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"], "transformer.ln_f.bias": sd["model.norm.bias"]}
+    for i in range(c.n_layer):
+        p, h = f"model.layers.{i}.", f"transformer.h.{i}."
+        a = p + "self_attn."
+        out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"]
+        out[h + "ln_2.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[h + "ln_2.bias"] = sd[p + "post_attention_layernorm.bias"]
+        out[h + "attn.c_attn.weight"] = torch.cat([sd[a + f"{x}_proj.weight"] for x in "qkv"]).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[a + f"{x}_proj.bias"] for x in "qkv"])
+        out[h + "attn.c_proj.weight"], out[h + "attn.c_proj.bias"] = sd[a + "o_proj.weight"].t(), sd[a + "o_proj.bias"]
+        out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up_proj.weight"].t()
+        out[h + "mlp.c_fc.bias"] = sd[p + "mlp.up_proj.bias"]
+        out[h + "mlp.c_proj.weight"] = sd[p + "mlp.down_proj.weight"].t()
+        out[h + "mlp.c_proj.bias"] = sd[p + "mlp.down_proj.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _gpt2_from_hf(hf: dict, c: ModelConfig) -> dict:
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    sd = {"model.embed_tokens.weight": hf["wte.weight"], "model.embed_positions.weight": hf["wpe.weight"],
+          "model.norm.weight": hf["ln_f.weight"], "model.norm.bias": hf["ln_f.bias"]}
+    d = c.d_model
+    for i in range(c.n_layer):
+        p, h = f"model.layers.{i}.", f"h.{i}."
+        a = p + "self_attn."
+        sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"] = hf[h + "ln_1.weight"], hf[h + "ln_1.bias"]
+        sd[p + "post_attention_layernorm.weight"] = hf[h + "ln_2.weight"]
+        sd[p + "post_attention_layernorm.bias"] = hf[h + "ln_2.bias"]
+        w, b = hf[h + "attn.c_attn.weight"].t(), hf[h + "attn.c_attn.bias"]
+        for j, x in enumerate("qkv"):
+            sd[a + f"{x}_proj.weight"], sd[a + f"{x}_proj.bias"] = w[j * d:(j + 1) * d], b[j * d:(j + 1) * d]
+        sd[a + "o_proj.weight"], sd[a + "o_proj.bias"] = hf[h + "attn.c_proj.weight"].t(), hf[h + "attn.c_proj.bias"]
+        sd[p + "mlp.up_proj.weight"], sd[p + "mlp.up_proj.bias"] = hf[h + "mlp.c_fc.weight"].t(), hf[h + "mlp.c_fc.bias"]
+        sd[p + "mlp.down_proj.weight"] = hf[h + "mlp.c_proj.weight"].t()
+        sd[p + "mlp.down_proj.bias"] = hf[h + "mlp.c_proj.bias"]
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    if model.config.family == "gpt2":
+        return _gpt2_to_hf(sd, model.config)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def state_dict_from_hf(hf: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    hf = {k: v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
+    sd = _gpt2_from_hf(hf, c) if c.family == "gpt2" else hf
+    if c.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+# ---------------------------------------------------------------- reading and writing folders
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    try:
+        if single.exists():
+            return load_file(str(single))
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                out |= load_file(str(folder / shard))
+            return out
+        if (folder / "pytorch_model.bin").exists():
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except ChatforgeError:
+        raise
+    except Exception as e:  # a corrupt or truncated file: name it, don't show a traceback
+        raise ChatforgeError(f"{folder}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    raise ChatforgeError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise ChatforgeError(f"{folder}: not a model folder (no config.json)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ChatforgeError(f"{path}: invalid JSON ({e.msg})")
+    try:
+        return config_from_hf(d, str(path))
+    except KeyError as e:
+        raise ChatforgeError(f"{path}: missing field {e.args[0]!r}")
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> GPT:
+    """Build the model from a folder; dtype None keeps fp32 (the dtype parity tests and training want)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    with torch.device("meta"):
+        model = GPT(config)
+    sd = state_dict_from_hf(read_weights(folder), config)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ChatforgeError(f"{folder}: weights do not match config.json (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_config: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Write a complete folder next to the target and rename it into place, so a kill never leaves half a folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        ids = {"bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": tokenizer.eos_id,
+               "pad_token_id": tokenizer.pad_id} if tokenizer is not None else {}
+        hf_config = config_to_hf(model.config, ids)
+        hf_config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        tensors = {k: v.to("cpu", dtype) for k, v in state_dict_to_hf(model).items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        gen = {"eos_token_id": sorted(tokenizer.stop_ids) if tokenizer is not None else None,
+               "pad_token_id": ids.get("pad_token_id"), "bos_token_id": ids.get("bos_token_id")}
+        gen = {k: v for k, v in (gen | (generation_config or {})).items() if v is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_generation_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "generation_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(str(path), json.dumps(obj, indent=2, ensure_ascii=False))

@@ -1,0 +1,325 @@
+"""The one decoder-only Transformer.
+
+GPT-2 and the Llama family (Llama, Mistral, Qwen2, SmolLM2) differ only by config fields: norm, positions, MLP,
+biases and kv heads. Parameter names follow transformers' Llama layout (model.layers.N.self_attn.q_proj, ...), so a
+Llama-family state dict loads as is and LoRA target names mean the same thing here and in peft; checkpoint.py maps
+GPT-2's fused Conv1D layout to and from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatforge.errors import ChatforgeError
+
+
+@dataclass
+class ModelConfig:
+    """Shape and family of the model; saved as a transformers config.json by checkpoint.py."""
+
+    family: str = "llama"  # the transformers model_type written on save: gpt2 | llama | qwen2 | mistral
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: multi-head; 1: multi-query; in between: grouped-query
+    d_model: int = 128
+    d_ff: int | None = None  # None: 4*d_model (gelu) or ~8/3*d_model rounded to 32 (swiglu)
+    head_dim: int | None = None  # None: d_model // n_head
+    max_seq_len: int = 512
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    positions: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"  # swiglu | gelu
+    activation: str = "silu"  # silu (swiglu) | gelu_tanh | gelu
+    attn_bias: bool = False  # biases on q, k, v (GPT-2, Qwen2)
+    attn_out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    sliding_window: int | None = None  # attend to at most this many previous positions
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)  # family-specific config.json keys kept for a faithful round trip
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ChatforgeError(f"model: d_model {self.d_model} is not divisible by n_head {self.n_head}")
+            self.head_dim = self.d_model // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ChatforgeError(f"model: n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 32 * math.ceil(8 * self.d_model / 3 / 32)
+        for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("positions", ("rope", "learned")),
+                              ("mlp", ("swiglu", "gelu")), ("activation", ("silu", "gelu_tanh", "gelu"))):
+            if getattr(self, name) not in allowed:
+                raise ChatforgeError(f"model: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ChatforgeError(f"model: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _gpt2(**kw) -> dict:
+    base = dict(family="gpt2", norm="layernorm", positions="learned", mlp="gelu", activation="gelu_tanh",
+                attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, max_seq_len=1024)
+    return base | kw
+
+
+def _llama(**kw) -> dict:
+    return dict(family="llama", norm="rmsnorm", positions="rope", mlp="swiglu", activation="silu") | kw
+
+
+# Size presets, smallest first. Non-embedding sizes are about 1M, 3M, 10M, 30M, 85M (the GPT-2 124M shape).
+PRESETS: dict[str, dict] = {
+    "nano": _llama(n_layer=4, n_head=4, n_kv_head=2, d_model=128, max_seq_len=512),
+    "micro": _llama(n_layer=6, n_head=6, n_kv_head=2, d_model=192, max_seq_len=512),
+    "mini": _llama(n_layer=8, n_head=8, n_kv_head=4, d_model=320, max_seq_len=1024),
+    "small": _llama(n_layer=12, n_head=8, n_kv_head=4, d_model=448, max_seq_len=1024),
+    "gpt2-nano": _gpt2(n_layer=4, n_head=4, d_model=128),
+    "gpt2-124m": _gpt2(n_layer=12, n_head=12, d_model=768, vocab_size=50257),
+}
+
+
+def config_from_preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ChatforgeError(f"model: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return ModelConfig(**(PRESETS[name] | overrides))
+
+
+class KVCache:
+    """Preallocated keys/values for `batch_size` rows, written at each token's absolute position.
+
+    Rows are independent: a row is (re)started by writing from position 0, and a query at position p only sees keys
+    at positions <= p, so stale entries of a previous occupant are never visible. `rows` maps the batch being run to
+    cache rows, which lets a continuous-batching engine run any subset of its slots.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.rows: torch.Tensor | None = None  # None: batch row i is cache row i
+
+    def _rows(self, batch: int) -> torch.Tensor | slice:
+        return slice(0, batch) if self.rows is None else self.rows
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        if int(positions.max()) >= self.max_len:
+            raise ChatforgeError(f"generation: sequence exceeds the KV cache length {self.max_len}")
+        rows = self._rows(k.shape[0])
+        rows = torch.arange(k.shape[0], device=k.device) if isinstance(rows, slice) else rows
+        r = rows[:, None].expand_as(positions)
+        self.k[layer][r, positions] = k.to(self.k.dtype)
+        self.v[layer][r, positions] = v.to(self.v.dtype)
+
+    def read(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows(batch)
+        return self.k[layer][rows, :length], self.v[layer][rows, :length]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as transformers does, so bf16 runs match it.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); the rotate-half layout used by transformers' Llama.
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.c = c
+        self.q_proj = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=c.attn_bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.attn_bias)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.attn_bias)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.attn_out_bias)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        c, (B, T, _) = self.c, x.shape
+        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
+        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
+            ck, cv = cache.read(layer, B, mask.shape[-1])
+            k, v = ck.transpose(1, 2).to(q.dtype), cv.transpose(1, 2).to(q.dtype)
+        dropout = c.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                           enable_gqa=c.n_kv_head != c.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.gated = c.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[c.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, cache, layer, positions):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, positions))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Backbone(nn.Module):
+    """Everything but the head; named `model` inside GPT so parameter names match transformers' Llama."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+
+
+class GPT(nn.Module):
+    """input ids -> logits. Training passes doc_ids for packed sequences; generation passes a KVCache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.drop = nn.Dropout(config.dropout)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):  # GPT-2's scaled residual init
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if hasattr(self.model, "embed_positions"):
+                n -= self.model.embed_positions.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def _mask(self, positions: torch.Tensor, doc_ids: torch.Tensor | None, key_len: int | None):
+        """Boolean attention mask (B, 1, Tq, Tk), or None when plain causal attention is exact."""
+        w = self.config.sliding_window
+        if key_len is not None:  # decoding against a cache: keys sit at their absolute positions
+            k_pos = torch.arange(key_len, device=positions.device)
+            q_pos = positions[:, :, None]
+            m = k_pos[None, None, :] <= q_pos
+            if w:
+                m &= k_pos[None, None, :] > q_pos - w
+            return m[:, None]
+        if doc_ids is None and not w:
+            return None
+        T = positions.shape[1]
+        idx = torch.arange(T, device=positions.device)
+        m = (idx[None, :] <= idx[:, None])[None]  # (1, T, T)
+        if w:
+            m = m & (idx[None, :] > idx[:, None] - w)[None]
+        if doc_ids is not None:
+            m = m & (doc_ids[:, :, None] == doc_ids[:, None, :])
+        return m[:, None]
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with logits_at (B,) only those positions' logits, (B, 1, V) — prefill needs no more.
+
+        position_ids: absolute positions (B, T); default 0..T-1. Packed training resets them per conversation.
+        doc_ids: (B, T) conversation index per token; tokens attend only within their own conversation.
+        cache: a KVCache; keys are written at position_ids and attended up to max(position_ids).
+        """
+        c = self.config
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        if c.positions == "learned":
+            if int(position_ids.max()) >= c.max_seq_len:
+                raise ChatforgeError(f"model: position {int(position_ids.max())} is beyond max_seq_len {c.max_seq_len}")
+            x = x + self.model.embed_positions(position_ids)
+            rope = None
+        else:
+            rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta)
+        x = self.drop(x)
+        key_len = int(position_ids.max()) + 1 if cache is not None else None
+        mask = self._mask(position_ids, doc_ids, key_len)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, i, position_ids, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i, position_ids)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
+        return self.lm_head(self.model.norm(x))

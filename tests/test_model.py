@@ -1,0 +1,117 @@
+"""The one model: parity with transformers both ways, KV-cache and packing behaviour."""
+
+import json
+
+import pytest
+import torch
+
+from chatforge.checkpoint import load_model, save_model
+from chatforge.model import GPT, KVCache, ModelConfig, PRESETS, config_from_preset
+
+FAMILIES = {
+    "gpt2": dict(family="gpt2", norm="layernorm", positions="learned", mlp="gelu", activation="gelu_tanh",
+                 attn_bias=True, attn_out_bias=True, mlp_bias=True, n_layer=2, n_head=4, d_model=64,
+                 vocab_size=97, max_seq_len=64),
+    "llama-gqa": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, vocab_size=97,
+                      max_seq_len=64, tie_embeddings=False, rope_theta=500.0),
+    "qwen2-bias": dict(family="qwen2", n_layer=2, n_head=4, n_kv_head=1, d_model=64, vocab_size=97,
+                       max_seq_len=64, attn_bias=True),
+    "mistral-window": dict(family="mistral", n_layer=2, n_head=4, d_model=64, vocab_size=97, max_seq_len=64,
+                           sliding_window=8),
+}
+
+
+def _random_model(kw: dict, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**kw))
+    with torch.no_grad():  # perturb norms and biases too, so a mapping mistake cannot hide behind ones and zeros
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformers_loads_chatforge_folder_with_same_logits(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    model = _random_model(FAMILIES[family])
+    save_model(model, None, tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model(ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa", "qwen2-bias"])
+def test_chatforge_loads_transformers_folder_with_same_logits(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    model = _random_model(FAMILIES[family], seed=3)
+    save_model(model, None, tmp_path / "ours")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "theirs")  # written by transformers itself
+    ours = load_model(tmp_path / "theirs")
+    ids = torch.randint(0, 97, (1, 33), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+
+
+def test_saved_config_is_plain_transformers_json(tmp_path):
+    save_model(_random_model(FAMILIES["llama-gqa"]), None, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 2
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "generation_config.json",
+                                                                   "model.safetensors"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_kv_cache_decoding_matches_full_forward(family):
+    model = _random_model(FAMILIES[family])
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, batch_size=2, max_len=32)
+        pos = torch.arange(12).expand(2, 12)
+        steps = [model(ids[:, :12], position_ids=pos, cache=cache)]
+        for t in range(12, 20):
+            steps.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache))
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_packed_conversations_do_not_attend_to_each_other():
+    model = _random_model(FAMILIES["llama-gqa"])
+    a = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(5))
+    b = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(6))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([[0] * 10 + [1] * 14])
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    with torch.no_grad():
+        together = model(packed, position_ids=pos, doc_ids=doc)
+        alone = model(b)
+        leaky = model(packed)  # without doc_ids the second conversation does see the first
+    assert (together[:, 10:] - alone).abs().max().item() <= 1e-5
+    assert (leaky[:, 10:] - alone).abs().max().item() > 1e-3
+
+
+def test_cache_rows_let_one_slot_restart_without_touching_others():
+    model = _random_model(FAMILIES["llama-gqa"])
+    x = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(x)
+        cache = KVCache(model.config, batch_size=3, max_len=16)
+        cache.rows = torch.tensor([2])
+        model(torch.randint(0, 97, (1, 12)), cache=cache)  # a previous, longer occupant of slot 2
+        out = model(x, cache=cache)  # restarts slot 2 from position 0
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_presets_span_1m_to_gpt2_124m():
+    sizes = {name: GPT(config_from_preset(name, vocab_size=4096)).num_params(non_embedding=True)
+             for name in ("nano", "micro", "mini", "small")}
+    assert 0.5e6 < sizes["nano"] < 1.5e6 < sizes["micro"] < sizes["mini"] < sizes["small"]
+    with torch.device("meta"):
+        gpt2 = GPT(ModelConfig(**PRESETS["gpt2-124m"]))
+    assert gpt2.num_params() == 124_439_808  # GPT2LMHeadModel('gpt2').num_parameters()
