@@ -1,0 +1,553 @@
+"""Byte-level BPE tokenizer, the chat renderer and a UTF-8-safe streaming decoder.
+
+`Tokenizer.render(messages)` is the one chat contract: it returns the token ids and the loss mask (assistant content
+plus its closing end-of-turn token) that training, evaluation, generation prompts and the server all share. It renders
+the conversation with the tokenizer's own Jinja chat template, the way transformers' `apply_chat_template` does, so
+the ids match `AutoTokenizer.from_pretrained(folder).apply_chat_template(...)` by construction, for chatforge's
+ChatML template and for a pretrained tokenizer's template alike. The mask is derived from character spans of the
+rendered text, which only needs the template to be prefix-stable (rendering the first i messages gives a prefix of
+rendering all of them).
+
+Message content is always text: a special-token string such as "<|im_end|>" typed into a message is encoded as plain
+characters, never as the control token, so data or a user cannot end a turn early or forge a role. That matches
+transformers' `apply_chat_template(..., sanitize_control_tokens=True)`; for content without such strings (all normal
+content) it is identical to the default `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from chatforge.errors import ChatforgeError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+IM_START, IM_END, PAD, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|pad|>", "<|endoftext|>"
+SPECIALS = [ENDOFTEXT, IM_START, IM_END, PAD]  # ids 0..3 in a chatforge-trained tokenizer
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Private-use characters wrapped around control-token strings found in message content, so that the encoder can tell
+# them from the control tokens the template writes itself (the same characters transformers uses for this).
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+_TEMPLATE_KWARGS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# tokenizer_config.json keys that chatforge writes itself or that would make transformers load something else.
+_OWN_CONFIG_KEYS = {
+    "tokenizer_class", "chat_template", "eos_token", "pad_token", "bos_token", "added_tokens_decoder",
+    "clean_up_tokenization_spaces", "auto_map", "tokenizer_file", "name_or_path", "fast_tokenizer_files",
+}
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str):
+    """Compile a chat template in a sandbox configured like transformers', so both render the same text."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(jinja2.ext.Extension):
+        # Hub templates may mark assistant text with {% generation %}; we derive the mask ourselves, so it's a no-op.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatforgeError(f"chat template:{e.lineno}: {e.message}") from None
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, (list, tuple)):
+        raise ChatforgeError(f"messages: expected a list of {{role, content}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatforgeError(f"messages[{i}]: expected a dict with 'role' and 'content', got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise ChatforgeError(f"messages[{i}]: '{key}' must be a string, got {m.get(key)!r}")
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _mark(obj: Any, control_re: re.Pattern) -> Any:
+    if isinstance(obj, str):
+        obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")
+        return control_re.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, obj)
+    if isinstance(obj, dict):
+        return {k: _mark(v, control_re) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mark(v, control_re) for v in obj]
+    return obj
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ChatforgeError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ChatforgeError(f"{path}:1: expected a JSON object")
+    return data
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus its chat template and named special tokens.
+
+    Change the vocabulary through `add_chat_tokens` only: the encoding copies made in `_refresh` must follow it.
+    """
+
+    def __init__(
+        self,
+        hf: tokenizers.Tokenizer,
+        chat_template: str,
+        eos_token: str = IM_END,
+        pad_token: str | None = PAD,
+        bos_token: str | None = None,
+        extra_config: dict | None = None,
+    ):
+        self.hf = hf
+        self.chat_template = chat_template or ""
+        self.eos_token = eos_token
+        self.pad_token = pad_token if pad_token and hf.token_to_id(pad_token) is not None else eos_token
+        self.bos_token = bos_token
+        self.extra_config = dict(extra_config or {})
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute ids and the encoding copies after the vocabulary or special tokens change."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.eos_id = self._require_id(self.eos_token, "eos_token")
+        self.pad_id = self._require_id(self.pad_token, "pad_token")
+        self.bos_id = self.hf.token_to_id(self.bos_token) if self.bos_token else None
+        added = self.hf.get_added_tokens_decoder()
+        # <|im_end|> always ends a ChatML turn, even where eos is <|endoftext|> (Qwen-style base models)
+        self.stop_ids = {self.eos_id} | {
+            i for i in (self.hf.token_to_id(ENDOFTEXT), self.hf.token_to_id(IM_END)) if i is not None and i in added
+        }
+        # Copies without a post-processor, so offsets are raw character spans (GPT-2's ByteLevel post-processor
+        # trims whitespace off them), and one that encodes special-token strings as plain text.
+        spec = self.hf.to_str()
+        self._enc = HFTokenizer.from_str(spec)
+        self._enc.post_processor = None
+        self._plain = HFTokenizer.from_str(spec)
+        self._plain.post_processor = None
+        self._plain.encode_special_tokens = True
+        controls = sorted((t.content for t in added.values() if t.special), key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, controls)) or "(?!)")
+        self._marked_re = re.compile(f"{_MARK_START}({self._control_re.pattern}){_MARK_END}|[{_MARK_START}{_MARK_END}]")
+        self._newline_ids = self._plain.encode("\n", add_special_tokens=False).ids
+
+    def _require_id(self, token: str | None, field: str) -> int:
+        i = self.hf.token_to_id(token) if token else None
+        if i is None:
+            raise ChatforgeError(f"tokenizer: {field} {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    # -- plain text ---------------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Encode text as text: a special-token string in it becomes ordinary characters, never a control token."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special=skip_special)
+
+    # -- chat ---------------------------------------------------------------------------------------------------
+
+    def _template_kwargs(self) -> dict:
+        values = {**self.extra_config, "bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "pad_token": self.pad_token}
+        return {k: t for k in _TEMPLATE_KWARGS if (t := _token_text(values.get(k))) is not None}
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        import jinja2
+
+        if not self.chat_template:
+            raise ChatforgeError("tokenizer: no chat template (for a base tokenizer, call add_chat_tokens() first)")
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **self._template_kwargs(),
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatforgeError(f"chat template: {e}") from None
+
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as the chat template writes it (what the model sees, before tokenization)."""
+        return self._render(_check_messages(messages), add_generation_prompt)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids and the loss mask: 1 on each assistant message's content and its closing end-of-turn token.
+
+        The end-of-turn token is in the mask so the model learns to stop.
+        """
+        marked = _mark(_check_messages(messages), self._control_re)
+        text = self._render(marked, add_generation_prompt)
+        ids, starts = self._encode_marked(text)
+        spans = []
+        for i, message in enumerate(marked):
+            if message["role"] != "assistant":
+                continue
+            head = self._render(marked[:i], True)
+            upto = self._render(marked[: i + 1], False)
+            if not (upto.startswith(head) and text.startswith(upto)):
+                raise ChatforgeError(
+                    f"chat template is not prefix-stable: rendering messages[:{i}] with a generation prompt is not a "
+                    f"prefix of rendering messages[:{i + 1}], so the assistant tokens of message {i} cannot be found"
+                )
+            spans.append((len(head), self._end_of_turn(upto, len(head), i)))
+        mask, k = [], 0
+        for start in starts:
+            while k < len(spans) and start >= spans[k][1]:
+                k += 1
+            mask.append(1 if k < len(spans) and start >= spans[k][0] else 0)
+        return ids, mask
+
+    def _end_of_turn(self, text: str, start: int, index: int) -> int:
+        """End of the first template-written end-of-turn token at or after `start`."""
+        enders = [self.eos_token] + ([IM_END] if self.hf.token_to_id(IM_END) is not None else [])
+        best = None
+        for ender in enders:
+            pos = text.find(ender, start)
+            while pos > 0 and text[pos - 1] == _MARK_START:  # a marked copy typed into the content
+                pos = text.find(ender, pos + 1)
+            if pos >= 0 and (best is None or pos + len(ender) < best):
+                best = pos + len(ender)
+        if best is None:
+            raise ChatforgeError(
+                f"chat template does not close assistant message {index} with the end-of-turn token "
+                f"{self.eos_token!r}, so the model could not learn to stop"
+            )
+        return best
+
+    def _encode_marked(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids and each token's start offset in `text`, encoding marked control-token strings as plain text.
+
+        Mirrors transformers' encoding of a sanitized chat (pieces after the first are encoded behind a newline that
+        is then removed, so SentencePiece doesn't add its start-of-text space), so ids match it exactly.
+        """
+        first = self._enc.encode(text, add_special_tokens=False)
+        if _MARK_START not in text and _MARK_END not in text:
+            return first.ids, [s for s, _ in first.offsets]
+        ids: list[int] = []
+        starts: list[int] = []
+        pos, piece_index = 0, 0
+        for m in list(self._marked_re.finditer(text)) + [None]:
+            end = m.start() if m else len(text)
+            pieces = [(text[pos:end], pos, False)]
+            if m and m.group(1):
+                pieces.append((m.group(1), m.start(1), True))
+            for piece, offset, as_text in pieces:
+                if piece:
+                    self._encode_piece(piece, offset, as_text, piece_index == 0, ids, starts)
+                piece_index += 1
+            pos = m.end() if m else end
+        return ids, starts
+
+    def _encode_piece(self, piece: str, offset: int, as_text: bool, first: bool, ids: list, starts: list) -> None:
+        enc = self._plain if as_text else self._enc
+        if not first:
+            e = enc.encode("\n" + piece, add_special_tokens=False)
+            n = len(self._newline_ids)
+            if e.ids[:n] == self._newline_ids:
+                ids.extend(e.ids[n:])
+                starts.extend(offset + s - 1 for s, _ in e.offsets[n:])
+                return
+        e = enc.encode(piece, add_special_tokens=False)
+        if as_text and self.hf.token_to_id(piece) in e.ids:
+            raise ChatforgeError(f"tokenizer: cannot encode {piece!r} as text, it produces the control token")
+        ids.extend(e.ids)
+        starts.extend(offset + s for s, _ in e.offsets)
+
+    def format_labels(self, ids: list[int], mask: list[int], color: bool = True) -> str:
+        """The rendered conversation with the trained tokens highlighted, then a legend and the counts."""
+        if len(ids) != len(mask):
+            raise ValueError(f"{len(ids)} ids but {len(mask)} mask values")
+        on, off = ("\033[32m", "\033[0m") if color else ("[[", "]]")
+        runs: list[list] = []  # [mask value, text]
+        stream = self.stream_decoder()
+        for i, m in enumerate(mask):
+            chunk = stream.push(ids[i])
+            if runs and runs[-1][0] == m:
+                runs[-1][1] += chunk
+            else:
+                runs.append([m, chunk])
+        if runs:
+            runs[-1][1] += stream.flush()
+        body = "".join(on + t + off if m else t for m, t in runs if t)
+        trained = sum(mask)
+        share = 100.0 * trained / len(ids) if ids else 0.0
+        legend = f"legend: {on}trained{off} tokens carry the loss; the rest is context only"
+        return f"{body}\n{legend}\ntrained tokens: {trained} of {len(ids)} ({share:.1f}%)"
+
+    # -- special tokens -----------------------------------------------------------------------------------------
+
+    def has_chat_tokens(self) -> bool:
+        """True when chats can be rendered: there is a chat template and its end-of-turn token is in the vocab."""
+        return bool(self.chat_template) and self.hf.token_to_id(self.eos_token) is not None
+
+    def add_chat_tokens(self) -> int:
+        """Add the ChatML special tokens a base tokenizer (GPT-2) lacks; returns how many ids were added.
+
+        The template and end-of-turn token switch to ChatML only when there was no template, so a pretrained chat
+        model keeps its own. The caller resizes the embeddings by the returned count.
+        """
+        from tokenizers import AddedToken
+
+        missing = [t for t in (IM_START, IM_END, PAD) if self.hf.token_to_id(t) is None]
+        before = self.vocab_size
+        self.hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        if self.pad_token == self.eos_token:  # a pad that is also the stop token hides where turns end
+            self.pad_token = PAD
+        if not self.chat_template:
+            self.chat_template = CHATML_TEMPLATE
+            self.eos_token = IM_END
+        self._refresh()
+        return self.vocab_size - before
+
+    # -- files --------------------------------------------------------------------------------------------------
+
+    def save(self, folder: str) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json as transformers reads them."""
+        from chatforge.io import atomic_write_text
+
+        os.makedirs(folder, exist_ok=True)
+        config = {k: v for k, v in self.extra_config.items() if k not in _OWN_CONFIG_KEYS}
+        config.update({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": self.chat_template or None,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "clean_up_tokenization_spaces": False,
+            "added_tokens_decoder": {
+                str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                         "single_word": t.single_word, "special": t.special}
+                for i, t in sorted(self.hf.get_added_tokens_decoder().items())
+            },
+        })
+        config = {k: v for k, v in config.items() if v is not None}
+        special_map = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                         ("pad_token", self.pad_token)) if v is not None}
+        atomic_write_text(os.path.join(folder, "tokenizer.json"), self.hf.to_str(pretty=True))
+        config_text = json.dumps(config, indent=2, ensure_ascii=False)
+        atomic_write_text(os.path.join(folder, "tokenizer_config.json"), config_text)
+        atomic_write_text(os.path.join(folder, "special_tokens_map.json"), json.dumps(special_map, indent=2))
+        jinja_file = os.path.join(folder, "chat_template.jinja")
+        if os.path.exists(jinja_file):  # transformers prefers this file over the config's template: keep them equal
+            atomic_write_text(jinja_file, self.chat_template)
+
+    @classmethod
+    def load(cls, folder: str) -> Tokenizer:
+        """Read a folder written by chatforge or by transformers' save_pretrained (tokenizer.json required)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok_path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            raise ChatforgeError(f"{tok_path}: file not found (a tokenizer folder needs tokenizer.json)")
+        config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        try:
+            hf = HFTokenizer.from_file(tok_path)
+        except Exception as e:  # the Rust parser raises a bare Exception with its own message
+            raise ChatforgeError(f"{tok_path}: not a valid tokenizers file ({e})") from None
+        template = config.get("chat_template") or ""
+        if isinstance(template, list):  # the older multi-template form: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or ""
+        jinja_file = os.path.join(folder, "chat_template.jinja")
+        if os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        eos = _token_text(config.get("eos_token"))
+        if eos is None:
+            eos = IM_END if hf.token_to_id(IM_END) is not None else ENDOFTEXT
+        return cls(hf, template, eos_token=eos, pad_token=_token_text(config.get("pad_token")),
+                   bos_token=_token_text(config.get("bos_token")), extra_config=config)
+
+
+class StreamDecoder:
+    """Turns ids into text as they arrive, holding back a character until all of its bytes have arrived.
+
+    It decodes a small window (the last emitted chunk's ids as context, plus the ids not yet emitted) rather than the
+    whole history, so each push costs O(window); the context keeps decoders that treat the first token specially
+    (SentencePiece's leading space) consistent, and the chunks concatenate to exactly `decode(all ids)`.
+    """
+
+    _MAX_PENDING = 8  # more held ids than any UTF-8 character needs means truly invalid bytes: emit them
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special=skip_special)
+        self._ids: list[int] = []
+        self._read = 0  # ids before this index were emitted; ids before it are the context
+
+    def push(self, token_id: int) -> str:
+        """Newly completed text; '' while a character is still incomplete."""
+        self._ids.append(token_id)
+        context = self._decode(self._ids[: self._read])
+        text = self._decode(self._ids)
+        if not text.endswith("\ufffd"):
+            return self._advance(len(self._ids), text[len(context):])
+        if len(self._ids) - self._read < self._MAX_PENDING:
+            return ""
+        # Held too long to be one incomplete character: emit up to the longest clean prefix, or everything.
+        for upto in range(len(self._ids) - 1, self._read, -1):
+            clean = self._decode(self._ids[:upto])
+            if not clean.endswith("\ufffd"):
+                return self._advance(upto, clean[len(context):])
+        return self._advance(len(self._ids), text[len(context):])
+
+    def flush(self) -> str:
+        """Whatever is left (a replacement character for bytes that never formed a valid character)."""
+        context = self._decode(self._ids[: self._read])
+        chunk = self._decode(self._ids)[len(context):]
+        self._ids, self._read = [], 0
+        return chunk
+
+    def _advance(self, upto: int, chunk: str) -> str:
+        """Make ids[read:upto] the new context and keep ids[upto:] pending."""
+        self._ids = self._ids[self._read:]
+        self._read = upto - self._read
+        return chunk
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, show_progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE with the ChatML specials at ids 0..3 and the ChatML template.
+
+    Every byte is in the initial alphabet, so any text encodes losslessly, and there is no normalizer: the data
+    cleaning step decides about Unicode normalization, not the tokenizer.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    floor = len(SPECIALS) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size <= floor:
+        raise ChatforgeError(f"vocab_size: must be more than {floor} (4 specials + 256 bytes), got {vocab_size}")
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    hf.train_from_iterator(texts, trainer)
+    return Tokenizer(hf, CHATML_TEMPLATE, eos_token=IM_END, pad_token=PAD, bos_token=None)
+
+
+def _record_texts(records: Iterable[dict]) -> Iterable[str]:
+    for r in records:
+        if "messages" in r:
+            for m in r["messages"]:
+                yield m["content"]
+        elif "text" in r:
+            yield r["text"]
+
+
+def train_command(
+    *, data: str, out: str, vocab_size: int = 4096, min_frequency: int = 2, val_fraction: float = 0.1, seed: int = 0
+) -> None:
+    """Train a byte-level BPE tokenizer with ChatML special tokens and chat template on a dataset.
+
+    Args:
+        data: dataset path or builtin name (e.g. builtin:english), as accepted by `chatforge prepare`.
+        out: folder to write tokenizer.json, tokenizer_config.json and special_tokens_map.json into.
+        vocab_size: total vocabulary size, special tokens included (more than 260).
+        min_frequency: a pair must occur at least this often to be merged.
+        val_fraction: share of conversations held out to measure compression.
+        seed: seed of the train/validation split.
+    """
+    from chatforge.data import load_dataset
+
+    train, val, report = load_dataset(data, val_fraction, seed)
+    dropped = sum(report.get("dropped", {}).values())
+    print(f"data: read {report.get('read', len(train) + len(val))} records, kept {len(train) + len(val)} "
+          f"(train {len(train)}, val {len(val)}), dropped {dropped}")
+    tok = train_tokenizer(_record_texts(train), vocab_size=vocab_size, min_frequency=min_frequency)
+    tok.save(out)
+    print(f"vocab size: {tok.vocab_size} (trained on {len(train)} records)")
+    n_bytes = n_tokens = 0
+    for text in _record_texts(val):
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(tok.encode(text))
+    if n_tokens:
+        print(f"compression on validation ({len(val)} records): {n_bytes / n_tokens:.3f} bytes per token")
+    else:
+        print("compression on validation: n/a (empty validation split)")
+    print(f"saved to {out}")
+
+
+def show_labels_command(
+    model_or_tokenizer: str, data: str = "builtin:english", index: int = 0, color: bool = True
+) -> None:
+    """Print one rendered conversation with the tokens that carry the SFT loss highlighted.
+
+    Args:
+        model_or_tokenizer: a model or tokenizer folder (with tokenizer.json and tokenizer_config.json).
+        data: dataset path or builtin name whose conversations to show.
+        index: which conversation (0-based, in dataset order).
+        color: highlight with ANSI green; without it trained tokens are wrapped in [[ ]].
+    """
+    from chatforge.data import load_dataset
+
+    tok = Tokenizer.load(model_or_tokenizer)
+    train, val, _report = load_dataset(data, 0.0, 0)  # no hold-out, so the index follows the data's order
+    conversations = [r for r in list(train) + list(val) if "messages" in r]
+    if not 0 <= index < len(conversations):
+        raise ChatforgeError(f"{data}: index {index} out of range ({len(conversations)} conversations)")
+    ids, mask = tok.render(conversations[index]["messages"])
+    print(tok.format_labels(ids, mask, color=color))
