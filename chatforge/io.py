@@ -1,27 +1,68 @@
-"""Atomic writes: a kill mid-write leaves the old file or the new one, never half of one."""
+"""Atomic writes: a kill mid-write leaves the old file or the new one, never half of one.
+
+The temporary file lives in the target's folder (os.replace is only atomic within one file system), is fsynced
+before the rename, and the folder is fsynced after it so the rename itself survives a power cut.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import secrets
+from typing import Iterator
+
+
+def _temp_name(path: str) -> str:
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a folder; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path to write to; on success it replaces `path`, on error it is removed.
+
+    For libraries that insist on writing a path themselves (e.g. safetensors' save_file).
+    """
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(os.path.dirname(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
-    try:
+    """Write `data` to `path` atomically; the new file gets the usual permissions (0666 minus umask)."""
+    with atomic_path(path) as tmp:
+        # os.open applies the umask, unlike mkstemp's fixed 0600 that would hide model folders from other users.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` atomically (UTF-8 unless told otherwise)."""
+    atomic_write_bytes(path, text.encode(encoding))

@@ -1,0 +1,529 @@
+"""Readers for the input formats, format detection, and conversion to the canonical record.
+
+A canonical record is {"messages": [{"role", "content"}, ...]} (a conversation) or {"text": str} (plain text for
+pretraining). Readers yield each raw record with its location ("file:line" or "file:record N") and never stop at a
+bad record: they yield an `Invalid` marker instead, so that `to_record` is the one place that turns any problem into
+ChatforgeError("<location>: <reason>") — which the caller either raises or, with --skip-invalid, counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from typing import Any, Iterable, Iterator, NamedTuple
+
+from chatforge.errors import ChatforgeError
+
+FORMATS = ("messages", "sharegpt", "alpaca", "chatterbot", "csv", "text")
+JSONL_EXTS = (".jsonl", ".ndjson")
+JSON_EXTS = (".json",)
+YAML_EXTS = (".yml", ".yaml")
+CSV_EXTS = (".csv", ".tsv")
+TEXT_EXTS = (".txt", ".text", ".md")
+SUPPORTED_EXTS = JSONL_EXTS + JSON_EXTS + YAML_EXTS + CSV_EXTS + TEXT_EXTS
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "chatgpt": "assistant",
+    "system": "system",
+}
+# A first CSV row made only of these words is a header, not a conversation.
+CSV_HEADER_WORDS = {"prompt", "response", "question", "answer", "input", "output", "user", "assistant",
+                    "instruction", "query", "reply", "completion", "message", "text"}
+
+_BOM = "\ufeff"
+_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under errors="surrogateescape"
+
+
+class Invalid(NamedTuple):
+    """A record the reader could not parse; `to_record` raises it as an error."""
+
+    reason: str
+
+
+def _ext(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short one-line rendering of a user's value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    """JSON-speak type name (what the user wrote, not Python's name for it)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def check_format(fmt: str | None) -> None:
+    if fmt is not None and fmt not in FORMATS:
+        raise ChatforgeError(f"unknown format {_show(fmt)}; expected one of {', '.join(FORMATS)}")
+
+
+def check_readable(path: str, name: str | None = None) -> None:
+    """Fail early, in one line, for a path that is not a readable file."""
+    name = name or path
+    if not os.path.exists(path):
+        raise ChatforgeError(f"{name}: file not found")
+    if os.path.isdir(path):
+        raise ChatforgeError(f"{name}: is a folder, expected a file")
+    if not os.access(path, os.R_OK):
+        raise ChatforgeError(f"{name}: permission denied")
+
+
+def _read_bytes(path: str, name: str) -> bytes:
+    check_readable(path, name)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ChatforgeError(f"{name}: cannot read ({e.strerror})") from None
+
+
+def _utf8_error(data: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
+    """(line, reason) for the first byte that is not UTF-8."""
+    line_start = data.rfind(b"\n", 0, err.start) + 1
+    column = len(data[line_start:err.start].decode("utf-8", "replace")) + 1
+    line = data.count(b"\n", 0, err.start) + 1
+    return line, f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column})"
+
+
+def _decode_strict(data: bytes, name: str) -> str | tuple[str, Invalid]:
+    """The text, or (location, Invalid) for the first undecodable byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, reason = _utf8_error(data, e)
+        return f"{name}:{line}", Invalid(reason)
+    return text[1:] if text.startswith(_BOM) else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detection
+
+
+def _first_json_value(text: str) -> Any:
+    """The first record of a JSON array / object / JSONL text, or None when nothing parses."""
+    decoder = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if text[i : i + 1] == "[":
+        j = i + 1
+        while j < len(text) and text[j].isspace():
+            j += 1
+        try:
+            return decoder.raw_decode(text, j)[0]
+        except json.JSONDecodeError:
+            return None
+    try:
+        return decoder.raw_decode(text, i)[0]
+    except json.JSONDecodeError:
+        pass
+    for line in text.split("\n")[:1000]:  # JSONL whose first line is broken: detect from the first good one
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def _format_of(first: Any, name: str) -> str:
+    if isinstance(first, dict):
+        if "messages" in first:
+            return "messages"
+        if "conversations" in first:
+            conv = first["conversations"]
+            if isinstance(conv, list) and conv and isinstance(conv[0], list):
+                return "chatterbot"
+            return "sharegpt"
+        if "instruction" in first:
+            return "alpaca"
+        if "text" in first:
+            return "text"
+        fields = ", ".join(_show(k) for k in list(first)[:6]) or "none"
+        raise ChatforgeError(
+            f"{name}: cannot tell the format from the first record (fields: {fields}); expected 'messages', "
+            "'conversations' (ShareGPT), 'instruction'/'output' (Alpaca) or 'text'; pass --format"
+        )
+    raise ChatforgeError(f"{name}: cannot tell the format: the first record is a {_kind(first)}, expected an object")
+
+
+def detect_format(path: str, name: str | None = None) -> str:
+    """The format of a file: by extension, then for JSON/JSONL by the fields of the first record."""
+    name = name or path
+    check_readable(path, name)
+    ext = _ext(path)
+    if ext in YAML_EXTS:
+        return "chatterbot"
+    if ext in CSV_EXTS:
+        return "csv"
+    if ext in TEXT_EXTS:
+        return "text"
+    if ext in JSONL_EXTS + JSON_EXTS:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            complete = not f.read(1)
+        first = _first_json_value(head.decode("utf-8", "replace").lstrip(_BOM))
+        if first is None and not complete:  # the first record may be longer than the peek
+            first = _first_json_value(_read_bytes(path, name).decode("utf-8", "replace").lstrip(_BOM))
+        # Unparsable: call it "messages" and let the reader report the exact line that is broken.
+        return "messages" if first is None else _format_of(first, name)
+    raise ChatforgeError(
+        f"{name}: unknown file type '{ext or '(no extension)'}'; expected one of {', '.join(SUPPORTED_EXTS)}"
+        " (or pass --format)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers: (location, raw record), bad records as Invalid
+
+
+def _jsonl_records(lines: Iterable[tuple[int, bytes | str]], name: str) -> Iterator[tuple[str, Any]]:
+    for lineno, raw in lines:
+        loc = f"{name}:{lineno}"
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield loc, Invalid(_utf8_error(raw, e)[1])
+                continue
+        else:
+            line = raw
+        if lineno == 1:
+            line = line.lstrip(_BOM)
+        if not line.strip():
+            continue
+        try:
+            yield loc, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield loc, Invalid(f"invalid JSON ({e.msg})")
+
+
+def _read_jsonl(path: str, name: str) -> Iterator[tuple[str, Any]]:
+    check_readable(path, name)
+    try:
+        with open(path, "rb") as f:
+            yield from _jsonl_records(enumerate(f, 1), name)
+    except OSError as e:
+        raise ChatforgeError(f"{name}: cannot read ({e.strerror})") from None
+
+
+def _read_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
+    """A JSON array of records, a single record, or JSONL that happens to be named .json."""
+    text = _decode_strict(_read_bytes(path, name), name)
+    if isinstance(text, tuple):
+        yield text
+        return
+    if not text.strip():
+        return
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            yield from _jsonl_records(enumerate(text.split("\n"), 1), name)
+        else:
+            yield f"{name}:{e.lineno}", Invalid(f"invalid JSON ({e.msg})")
+        return
+    if isinstance(doc, list):
+        for i, record in enumerate(doc, 1):
+            yield f"{name}:record {i}", record
+    else:
+        yield f"{name}:record 1", doc
+
+
+def _read_yaml(path: str, name: str) -> Iterator[tuple[str, Any]]:
+    """chatterbot-corpus YAML: `conversations: [[prompt, reply, ...], ...]`.
+
+    Read with the base loader, which keeps every scalar a string: `- 1984` stays "1984", `- yes` stays "yes".
+    """
+    import yaml
+
+    text = _decode_strict(_read_bytes(path, name), name)
+    if isinstance(text, tuple):
+        yield text
+        return
+    try:
+        doc = yaml.load(text, Loader=getattr(yaml, "CBaseLoader", yaml.BaseLoader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        yield (f"{name}:{mark.line + 1}" if mark else name), Invalid(f"invalid YAML ({problem})")
+        return
+    if doc is None or doc == "":
+        return
+    if isinstance(doc, dict):
+        if "conversations" not in doc:
+            yield name, Invalid(
+                "missing field 'conversations' (chatterbot-corpus format: conversations: [[prompt, reply, ...], ...])"
+            )
+            return
+        doc = doc["conversations"]
+    if not isinstance(doc, list):
+        yield name, Invalid(f"'conversations' must be a list of conversations, got {_kind(doc)}")
+        return
+    for i, conversation in enumerate(doc, 1):
+        yield f"{name}:record {i}", conversation
+
+
+def _decode_lenient(data: bytes) -> str:
+    """Decode keeping bad bytes as surrogate escapes, so one bad record does not hide the rest of the file."""
+    text = data.decode("utf-8", "surrogateescape")
+    return text[1:] if text.startswith(_BOM) else text
+
+
+def _read_csv(path: str, name: str, delimiter: str) -> Iterator[tuple[str, Any]]:
+    reader = csv.reader(io.StringIO(_decode_lenient(_read_bytes(path, name)), newline=""), delimiter=delimiter)
+    first = True
+    while True:
+        start = reader.line_num + 1  # a quoted cell may span lines: report where the row starts
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield f"{name}:{start}", Invalid(f"invalid CSV ({e})")
+            continue
+        if not row:
+            continue
+        is_header = first and len(row) == 2 and all(c.strip().lower() in CSV_HEADER_WORDS for c in row)
+        first = False
+        if is_header:
+            continue
+        if any(_SURROGATE_ESCAPE.search(c) for c in row):
+            yield f"{name}:{start}", Invalid("not valid UTF-8")
+            continue
+        yield f"{name}:{start}", row
+
+
+def _read_text(path: str, name: str) -> Iterator[tuple[str, Any]]:
+    """Plain text: each block of lines separated by a blank line is one record (a paragraph or document)."""
+    block: list[str] = []
+    start = 0
+    lines = _decode_lenient(_read_bytes(path, name)).split("\n")
+    for lineno, line in enumerate(lines + [""], 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+            continue
+        if block:
+            text = "\n".join(block)
+            block = []
+            if _SURROGATE_ESCAPE.search(text):
+                yield f"{name}:{start}", Invalid("not valid UTF-8")
+            else:
+                yield f"{name}:{start}", text
+
+
+def read_records(path: str, fmt: str | None = None, *, name: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw record) for every record of one file; `name` is how the file is shown in locations.
+
+    The container follows the format and the extension: chatterbot is YAML (or JSON), csv is CSV (tab-separated
+    for .tsv), text is blank-line-separated blocks unless the file is JSON/JSONL ({"text": ...} records); the
+    conversation formats read .jsonl/.ndjson line by line and anything else as JSON (falling back to JSONL).
+    """
+    name = name or path
+    check_format(fmt)
+    check_readable(path, name)
+    fmt = fmt or detect_format(path, name)
+    ext = _ext(path)
+    if fmt == "chatterbot":
+        yield from _read_yaml(path, name)
+    elif fmt == "csv":
+        yield from _read_csv(path, name, "\t" if ext == ".tsv" else ",")
+    elif fmt == "text" and ext not in JSON_EXTS + JSONL_EXTS:
+        yield from _read_text(path, name)
+    elif ext in YAML_EXTS:
+        raise ChatforgeError(f"{name}: format '{fmt}' is read from JSON or JSONL files, not YAML")
+    elif ext in JSONL_EXTS:
+        yield from _read_jsonl(path, name)
+    else:
+        yield from _read_json(path, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion to the canonical record
+
+
+def _fail(location: str, reason: str):
+    raise ChatforgeError(f"{location}: {reason}")
+
+
+def _object(raw: Any, location: str) -> dict:
+    if not isinstance(raw, dict):
+        _fail(location, f"expected an object, got {_kind(raw)}")
+    return raw
+
+
+def _string_field(obj: dict, key: str, location: str, required: bool = True) -> str:
+    if key not in obj or (not required and obj[key] is None):
+        if required:
+            _fail(location, f"missing field '{key}'")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        _fail(location, f"field '{key}' must be a string, got {_kind(value)}")
+    return value
+
+
+def _content(value: Any, n: int, location: str) -> str:
+    """Message content: a string, or OpenAI's list of text parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                _fail(location, f"message {n} has a content part of type {_show(kind)}; only text is supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    if value is None:
+        _fail(location, f"message {n} has no text content (content is null)")
+    _fail(location, f"message {n} content must be a string, got {_kind(value)}")
+
+
+def check_roles(messages: list[dict], location: str, first_number: int = 1) -> None:
+    """Optional leading system, then user/assistant alternating from user, with at least one assistant turn."""
+    if not messages:
+        _fail(location, "the conversation has no messages")
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i in range(start, len(messages)):
+        role, n = messages[i]["role"], i + first_number
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if role == expected:
+            continue
+        if role == "system":
+            _fail(location, f"message {n} has role 'system'; only the first message may be system")
+        if i == start:
+            _fail(location, f"message {n} has role {_show(role)}; "
+                            "a conversation starts with user (after an optional system)")
+        _fail(location, f"message {n} has role {_show(role)}; "
+                        f"expected {expected} (roles must alternate user/assistant)")
+    if len(messages) - start < 2:
+        _fail(location, "no assistant message; a conversation needs at least one user -> assistant exchange")
+
+
+def _from_messages(raw: Any, location: str) -> dict:
+    obj = _object(raw, location)
+    if "messages" not in obj:
+        if "text" in obj:  # a prepared file may mix conversations and plain text
+            return _from_text(obj, location)
+        _fail(location, "missing field 'messages'")
+    msgs = obj["messages"]
+    if not isinstance(msgs, list):
+        _fail(location, f"field 'messages' must be a list, got {_kind(msgs)}")
+    out = []
+    for n, m in enumerate(msgs, 1):
+        if not isinstance(m, dict):
+            _fail(location, f"message {n} must be an object with 'role' and 'content', got {_kind(m)}")
+        for key in ("role", "content"):
+            if key not in m:
+                _fail(location, f"message {n} missing field '{key}'")
+        role = m["role"]
+        if role not in ROLES:
+            expected = "system, user or assistant" if n == 1 else "user or assistant"
+            _fail(location, f"message {n} has role {_show(role)}; expected {expected}")
+        out.append({"role": role, "content": _content(m["content"], n, location)})
+    check_roles(out, location)
+    return {"messages": out}
+
+
+def _from_sharegpt(raw: Any, location: str) -> dict:
+    obj = _object(raw, location)
+    if "conversations" not in obj:
+        _fail(location, "missing field 'conversations'")
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        _fail(location, f"field 'conversations' must be a list, got {_kind(turns)}")
+    out = []
+    system = _string_field(obj, "system", location, required=False)
+    if system:
+        out.append({"role": "system", "content": system})
+    for n, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            _fail(location, f"message {n} must be an object with 'from' and 'value', got {_kind(turn)}")
+        sender = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if sender is None:
+            _fail(location, f"message {n} missing field 'from'")
+        if "value" not in turn and "content" not in turn:
+            _fail(location, f"message {n} missing field 'value'")
+        role = SHAREGPT_ROLES.get(sender.strip().lower()) if isinstance(sender, str) else None
+        if role is None:
+            _fail(location, f"message {n} has from {_show(sender)}; expected human, gpt or system")
+        if not isinstance(value, str):
+            _fail(location, f"message {n} value must be a string, got {_kind(value)}")
+        out.append({"role": role, "content": value})
+    check_roles(out, location, first_number=0 if system else 1)
+    return {"messages": out}
+
+
+def _from_alpaca(raw: Any, location: str) -> dict:
+    obj = _object(raw, location)
+    instruction = _string_field(obj, "instruction", location)
+    extra = _string_field(obj, "input", location, required=False)
+    output = _string_field(obj, "output", location)
+    system = _string_field(obj, "system", location, required=False)
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return {"messages": messages}
+
+
+def _from_chatterbot(raw: Any, location: str) -> dict:
+    if not isinstance(raw, list):
+        _fail(location, f"a conversation must be a list of lines, got {_kind(raw)}")
+    if not raw:
+        _fail(location, "empty conversation")
+    for n, line in enumerate(raw, 1):
+        if not isinstance(line, str):
+            _fail(location, f"entry {n} must be text, got {_kind(line)}")
+    if len(raw) < 2:
+        _fail(location, "no assistant message; a conversation needs a prompt and a reply")
+    roles = ("user", "assistant")
+    return {"messages": [{"role": roles[i % 2], "content": line} for i, line in enumerate(raw)]}
+
+
+def _from_csv(raw: Any, location: str) -> dict:
+    if not isinstance(raw, list) or len(raw) != 2:
+        got = len(raw) if isinstance(raw, list) else _kind(raw)
+        _fail(location, f"expected 2 columns (prompt, response), got {got}")
+    return {"messages": [{"role": "user", "content": raw[0]}, {"role": "assistant", "content": raw[1]}]}
+
+
+def _from_text(raw: Any, location: str) -> dict:
+    if isinstance(raw, str):
+        return {"text": raw}
+    return {"text": _string_field(_object(raw, location), "text", location)}
+
+
+_CONVERTERS = {
+    "messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
+    "chatterbot": _from_chatterbot, "csv": _from_csv, "text": _from_text,
+}
+
+
+def to_record(raw: Any, fmt: str, location: str) -> dict:
+    """Validate one raw record and convert it to the canonical record, or raise ChatforgeError naming where/why."""
+    if isinstance(raw, Invalid):
+        _fail(location, raw.reason)
+    check_format(fmt)
+    return _CONVERTERS[fmt](raw, location)
