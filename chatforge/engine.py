@@ -1,0 +1,476 @@
+"""The one generator: prefill, KV-cache decoding, sampling, stop strings and continuous batching.
+
+The CLI chat, the Python API (chat.Bot), evaluation and the server all generate through `Engine`. Requests wait in
+a queue, take a free slot (one row of a shared KV cache) when one opens, and leave at the token boundary where they
+finish, so a batch is never held up by its longest member. Each step prefills newly admitted prompts one at a time
+(the prompt's keys depend only on the prompt) and runs one decode forward for all other running rows, so a request's
+tokens depend on its batch neighbours only through float rounding of the batched matmuls (measured: < 1e-6 on the
+logits). Sampling uses each request's own torch.Generator, so a seeded request gives the same text whatever else runs.
+
+Text is streamed through the tokenizer's UTF-8-safe decoder and a stop-string hold-back: text that could still turn
+out to be the start of a stop string is held until it can't, so a stop string (or a prefix of one) never reaches the
+stream, even when it spans several tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from chatforge.errors import ChatforgeError
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the attention scores' memory for long prompts
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int | None = 256  # None: until the context window is full
+    temperature: float = 1.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL-style, on prompt+generated ids
+    presence_penalty: float = 0.0  # OpenAI semantics, on generated ids
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # matched on decoded text, also across tokens; never emitted
+    stop_token_ids: list[int] = field(default_factory=list)  # extra; tokenizer.stop_ids always stop
+    seed: int | None = None  # per-request torch.Generator: output independent of batch composition
+    logprobs: int | None = None  # None: off; 0: chosen token's logprob; k>0: plus top-k alternatives
+
+    def validate(self) -> None:
+        """Reject values that have no meaning, naming the field (a user's mistake, not a bug)."""
+        def bad(name: str, why: str) -> ChatforgeError:
+            return ChatforgeError(f"sampling: {name} {why}, got {getattr(self, name)!r}")
+
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise bad("max_new_tokens", "must be a positive integer")
+        if not self.temperature >= 0:
+            raise bad("temperature", "must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's -2..2 range is the server's to enforce
+            if not abs(getattr(self, name)) < float("inf"):
+                raise bad(name, "must be a finite number")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "must be non-empty strings")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be None or an integer 0..{MAX_LOGPROBS}")
+
+
+@dataclass
+class Delta:
+    """One streamed piece of one request."""
+
+    text: str  # new text: never a broken UTF-8 character, never part of a stop string
+    token_ids: list[int]
+    # per token: {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}
+    logprobs: list[dict] | None
+    finish_reason: str | None  # None while running, else "stop" | "length"
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # every generated id, including an end-of-turn id that finished it (not in text)
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[dict] | None
+
+
+class Request:
+    """One prompt being generated; returned by Engine.add_request and carried in step()'s results."""
+
+    def __init__(self, rid: int, prompt_ids: list[int], params: SamplingParams, limit: int, vocab: int):
+        self.id = rid
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.output_ids: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.text = ""  # everything streamed so far
+        self._limit = limit  # new tokens allowed: max_new_tokens, or what is left of the context
+        self._slot: int | None = None
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._decoder = None  # the tokenizer's StreamDecoder, made on admission
+        self._held = ""  # decoded text not streamed yet: it could be the start of a stop string
+        self._seen: torch.Tensor | None = None  # prompt+generated ids, for the repetition penalty
+        self._counts: torch.Tensor | None = None  # generated-id counts, for presence/frequency penalties
+        if params.repetition_penalty != 1.0:
+            self._seen = torch.zeros(vocab, dtype=torch.bool)
+            self._seen[torch.tensor([i for i in prompt_ids if i < vocab], dtype=torch.long)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self._counts = torch.zeros(vocab, dtype=torch.float32)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, " \
+               f"finish={self.finish_reason})"
+
+
+# ---------------------------------------------------------------- sampling (pure functions, tested exactly)
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """One row of logits (V,) after penalties, temperature, top-k and top-p, in that order; removed ids are -inf.
+
+    repetition_penalty (CTRL): for ids in `seen` (prompt + generated), a positive logit is divided by it and a
+    negative one multiplied, so the penalty always lowers them. presence/frequency (OpenAI): logit -= presence *
+    [count > 0] + frequency * count over generated ids. Temperature 0 means greedy, so it leaves logits unscaled.
+    top-k keeps the k largest (ties with the k-th are kept); top-p keeps the most likely ids until their probability
+    reaches top_p (always at least one).
+    """
+    x = logits.float().clone()
+    p = params
+    if p.repetition_penalty != 1.0 and seen is not None:
+        x = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+    if (p.presence_penalty or p.frequency_penalty) and counts is not None:
+        x = x - p.presence_penalty * (counts > 0).float() - p.frequency_penalty * counts
+    if p.temperature > 0:
+        x = x / p.temperature
+    if 0 < p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely ids
+        drop = before >= p.top_p
+        drop[0] = False
+        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+    return x
+
+
+def sample_token(processed: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
+    """Argmax when temperature is 0, else a draw from softmax(processed) with the request's own generator."""
+    if temperature == 0:
+        return int(torch.argmax(processed))
+    probs = torch.softmax(processed, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def holdback(text: str, stops: list[str]) -> int:
+    """Where the longest suffix of `text` that is a proper prefix of a stop string begins (len(text) if none).
+
+    Everything before that index can be streamed: no stop string can start there any more.
+    """
+    if not stops:
+        return len(text)
+    longest = max(map(len, stops))
+    for i in range(max(0, len(text) - longest + 1), len(text)):
+        tail = text[i:]
+        if any(s.startswith(tail) for s in stops):
+            return i
+    return len(text)
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Start of the earliest complete stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+@lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> byte values (bytes that print as themselves keep their code point)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The raw bytes one token stands for (a piece of a UTF-8 character for byte tokens), as logprobs report them."""
+    piece = tokenizer.hf.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if token_id in tokenizer.hf.get_added_tokens_decoder():  # added tokens are stored as their text
+        return piece.encode()
+    if type(tokenizer.hf.decoder).__name__ == "ByteLevel":
+        table = _byte_level_table()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+# ---------------------------------------------------------------- the engine
+
+class Engine:
+    """Continuous-batching generator over one model and one KV cache of `max_batch_size` rows.
+
+    Not thread-safe: one thread calls add_request/abort/step (serve/scheduler.py wraps it). `generate` and
+    `generate_batch` drive step() themselves and need an idle engine.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None, device=None,
+                 dtype=None):
+        from chatforge.device import pick_device, resolve_dtype
+
+        if max_batch_size < 1:
+            raise ChatforgeError(f"engine: max_batch_size must be >= 1, got {max_batch_size}")
+        param = next(model.parameters())
+        self.device = param.device if device is None else (
+            pick_device(device) if isinstance(device, str) else torch.device(device))
+        if isinstance(dtype, str):
+            dtype = resolve_dtype(dtype, self.device)
+        self.dtype = dtype or param.dtype
+        if param.device != self.device or param.dtype != self.dtype:
+            model.to(device=self.device, dtype=self.dtype)  # in place: the engine owns where its model runs
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        model_len = model.config.max_seq_len
+        if max_seq_len is not None and max_seq_len < 2:
+            raise ChatforgeError(f"engine: max_seq_len must be >= 2, got {max_seq_len}")
+        self._context = min(max_seq_len or model_len, model_len)
+        # Sample only ids the tokenizer can decode (a model may pad its vocabulary past the tokenizer's).
+        self._vocab = min(model.config.vocab_size, tokenizer.vocab_size)
+        self._stop_ids = set(tokenizer.stop_ids)
+        self._ids = itertools.count()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # admitted, not finished
+        self._free = list(range(max_batch_size))
+        self._cache = None  # KVCache, grown on demand up to the context length
+        self._bytes: dict[int, bytes] = {}
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a prompt; raises ChatforgeError if it is empty or prompt + max_new_tokens exceeds the context."""
+        params = params if params is not None else SamplingParams()
+        params.validate()
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise ChatforgeError("prompt: empty (at least one token is needed to predict the next)")
+        n_vocab = self.model.config.vocab_size
+        bad = [i for i in prompt_ids if not 0 <= i < n_vocab]
+        if bad:
+            raise ChatforgeError(f"prompt: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+        room = self._context - len(prompt_ids)
+        if params.max_new_tokens is None and room < 1:
+            raise ChatforgeError(f"prompt: {len(prompt_ids)} tokens leave no room in the context window of "
+                                 f"{self._context} tokens")
+        if params.max_new_tokens is not None and params.max_new_tokens > room:
+            raise ChatforgeError(f"prompt: {len(prompt_ids)} prompt tokens + max_new_tokens {params.max_new_tokens} "
+                                 f"exceed the context window of {self._context} tokens")
+        limit = params.max_new_tokens if params.max_new_tokens is not None else room
+        req = Request(next(self._ids), prompt_ids, params, limit, self._vocab)
+        self._waiting.append(req)
+        return req
+
+    def abort(self, request: Request) -> None:
+        """Drop a request (a client went away); its slot is free for the next step."""
+        if request.finished:
+            return
+        if request in self._waiting:
+            self._waiting.remove(request)
+        self._finish(request, "abort")
+
+    def step(self) -> list[tuple[Request, Delta]]:
+        """Admit waiting requests into free slots (prefill), then decode one token for every running request.
+
+        Every running request gets exactly one new token (a newly admitted one from its prefill). Finished requests
+        leave the batch here, so their slots take waiting requests in the next step.
+        """
+        out: list[tuple[Request, Delta]] = []
+        with torch.inference_mode():
+            decoding = list(self._running)
+            admitted = self._admit()
+            if decoding:
+                logits = self._decode(decoding)
+                for req, row in zip(decoding, logits):
+                    out.append((req, self._next_token(req, row)))
+            for req, row in admitted:
+                out.append((req, self._next_token(req, row)))
+        return out
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Stream one request's deltas (the last carries finish_reason); closing the iterator aborts it."""
+        self._require_idle()
+        req = self.add_request(prompt_ids, params)
+        return self._drive(req)
+
+    def generate_batch(self, prompts: list[list[int]],
+                       params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Generate for many prompts at once (continuous batching; more prompts than slots simply queue)."""
+        self._require_idle()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ChatforgeError(f"generate_batch: {len(prompts)} prompts but {len(plist)} sampling params")
+        reqs = []
+        try:
+            for p, sp in zip(prompts, plist):
+                reqs.append(self.add_request(p, sp))
+            texts: dict[int, list[str]] = {r.id: [] for r in reqs}
+            lps: dict[int, list[dict]] = {r.id: [] for r in reqs}
+            while self.has_work():
+                for req, delta in self.step():
+                    texts[req.id].append(delta.text)
+                    lps[req.id].extend(delta.logprobs or [])
+        finally:
+            for r in reqs:
+                self.abort(r)  # no-op for finished ones; an error must not leave requests behind
+        return [Completion(text="".join(texts[r.id]), token_ids=list(r.output_ids), finish_reason=r.finish_reason,
+                           prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                           logprobs=lps[r.id] if r.params.logprobs is not None else None) for r in reqs]
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _require_idle(self) -> None:
+        if self.has_work():
+            raise RuntimeError("engine is busy with other requests; use add_request/step to share it")
+
+    def _drive(self, req: Request) -> Iterator[Delta]:
+        try:
+            while not req.finished:
+                for r, delta in self.step():
+                    if r is req:
+                        yield delta
+        finally:
+            self.abort(req)
+
+    def _ensure_cache(self, length: int) -> None:
+        """Grow the cache (doubling, up to the context) so memory follows the longest request, not the context."""
+        from chatforge.model import KVCache
+
+        have = self._cache.max_len if self._cache is not None else 0
+        if length <= have:
+            return
+        new_len = min(self._context, max(length, 2 * have, 64))
+        cache = KVCache(self.model.config, self.max_batch_size, new_len, device=self.device, dtype=self.dtype)
+        if self._cache is not None:
+            cache.k[:, :, :have] = self._cache.k
+            cache.v[:, :, :have] = self._cache.v
+        self._cache = cache
+
+    def _admit(self) -> list[tuple[Request, torch.Tensor]]:
+        admitted = []
+        while self._waiting and self._free:
+            req = self._waiting.popleft()
+            req._slot = self._free.pop(0)
+            req._decoder = self.tokenizer.stream_decoder(skip_special=True)
+            self._running.append(req)
+            admitted.append((req, self._prefill(req)))
+        return admitted
+
+    def _prefill(self, req: Request) -> torch.Tensor:
+        """Write the prompt's keys into the request's slot; the logits for its first new token."""
+        n = len(req.prompt_ids)
+        self._ensure_cache(n + req._limit - 1)
+        cache = self._cache
+        cache.rows = torch.tensor([req._slot], device=self.device)
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        for start in range(0, n, PREFILL_CHUNK):
+            end = min(n, start + PREFILL_CHUNK)
+            pos = torch.arange(start, end, device=self.device)[None]
+            logits = self.model(ids[:, start:end], position_ids=pos, cache=cache,
+                                logits_at=torch.tensor([end - start - 1], device=self.device))
+        return logits[0, 0, : self._vocab].float().cpu()
+
+    def _decode(self, reqs: list[Request]) -> torch.Tensor:
+        """One forward for all running rows: each feeds its last token at its own position into its own slot."""
+        cache = self._cache
+        cache.rows = torch.tensor([r._slot for r in reqs], device=self.device)
+        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
+        pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in reqs], device=self.device)
+        logits = self.model(ids, position_ids=pos, cache=cache)
+        return logits[:, 0, : self._vocab].float().cpu()
+
+    def _next_token(self, req: Request, logits: torch.Tensor) -> Delta:
+        p = req.params
+        token = sample_token(process_logits(logits, p, req._seen, req._counts), p.temperature, req._generator)
+        logprobs = [self._logprob_entry(logits, token, p.logprobs)] if p.logprobs is not None else None
+        req.output_ids.append(token)
+        if req._seen is not None:
+            req._seen[token] = True
+        if req._counts is not None:
+            req._counts[token] += 1
+        finish = None
+        if token in self._stop_ids or token in p.stop_token_ids:
+            finish, piece = "stop", req._decoder.flush()  # the end-of-turn token itself is never text
+        else:
+            piece = req._decoder.push(token)
+            if len(req.output_ids) >= req._limit:
+                finish = "length"
+                piece += req._decoder.flush()
+        text = req._held + piece
+        cut = find_stop(text, p.stop)
+        if cut is not None:
+            text, req._held, finish = text[:cut], "", "stop"
+        elif finish is None:
+            keep = holdback(text, p.stop)
+            text, req._held = text[:keep], text[keep:]
+        else:
+            req._held = ""  # finishing: a held prefix that never became a stop string is ordinary text
+        req.text += text
+        if finish is not None:
+            self._finish(req, finish)
+        return Delta(text=text, token_ids=[token], logprobs=logprobs, finish_reason=finish)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finished, req.finish_reason = True, reason
+        if req in self._running:
+            self._running.remove(req)
+        if req._slot is not None:
+            self._free.append(req._slot)
+            self._free.sort()
+            req._slot = None
+
+    def _token_info(self, token_id: int) -> dict:
+        b = self._bytes.get(token_id)
+        if b is None:
+            b = self._bytes[token_id] = token_bytes(self.tokenizer, token_id)
+        return {"token": b.decode("utf-8", errors="backslashreplace"), "bytes": list(b)}
+
+    def _logprob_entry(self, logits: torch.Tensor, token: int, top: int) -> dict:
+        """The model's own distribution (before penalties and temperature), as OpenAI reports logprobs."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        entry = self._token_info(token) | {"logprob": float(lp[token]), "top_logprobs": []}
+        if top:
+            values, ids = torch.topk(lp, min(top, lp.shape[-1]))
+            entry["top_logprobs"] = [self._token_info(int(i)) | {"logprob": float(v)} for v, i in zip(values, ids)]
+        return entry

@@ -1,0 +1,148 @@
+"""Bot (the Python API), history trimming, and the `generate` / `chat` commands on a saved tiny model folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_engine import BRIEF, CONVERSATIONS, REPLY, make_tokenizer, memorized_model
+
+import chatforge
+from chatforge.chat import Bot, defaults_from_generation_config
+from chatforge.checkpoint import save_model
+from chatforge.cli import main
+from chatforge.engine import Engine
+from chatforge.errors import ChatforgeError
+
+HELLO = [{"role": "user", "content": "hello"}]
+SYSTEM = [{"role": "system", "content": "Be brief"}]
+EXCHANGE = CONVERSATIONS[2]  # count -> one two three ...
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A model folder as training writes it; do_sample=false makes greedy the folder's default."""
+    tok = make_tokenizer()
+    path = tmp_path_factory.mktemp("model") / "memo"
+    save_model(memorized_model(tok), tok, path, generation_config={"do_sample": False})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bot(folder):
+    return chatforge.load(folder)
+
+
+def test_load_and_chat_uses_the_folders_defaults(bot):
+    assert isinstance(bot.model, torch.nn.Module) and bot.tokenizer.eos_id in bot.tokenizer.stop_ids
+    assert bot.defaults["temperature"] == 0.0  # from generation_config.json
+    assert bot.chat(HELLO) == REPLY
+    assert bot.chat(SYSTEM + HELLO) == BRIEF
+    pieces = list(bot.stream(HELLO))
+    assert "".join(pieces) == REPLY and "你" in pieces and all(pieces)
+    assert bot.chat(HELLO, max_new_tokens=5) == "Hello the"
+    assert bot.chat(HELLO, stop=["!"]) == "Hello there"
+    assert bot.chat_batch([HELLO, SYSTEM + HELLO, HELLO]) == [REPLY, BRIEF, REPLY]
+    logits = bot.model(torch.tensor([bot.prompt(HELLO, 8)]))
+    assert logits.shape[-1] == bot.tokenizer.vocab_size
+
+
+def test_bf16_weights_and_cache(folder):
+    bot = Bot.load(folder, dtype="bf16")
+    assert next(bot.model.parameters()).dtype == torch.bfloat16
+    assert bot.chat(HELLO) == REPLY  # the memorized margins are far above bf16 rounding
+    assert bot.engine._cache.k.dtype == torch.bfloat16
+
+
+def test_stream_closed_early_frees_the_engine(bot):
+    pieces = bot.stream(HELLO)
+    assert next(pieces) == "H"
+    pieces.close()
+    assert not bot.engine.has_work()
+    assert bot.chat(HELLO) == REPLY
+
+
+def test_defaults_from_generation_config():
+    gc = {"do_sample": False, "temperature": 0.6, "top_p": 0.95, "eos_token_id": [2, 0], "pad_token_id": 3}
+    assert defaults_from_generation_config(gc) == {"temperature": 0.0, "top_p": 0.95, "stop_token_ids": [2, 0]}
+    assert defaults_from_generation_config({"temperature": 0.6, "top_k": 20, "eos_token_id": 2}) == {
+        "temperature": 0.6, "top_k": 20, "stop_token_ids": [2]}
+
+
+def test_history_trimming_drops_oldest_exchanges_and_keeps_the_system_prompt(bot):
+    tok = bot.tokenizer
+    long = SYSTEM + EXCHANGE * 4 + HELLO  # ~243 tokens; the context is 128
+    assert bot.context_length == 128
+    ids = bot.prompt(long, max_new_tokens=8)  # 120 tokens of room: one exchange (87 tokens) fits, two don't
+    assert ids == tok.render(SYSTEM + EXCHANGE + HELLO, add_generation_prompt=True)[0]
+    assert bot.last_dropped == 6
+    assert len(tok.render(SYSTEM + EXCHANGE * 2 + HELLO, add_generation_prompt=True)[0]) > 120
+    assert bot.prompt(SYSTEM + HELLO, max_new_tokens=8) == tok.render(SYSTEM + HELLO, add_generation_prompt=True)[0]
+    assert bot.last_dropped == 0
+    assert bot.chat(long, max_new_tokens=8)  # generation goes through the trimmed prompt
+    # A history that starts with an assistant message is dropped up to the next user message.
+    ids = bot.prompt(EXCHANGE[1:] + EXCHANGE * 2 + HELLO, max_new_tokens=8)
+    assert ids == tok.render(EXCHANGE + HELLO, add_generation_prompt=True)[0] and bot.last_dropped == 3
+    # The reply's reserve is at most half the context: max_new_tokens=100 still leaves 64 tokens of history ...
+    assert bot.prompt(SYSTEM + EXCHANGE + HELLO, max_new_tokens=100) == \
+        tok.render(SYSTEM + HELLO, add_generation_prompt=True)[0]
+    assert bot.reply_budget([1] * 35, 100) == 93  # ... and the reply may use what the context has left
+    # A last message that cannot fit is an error, never silently cut.
+    with pytest.raises(ChatforgeError, match=r"the system prompt and the last user exchange take \d+ tokens, more "
+                                             r"than the 120 the context window of 128 leaves after reserving 8"):
+        bot.prompt(SYSTEM + [{"role": "user", "content": "count " * 40}], max_new_tokens=8)
+
+
+def test_bot_over_an_engine_with_a_shorter_context(folder):
+    base = Bot.load(folder)
+    short = Bot(base.model, base.tokenizer, Engine(base.model, base.tokenizer, max_seq_len=64), base.defaults)
+    assert short.context_length == 64
+    assert short.prompt(SYSTEM + EXCHANGE + HELLO, max_new_tokens=8) == \
+        base.tokenizer.render(SYSTEM + HELLO, add_generation_prompt=True)[0]
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "chatforge.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_generate_command(folder, capsys):
+    r = run_cli("generate", folder, "--prompt", "hello", "--max-new-tokens", "40")
+    assert (r.returncode, r.stdout) == (0, REPLY + "\n"), r.stderr
+    assert "finish: stop" in r.stderr
+    # In process (same code path, no interpreter start): system prompt, stop string, n samples, errors.
+    assert main(["generate", folder, "--prompt", "hello", "--system", "Be brief", "--stop", "TOP h"]) == 0
+    assert capsys.readouterr().out == "Hi. S\n"
+    assert main(["generate", folder, "--prompt", "hello", "--n", "3", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == "".join(f"[{i}] Hello the\n" for i in (1, 2, 3))
+    assert main(["generate", folder, "--prompt", "hello", "--raw", "--max-new-tokens", "3"]) == 0
+    n_plain = len(make_tokenizer().encode("hello"))  # plain text: no chat template around it
+    assert f"({n_plain} prompt tokens, 3 generated" in capsys.readouterr().err
+    assert main(["generate", folder, "--prompt", "hello", "--top-p", "0"]) == 2
+    assert "error: sampling: top_p must be in (0, 1], got 0.0" in capsys.readouterr().err
+    assert main(["generate", folder + "-missing", "--prompt", "hello"]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+
+
+def test_chat_command_with_piped_stdin(folder):
+    script = "/system Be brief\nhello\nhello\n/reset\nhello\n/bogus\n" + "count " * 60 + "\n/exit\nhello\n"
+    r = run_cli("chat", folder, "--temperature", "0", "--max-new-tokens", "20", stdin=script)
+    assert r.returncode == 0, r.stderr
+    # The system prompt applies; the second reply sees the first exchange; after /reset the first reply is back.
+    assert r.stdout.startswith(BRIEF + "\n") and r.stdout.endswith("\n" + BRIEF + "\n")
+    assert r.stdout.count(BRIEF) == 2
+    assert "(system prompt set)" in r.stderr and "(history cleared)" in r.stderr
+    assert "unknown command /bogus" in r.stderr
+    assert "error: messages: the system prompt and the last user exchange take" in r.stderr  # and the chat goes on
