@@ -28,6 +28,7 @@ from chatforge.errors import ChatforgeError
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the attention scores' memory for long prompts
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing logits by 1e-300 overflows to inf
 
 
 @dataclass
@@ -137,7 +138,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
     repetition_penalty (CTRL): for ids in `seen` (prompt + generated), a positive logit is divided by it and a
     negative one multiplied, so the penalty always lowers them. presence/frequency (OpenAI): logit -= presence *
-    [count > 0] + frequency * count over generated ids. Temperature 0 means greedy, so it leaves logits unscaled.
+    [count > 0] + frequency * count over generated ids. Temperature 0 (or below GREEDY_BELOW) means greedy, so it leaves logits unscaled.
     top-k keeps the k largest (ties with the k-th are kept); top-p keeps the most likely ids until their probability
     reaches top_p (always at least one).
     """
@@ -147,7 +148,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
         x = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
     if (p.presence_penalty or p.frequency_penalty) and counts is not None:
         x = x - p.presence_penalty * (counts > 0).float() - p.frequency_penalty * counts
-    if p.temperature > 0:
+    if p.temperature >= GREEDY_BELOW:
         x = x / p.temperature
     if 0 < p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k).values[-1]
@@ -163,8 +164,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
 
 def sample_token(processed: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
-    """Argmax when temperature is 0, else a draw from softmax(processed) with the request's own generator."""
-    if temperature == 0:
+    """Argmax when temperature is (about) 0, else a draw from softmax(processed) with the request's own generator."""
+    if temperature < GREEDY_BELOW:
         return int(torch.argmax(processed))
     probs = torch.softmax(processed, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
