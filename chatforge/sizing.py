@@ -1,0 +1,643 @@
+"""Plan a model size before training: parameters, FLOPs, memory and time, from the config alone plus a short probe.
+
+Everything here is arithmetic on ModelConfig, written for *this* implementation (model.py), so the numbers can be
+held to the built model: the parameter count equals `GPT(config).num_params()` exactly, and the training-memory
+estimate is compared in the tests with the peak measured during a real training step.
+
+Formulas (n = batch x sequence tokens, d = d_model, L = n_layer, V = vocab, H/KV = query/key-value heads, hd = head
+dim, ff = MLP width, a = bytes of the autocast dtype: 2 for bf16, 4 for fp32):
+
+* FLOPs per token (Kaplan et al. 2020, as nanoGPT's estimate_mfu): forward = 2 * N_matmul + 4 * L * H * hd * c,
+  where N_matmul counts every weight used in a matmul (the non-embedding weights plus the output head; an embedding
+  lookup costs nothing) and c is the mean number of keys a query attends to (about T/2 for causal attention over a
+  sequence of T, min(window) with a sliding window). Training = 3 x forward (backward costs twice the forward).
+* Training memory = weights (4 B/param, fp32) + gradients (4 B) + AdamW moments (8 B) + activations saved for the
+  backward pass + the loss's logits buffers. Activations per layer and token, measured tensor by tensor with
+  saved_tensors_hooks for bf16 autocast and PyTorch's flash SDPA kernel on CPU:
+  norms 2 x (8d + 4) [RMSNorm keeps its fp32 input and normalised output] (LayerNorm: 2 x (4d + 8)),
+  linear inputs a*d per consuming projection (autocast casts the norm output once per q/k/v/gate/up projection;
+  fp32 shares one 4d copy per norm), RoPE cos/sin copies 4*a*hd, attention q/k/v/out a*(2*H*hd + 2*KV*hd) plus the
+  fp32 log-sum-exp 4H, MLP 4*a*ff (SwiGLU: gate, act, up, product) or 2*a*ff (GELU), and bf16 copies of the layer's
+  weights (2 B/param, autocast's cache). Packed rows add the attention mask, which SDPA converts to an additive
+  B x T x T tensor of dtype a and keeps in every layer. With attention dropout PyTorch falls back to the math
+  kernel, which keeps the fp32 T x T probabilities (12*H*T + 12*H*hd per token). Gradient checkpointing keeps only
+  each layer's fp32 input (4d) and recomputes one layer at a time during the backward pass. The loss buffers follow
+  train.batch_loss: logits (a per position), then log-softmax and its gradients in fp32 for the trained positions.
+  The peak is taken over a simple timeline of the backward pass: at its start every activation and the loss buffers
+  are alive; as it walks down the layers each layer's activations are freed and its gradients appear.
+* Inference memory: weights + KV cache = 2 (K and V) * L * KV * hd * bytes per token.
+* Compute-optimal tokens: 20 per parameter (Hoffmann et al. 2022, "Chinchilla"; total parameters).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import replace
+
+from typing import TYPE_CHECKING
+
+from chatforge.errors import ChatforgeError
+
+if TYPE_CHECKING:  # torch is imported only when a function needs it, so `chatforge size --help` stays fast
+    from chatforge.model import ModelConfig
+
+TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
+MAX_EPOCHS = 4  # repeating data up to ~4 times is almost as good as fresh data (Muennighoff et al. 2023)
+LADDER = ("nano", "micro", "mini", "small")  # the presets `size` recommends from, smallest first
+
+
+# ---------------------------------------------------------------- parameters
+
+def _norm_params(c: ModelConfig) -> int:
+    return 2 * c.d_model if c.norm == "layernorm" else c.d_model
+
+
+def _layer_matmul_params(c: ModelConfig) -> int:
+    """Weights of one block that take part in a matmul (no biases, no norms)."""
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    attn = c.d_model * q + 2 * c.d_model * kv + q * c.d_model
+    mlp = (3 if c.mlp == "swiglu" else 2) * c.d_model * c.d_ff
+    return attn + mlp
+
+
+def _layer_params(c: ModelConfig) -> int:
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    biases = (q + 2 * kv if c.attn_bias else 0) + (c.d_model if c.attn_out_bias else 0)
+    if c.mlp_bias:
+        biases += (2 if c.mlp == "swiglu" else 1) * c.d_ff + c.d_model
+    return _layer_matmul_params(c) + biases + 2 * _norm_params(c)
+
+
+def count_params(c: ModelConfig) -> dict:
+    """Parameters by kind; "total" and "non_embedding" equal GPT(c).num_params() and num_params(True)."""
+    embedding = c.vocab_size * c.d_model
+    if c.positions == "learned":
+        embedding += c.max_seq_len * c.d_model
+    if not c.tie_embeddings:
+        embedding += c.vocab_size * c.d_model  # the separate output head counts as embedding, as num_params does
+    non_embedding = c.n_layer * _layer_params(c) + _norm_params(c)
+    return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding,
+            "per_layer": _layer_params(c), "matmul": c.n_layer * _layer_matmul_params(c) + c.vocab_size * c.d_model}
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def mean_context(seq_len: int, window: int | None = None) -> float:
+    """Mean number of keys a query sees in causal attention over seq_len tokens (with an optional sliding window)."""
+    w = window or seq_len
+    return sum(min(p + 1, w) for p in range(seq_len)) / seq_len
+
+
+def flops_per_token(c: ModelConfig, seq_len: int) -> dict:
+    """Forward and training FLOPs per token (multiply-add = 2 FLOPs)."""
+    dense = 2 * count_params(c)["matmul"]
+    attention = 4 * c.n_layer * c.n_head * c.head_dim * mean_context(seq_len, c.sliding_window)
+    forward = dense + attention
+    return {"forward": forward, "training": 3 * forward, "dense_forward": dense, "attention_forward": attention}
+
+
+# ---------------------------------------------------------------- memory
+
+def _act_per_token(c: ModelConfig, seq_len: int, a: int, mixed: bool) -> tuple[float, float, float]:
+    """(per layer, head, once-per-model) bytes of activations saved for backward, per token."""
+    d, hd, ff = c.d_model, c.head_dim, c.d_ff
+    q, kv = c.n_head * hd, c.n_kv_head * hd
+    norm = 8 * d + 4 if c.norm == "rmsnorm" else 4 * d + 8
+    consumers = 3 + (2 if c.mlp == "swiglu" else 1)  # projections reading a norm's output
+    linear_in = a * d * consumers if mixed else 2 * 4 * d
+    rope = 4 * a * hd if (c.positions == "rope" and mixed) else 0
+    if c.dropout > 0:  # SDPA's math kernel: fp32 q/k/v copies and T x T probabilities, plus dropout masks
+        attn = 12 * q + 12 * c.n_head * seq_len + a * q + 2 * a * d
+    else:  # flash kernel: q, k, v, output and the fp32 log-sum-exp
+        attn = a * (2 * q + 2 * kv) + 4 * c.n_head
+    mlp = (4 if c.mlp == "swiglu" else 2) * a * ff
+    layer = 2 * norm + linear_in + rope + attn + mlp
+    head = norm + (a * d if mixed else 4 * d)
+    once = (8 * hd if c.positions == "rope" and not mixed else 0) + (4 * d if c.dropout > 0 else 0)
+    return layer, head, once
+
+
+def training_memory(c: ModelConfig, batch_size: int, seq_len: int, mixed: bool = True,
+                    gradient_checkpointing: bool = False, trained_fraction: float = 1.0, packed: bool = True) -> dict:
+    """Bytes needed to train with AdamW at batch_size x seq_len (bf16 autocast when mixed), and the peak.
+
+    trained_fraction: share of positions that carry the loss (1 for pretraining; the assistant share for SFT), since
+    the training loop only takes the log-softmax of those. packed: rows hold several records, so attention gets a
+    (B, 1, T, T) boolean mask built from doc ids.
+    """
+    p = count_params(c)
+    n = batch_size * seq_len
+    a = 2 if mixed else 4
+    weights, grads, adam = 4 * p["total"], 4 * p["total"], 8 * p["total"]
+    layer_tok, head_tok, once_tok = _act_per_token(c, seq_len, a, mixed)
+    layer_copy = 2 * _layer_matmul_params(c) if mixed else 0  # autocast's bf16 weight copies, held until backward
+    head_copy = 2 * c.vocab_size * c.d_model if mixed else 0
+    # SDPA turns a boolean mask into an additive one in the compute dtype and keeps it, in every layer.
+    mask = a * seq_len * seq_len * (batch_size if packed else 1 if c.sliding_window else 0)
+    layer_full = layer_tok * n + layer_copy + mask
+    layer_kept = 4 * c.d_model * n if gradient_checkpointing else layer_full
+    head = head_tok * n + head_copy + once_tok * n
+    # Loss, as train.batch_loss computes it: logits (a per position), the trained positions picked out (a) and cast
+    # to fp32 (4), their log-softmax (4). Backward: the NLL and log-softmax gradients (4 + 4 next to the saved 4),
+    # then the picked gradient (a) scattered back into a zero tensor the shape of the logits (a).
+    m = max(1, round(trained_fraction * n))
+    forward = a * n + (max(a * m + 4 * m, 8 * m) if mixed else 8 * m)
+    loss = c.vocab_size * max(forward, 12 * m, a * (n + m))
+    layer_grad = 4 * _layer_params(c)
+    head_grad = grads - c.n_layer * layer_grad
+    # Gradient of the residual stream flowing down (fp32) and the MLP's widest gradients while a layer runs backward.
+    transient = (8 * c.d_model + 3 * a * c.d_ff) * n
+    static = weights + adam
+    peaks = [static + c.n_layer * layer_kept + head + loss]  # backward starts: all activations + loss buffers
+    for i in range(c.n_layer - 1, -1, -1):  # walking down: layer i's activations (recomputed if checkpointed)
+        done = c.n_layer - 1 - i
+        kept = i * layer_kept + layer_full
+        peaks.append(static + head_grad + done * layer_grad + kept + transient)
+    peaks.append(static + grads)  # after backward; also the first step's lazy AdamW state allocation
+    activations = c.n_layer * layer_kept + head
+    return {"weights": weights, "gradients": grads, "optimizer": adam, "activations": activations,
+            "activations_per_layer": layer_kept, "loss_buffers": loss, "peak": max(peaks),
+            "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed,
+            "batch_size": batch_size, "seq_len": seq_len}
+
+
+def kv_cache_bytes_per_token(c: ModelConfig, dtype_bytes: int = 2) -> int:
+    return 2 * c.n_layer * c.n_kv_head * c.head_dim * dtype_bytes
+
+
+def inference_memory(c: ModelConfig, seq_len: int | None = None, dtype_bytes: int = 2) -> dict:
+    """Weights plus the KV cache, in the serving dtype (bf16 by default)."""
+    seq_len = seq_len or c.max_seq_len
+    per_token = kv_cache_bytes_per_token(c, dtype_bytes)
+    weights = count_params(c)["total"] * dtype_bytes
+    return {"weights": weights, "kv_per_token": per_token, "kv_per_sequence": per_token * seq_len,
+            "seq_len": seq_len, "total_one_sequence": weights + per_token * seq_len, "dtype_bytes": dtype_bytes}
+
+
+def compute_optimal_tokens(c: ModelConfig) -> int:
+    return TOKENS_PER_PARAM * count_params(c)["total"]
+
+
+# ---------------------------------------------------------------- shapes for a parameter budget
+
+def parse_count(text: str) -> int:
+    """"10M", "1.5B", "300k", "12000000" -> int."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(text))
+    if not m:
+        raise ChatforgeError(f"--params: expected a count such as 10M, 1.5B or 300k, got {text!r}")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def config_for_params(target: int, vocab_size: int = 4096, max_seq_len: int = 1024) -> ModelConfig:
+    """A Llama-style shape whose total parameter count is closest to `target`.
+
+    Widths are multiples of 64 with 64-wide heads (32 below 256), half as many kv heads (grouped-query), and depth
+    kept at a width/depth ratio of 24-96 like the presets (32-40) and GPT-2 (64).
+    """
+    from chatforge.model import ModelConfig
+
+    if target <= 0:
+        raise ChatforgeError(f"--params: must be positive, got {target}")
+    best, best_key = None, None
+    for d in range(64, 8193, 64):
+        hd = 32 if d < 256 else 64
+        heads = d // hd
+        kv = heads // 2 if heads % 2 == 0 else heads
+        for layers in range(max(1, d // 96), d // 24 + 1):
+            c = ModelConfig(family="llama", vocab_size=vocab_size, n_layer=layers, n_head=heads, n_kv_head=kv,
+                            d_model=d, max_seq_len=max_seq_len)
+            key = (abs(math.log(count_params(c)["total"] / target)), abs(math.log(d / layers / 40)))
+            if best_key is None or key < best_key:
+                best, best_key = c, key
+    return best
+
+
+# ---------------------------------------------------------------- measuring on this machine
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, trained_fraction: float = 1.0, seed: int = 0):
+    """A packed batch of random tokens shaped like the training loop's: four records per row (so attention is
+    masked by doc ids) and exactly round(trained_fraction * tokens) trained targets."""
+    import torch
+
+    from chatforge.data.pack import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    B, T = batch_size, seq_len
+    ids = torch.randint(0, vocab_size, (B, T + 1), generator=g)
+    idx = torch.arange(T)
+    doc = idx * 4 // T
+    starts = torch.tensor([math.ceil(k * T / 4) for k in range(4)])
+    pos = (idx - starts[doc]).expand(B, T).contiguous()
+    doc = doc.expand(B, T).contiguous()
+    mask = torch.zeros(B * T, dtype=torch.bool)
+    mask[torch.randperm(B * T, generator=g)[: max(1, round(trained_fraction * B * T))]] = True
+    return Batch(ids[:, :-1], ids[:, 1:].contiguous(), mask.view(B, T), doc, pos)
+
+
+def _step_fn(model, device, dtype, batch_size: int, seq_len: int, trained_fraction: float = 1.0):
+    """One optimizer step as train.train runs it (its accumulate_gradients, make_optimizer and clipping) on a
+    synthetic packed batch; returns a closure so callers can time or profile repeated steps."""
+    import torch
+
+    from chatforge.config import TrainConfig
+    from chatforge.device import autocast
+    from chatforge.train import accumulate_gradients, make_optimizer
+
+    cfg = TrainConfig()
+    batch = synthetic_batch(batch_size, seq_len, model.config.vocab_size, trained_fraction)
+    opt = make_optimizer(model, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        accumulate_gradients(model, [batch], device, autocast(device, dtype))
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure_training_peak(c: ModelConfig, batch_size: int, seq_len: int, device: str = "cpu",
+                          dtype: str = "auto", gradient_checkpointing: bool = False, steps: int = 2,
+                          trained_fraction: float = 1.0) -> int:
+    """Peak bytes allocated by torch while building the model and running `steps` training steps.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: torch's CPU allocator reports every allocation and free to the
+    profiler when profile_memory=True, so the running sum of those events is the CPU analogue of
+    max_memory_allocated. (tracemalloc cannot see C++ allocations; RSS includes the allocator's cache, the loaded
+    libraries and page granularity, so it overstates and drifts.)
+    """
+    import torch
+
+    from chatforge.device import pick_device, resolve_dtype
+    from chatforge.model import GPT
+
+    dev = pick_device(device)
+    dt = resolve_dtype(dtype, dev)
+    torch.manual_seed(0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        model = GPT(c).to(dev).train()
+        model.gradient_checkpointing = gradient_checkpointing
+        step = _step_fn(model, dev, dt, batch_size, seq_len, trained_fraction)
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = GPT(c).to(dev).train()
+        model.gradient_checkpointing = gradient_checkpointing
+        step = _step_fn(model, dev, dt, batch_size, seq_len, trained_fraction)
+        for _ in range(steps):
+            step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    total = peak = 0
+    for _, nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return peak
+
+
+def probe_throughput(c: ModelConfig, batch_size: int, seq_len: int, device: str = "auto", dtype: str = "auto",
+                     steps: int = 3, gradient_checkpointing: bool = False, trained_fraction: float = 1.0) -> dict:
+    """Training tokens per second of this shape on this machine: one warm-up step, then `steps` timed ones."""
+    import torch
+
+    from chatforge.device import pick_device, resolve_dtype
+    from chatforge.model import GPT
+
+    dev = pick_device(device)
+    dt = resolve_dtype(dtype, dev)
+    torch.manual_seed(0)
+    model = GPT(c).to(dev).train()
+    model.gradient_checkpointing = gradient_checkpointing
+    step = _step_fn(model, dev, dt, batch_size, seq_len, trained_fraction)
+    step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    tokens_per_s = batch_size * seq_len / seconds
+    flops = flops_per_token(c, seq_len)["training"] * tokens_per_s
+    return {"tokens_per_s": tokens_per_s, "step_s": seconds, "flops_per_s": flops, "device": str(dev),
+            "dtype": str(dt).removeprefix("torch."), "batch_size": batch_size, "seq_len": seq_len}
+
+
+# ---------------------------------------------------------------- which config
+
+def model_config_from_train(cfg) -> ModelConfig:
+    """The ModelConfig a TrainConfig trains, without building the model (train.build_model's shape rules)."""
+    from chatforge.model import ModelConfig, config_from_preset
+
+    if cfg.init:
+        from chatforge.checkpoint import read_config
+        from chatforge.train import _init_folder
+
+        c = read_config(_init_folder(cfg.init))
+    else:
+        spec = dict(cfg.model)
+        preset = spec.pop("preset", None)
+        if cfg.tokenizer:
+            from chatforge.tokenizer import Tokenizer
+
+            spec["vocab_size"] = Tokenizer.load(cfg.tokenizer).vocab_size
+        else:
+            spec.setdefault("vocab_size", cfg.vocab_size)
+        c = config_from_preset(preset, **spec) if preset else ModelConfig(**spec)
+        if "max_seq_len" not in spec and c.max_seq_len < cfg.seq_len:
+            c.max_seq_len = cfg.seq_len
+    if cfg.dropout is not None:
+        c = replace(c, dropout=cfg.dropout)
+    return c
+
+
+def resolve_config(config: str | None, params: str | None, vocab_size: int) -> tuple[ModelConfig, str, object]:
+    """(model config, its name, the TrainConfig if a training YAML was given) for `size`'s inputs."""
+    import os
+
+    from chatforge.model import PRESETS, config_from_preset
+
+    if config and params:
+        raise ChatforgeError("size: give --config or --params, not both")
+    if params:
+        c = config_for_params(parse_count(params), vocab_size)
+        return c, f"{params} target", None
+    if not config:
+        return config_from_preset("nano", vocab_size=vocab_size), "nano", None
+    if config in PRESETS:
+        return config_from_preset(config, **({"vocab_size": vocab_size} if config in LADDER else {})), config, None
+    if os.path.isdir(config):
+        from chatforge.checkpoint import read_config
+
+        return read_config(config), config, None
+    if not os.path.exists(config):
+        raise ChatforgeError(f"{config}: not a preset ({', '.join(PRESETS)}), a model folder or a YAML file")
+    from chatforge.tune import load_train_yaml
+
+    cfg, _search = load_train_yaml(config)
+    return model_config_from_train(cfg), config, cfg
+
+
+def dataset_tokens(data: str, vocab_size: int, seq_len: int, stage: str = "sft", tokenizer: str | None = None,
+                   val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Tokens of a dataset's training split as the training loop encodes them (a tokenizer is trained on the split
+    when none is given, as training would)."""
+    from chatforge.data import load_dataset
+    from chatforge.data.pack import encode_records
+    from chatforge.tokenizer import Tokenizer, train_tokenizer
+    from chatforge.train import _record_texts
+
+    train_records, _val, _report = load_dataset(data, val_fraction, seed)
+    tok = Tokenizer.load(tokenizer) if tokenizer else train_tokenizer(_record_texts(train_records), vocab_size)
+    target = "all" if stage == "pretrain" else "assistant"
+    stats = encode_records(train_records, tok, target, seq_len + 1, stage == "pretrain").stats
+    return {"records": stats["records"], "tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
+            "vocab_size": tok.vocab_size}
+
+
+# ---------------------------------------------------------------- recommendation
+
+def recommend(vocab_size: int, batch_size: int, seq_len: int, data_tokens: int | None = None,
+              seconds: float | None = None, throughput=None, candidates: tuple[str, ...] = LADDER,
+              dropout: float = 0.0) -> dict:
+    """The largest preset that can be trained compute-optimally (20 tokens per parameter) within the tokens the
+    data (up to MAX_EPOCHS passes) and the time budget (measured tokens/s x seconds) allow.
+
+    throughput(config) -> tokens/s; only called for candidates the data allows, smallest first, stopping at the
+    first one the time budget rules out (a larger model is slower and needs more tokens, so it cannot fit either).
+    Candidates keep the caller's vocabulary and dropout (dropout switches attention to a slower kernel).
+    """
+    from chatforge.model import PRESETS, config_from_preset
+
+    if data_tokens is None and seconds is None:
+        raise ChatforgeError("size: a recommendation needs --data (or --tokens) and/or a time budget (--minutes)")
+    rows, chosen = [], None
+    for name in candidates:
+        c = config_from_preset(name, vocab_size=vocab_size, max_seq_len=max(seq_len, PRESETS[name]["max_seq_len"]),
+                               dropout=dropout)
+        p = count_params(c)["total"]
+        need = TOKENS_PER_PARAM * p
+        row = {"preset": name, "params": p, "optimal_tokens": need, "data_tokens": None, "budget_tokens": None,
+               "tokens_per_s": None, "hours_for_optimal": None}
+        fits = True
+        if data_tokens is not None:
+            row["data_tokens"] = MAX_EPOCHS * data_tokens
+            fits &= need <= row["data_tokens"]
+        if seconds is not None and throughput is not None and fits:
+            tps = throughput(c)
+            row |= {"tokens_per_s": tps, "budget_tokens": int(tps * seconds), "hours_for_optimal": need / tps / 3600}
+            fits &= need <= row["budget_tokens"]
+        row["fits"] = fits
+        rows.append(row)
+        if fits:
+            chosen = row
+        else:
+            break
+    limits = [x for x in (rows[-1]["data_tokens"], rows[-1]["budget_tokens"]) if x is not None]
+    if chosen is None:
+        chosen = rows[0]
+        available = min(limits) if limits else None
+        why = (f"even {chosen['preset']} ({_count(chosen['params'])} parameters) wants "
+               f"{_count(chosen['optimal_tokens'])} tokens for compute-optimal training, more than the "
+               f"{_count(available)} available ({_limit_text(rows[0])}); train it anyway with early stopping "
+               f"(validation loss) and expect it to be data/time-limited rather than size-limited")
+    else:
+        nxt = rows[-1] if not rows[-1]["fits"] else None
+        why = (f"{chosen['preset']} ({_count(chosen['params'])} parameters) needs {_count(chosen['optimal_tokens'])} "
+               f"tokens for compute-optimal training (20 per parameter), within {_limit_text(chosen)}")
+        if nxt is not None:
+            why += (f"; the next size, {nxt['preset']} ({_count(nxt['params'])}), would need "
+                    f"{_count(nxt['optimal_tokens'])} tokens, more than {_limit_text(nxt)}")
+    usable = [x for x in (chosen["data_tokens"], chosen["budget_tokens"]) if x is not None]
+    train_tokens = min([chosen["optimal_tokens"], *usable])
+    return {"preset": chosen["preset"], "params": chosen["params"], "max_tokens": int(train_tokens),
+            "epochs": train_tokens / data_tokens if data_tokens else None, "reason": why, "candidates": rows}
+
+
+def _limit_text(row: dict) -> str:
+    parts = []
+    if row["data_tokens"] is not None:
+        parts.append(f"{_count(row['data_tokens'])} tokens the data gives in {MAX_EPOCHS} epochs")
+    if row["budget_tokens"] is not None:
+        parts.append(f"{_count(row['budget_tokens'])} tokens the time budget allows at "
+                     f"{row['tokens_per_s']:,.0f} tokens/s")
+    return " and ".join(parts) if parts else "no limit"
+
+
+# ---------------------------------------------------------------- formatting and the command
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def describe(c: ModelConfig, batch_size: int, seq_len: int, mixed: bool, trained_fraction: float = 1.0) -> dict:
+    """Every number `size` prints, for one config."""
+    ckpt = training_memory(c, batch_size, seq_len, mixed, True, trained_fraction)
+    return {"config": c.to_dict(), "params": count_params(c), "flops_per_token": flops_per_token(c, seq_len),
+            "training_memory": training_memory(c, batch_size, seq_len, mixed, False, trained_fraction),
+            "training_memory_checkpointed": ckpt,
+            "inference_memory": inference_memory(c, dtype_bytes=2 if mixed else 4),
+            "compute_optimal_tokens": compute_optimal_tokens(c)}
+
+
+def format_report(name: str, d: dict, probe: dict | None) -> str:
+    c, p, f = d["config"], d["params"], d["flops_per_token"]
+    m, mc, inf = d["training_memory"], d["training_memory_checkpointed"], d["inference_memory"]
+    prec = "bf16 autocast" if m["mixed_precision"] else "fp32"
+    kv = "multi-head" if c["n_kv_head"] == c["n_head"] else "multi-query" if c["n_kv_head"] == 1 else "grouped-query"
+    lines = [
+        f"model {name}: {c['family']}, vocab {c['vocab_size']}, {c['n_layer']} layers, d_model {c['d_model']}, "
+        f"{c['n_head']} heads ({c['n_kv_head']} kv, {kv}), head_dim {c['head_dim']}, ff {c['d_ff']}"
+        + (f", sliding window {c['sliding_window']}" if c["sliding_window"] else ""),
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| parameters | {p['total']:,} = {p['embedding']:,} embedding + {p['non_embedding']:,} non-embedding |",
+        f"| FLOPs per token (seq {m['seq_len']}) | forward {_count(f['forward'])} "
+        f"(attention {_count(f['attention_forward'])}), training {_count(f['training'])} |",
+        f"| training memory, batch {m['batch_size']} x {m['seq_len']}, {prec} | weights {_bytes(m['weights'])}, "
+        f"gradients {_bytes(m['gradients'])}, AdamW {_bytes(m['optimizer'])}, "
+        f"activations {_bytes(m['activations'])}, loss buffers {_bytes(m['loss_buffers'])} |",
+        f"| training peak | {_bytes(m['peak'])} (gradient checkpointing: {_bytes(mc['peak'])}, "
+        f"activations {_bytes(mc['activations'])}) |",
+        f"| inference memory ({'bf16' if inf['dtype_bytes'] == 2 else 'fp32'}) | weights {_bytes(inf['weights'])}, "
+        f"KV cache {_bytes(inf['kv_per_token'])}/token, {_bytes(inf['kv_per_sequence'])} per "
+        f"{inf['seq_len']}-token sequence |",
+        f"| compute-optimal tokens | {_count(d['compute_optimal_tokens'])} ({TOKENS_PER_PARAM} per parameter) |",
+    ]
+    if probe:
+        secs = d["compute_optimal_tokens"] / probe["tokens_per_s"]
+        lines.append(f"| measured throughput ({probe['device']}, {probe['dtype']}) | {probe['tokens_per_s']:,.0f} "
+                     f"tokens/s ({_count(probe['flops_per_s'])}FLOP/s) -> compute-optimal training in "
+                     f"{_duration(secs)} |")
+    return "\n".join(lines)
+
+
+def size_command(config: str | None = None, params: str | None = None, batch_size: int | None = None,
+                 seq_len: int | None = None, data: str | None = None, tokens: int | None = None,
+                 minutes: float | None = None, hours: float | None = None, vocab_size: int = 4096,
+                 trained_fraction: float = 1.0, probe: bool = True, probe_steps: int = 3, device: str = "auto",
+                 dtype: str | None = None, out: str | None = None) -> int:
+    """Plan a model size: parameters, FLOPs per token, training and inference memory, compute-optimal tokens and
+    training time measured on this machine; with a dataset and/or a time budget, recommend a size.
+
+    Args:
+        config: a training YAML, a model folder or a preset name (default: nano); or use --params.
+        params: a target parameter count such as 10M: the closest Llama-style shape is sized.
+        batch_size: sequences per step (default: the YAML's, else 16).
+        seq_len: tokens per sequence (default: the YAML's, else 256).
+        data: a dataset (as for train) whose training tokens bound the recommendation.
+        tokens: the dataset size in tokens, instead of --data.
+        minutes: training time budget for the recommendation.
+        hours: training time budget, in hours.
+        vocab_size: vocabulary for presets and --params (a YAML or model folder brings its own).
+        trained_fraction: share of positions carrying the loss (1 for pretraining; less for SFT's assistant tokens).
+        probe: measure training throughput with a few real steps (otherwise no time estimates).
+        probe_steps: timed steps per probe.
+        device: where the probe runs (auto, cpu, cuda).
+        dtype: auto, bf16 or fp32 (default: the YAML's, else auto).
+        out: also write every number as JSON here.
+    """
+    import torch
+
+    from chatforge.device import pick_device, resolve_dtype
+
+    model, name, cfg = resolve_config(config, params, vocab_size)
+    batch_size = batch_size or (cfg.batch_size if cfg else 16)
+    seq_len = seq_len or (cfg.seq_len if cfg else 256)
+    dtype = dtype or (cfg.dtype if cfg else "auto")
+    for flag, value in (("batch_size", batch_size), ("seq_len", seq_len), ("probe_steps", probe_steps)):
+        if value < 1:
+            raise ChatforgeError(f"size: --{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 < trained_fraction <= 1:
+        raise ChatforgeError(f"size: --trained-fraction must be in (0, 1], got {trained_fraction}")
+    if minutes is not None and hours is not None:
+        raise ChatforgeError("size: give --minutes or --hours, not both")
+    seconds = minutes * 60 if minutes is not None else hours * 3600 if hours is not None else None
+    if seconds is not None and seconds <= 0:
+        raise ChatforgeError(f"size: the time budget must be positive, got {seconds:g} s")
+    if seq_len > model.max_seq_len:
+        model = replace(model, max_seq_len=seq_len) if model.positions == "rope" else model
+        if seq_len > model.max_seq_len:
+            raise ChatforgeError(f"size: --seq-len {seq_len} is longer than the model's context {model.max_seq_len}")
+    dev = pick_device(device)
+    mixed = resolve_dtype(dtype, dev) != torch.float32
+    result = {"name": name, **describe(model, batch_size, seq_len, mixed, trained_fraction)}
+    measured = None
+    if probe:
+        measured = probe_throughput(model, batch_size, seq_len, device, dtype, probe_steps,
+                                    trained_fraction=trained_fraction)
+        result["throughput"] = measured
+        result["compute_optimal_hours"] = result["compute_optimal_tokens"] / measured["tokens_per_s"] / 3600
+    print(format_report(name, result, measured))
+
+    data_tokens = tokens
+    if data is not None:
+        if tokens is not None:
+            raise ChatforgeError("size: give --data or --tokens, not both")
+        stage = cfg.stage if cfg else "sft"
+        info = dataset_tokens(data, model.vocab_size, seq_len, stage, cfg.tokenizer if cfg else None)
+        result["data"] = info | {"spec": data}
+        data_tokens = info["tokens"]
+        print(f"\ndata {data}: {info['records']:,} training records -> {info['tokens']:,} tokens "
+              f"({info['trained_tokens']:,} trained) with a {info['vocab_size']}-token vocabulary")
+    if data_tokens is not None or seconds is not None:
+        if seconds is not None and not probe:
+            raise ChatforgeError("size: a time budget needs the throughput probe (drop --no-probe)")
+        def shape(c: ModelConfig) -> tuple:
+            return (c.vocab_size, c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.d_ff, c.dropout, c.sliding_window)
+
+        cache: dict = {shape(model): measured["tokens_per_s"]} if measured else {}
+
+        def throughput(c: ModelConfig) -> float:
+            key = shape(c)
+            if key not in cache:
+                cache[key] = probe_throughput(c, batch_size, seq_len, device, dtype, probe_steps,
+                                              trained_fraction=trained_fraction)["tokens_per_s"]
+            return cache[key]
+
+        rec = recommend(model.vocab_size, batch_size, seq_len, data_tokens, seconds, throughput, dropout=model.dropout)
+        result["recommendation"] = rec
+        print(f"\nrecommended: {rec['preset']} — {rec['reason']}.")
+        base = f"--config {config} " if cfg is not None else ""
+        epochs = f" (about {rec['epochs']:.1f} epochs)" if rec["epochs"] else ""
+        print(f"train it with: chatforge train {base}model.preset={rec['preset']} max_steps=null "
+              f"max_time_s=null max_tokens={rec['max_tokens']}{epochs}")
+    if out:
+        from chatforge.checkpoint import write_json
+
+        write_json(out, result)
+    return 0
