@@ -53,6 +53,8 @@ class ModelConfig:
             if self.d_model % self.n_head:
                 raise ChatforgeError(f"model: d_model {self.d_model} is not divisible by n_head {self.n_head}")
             self.head_dim = self.d_model // self.n_head
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ChatforgeError(f"model: rope needs an even head_dim, got {self.head_dim} (d_model / n_head)")
         if self.n_head % self.n_kv_head:
             raise ChatforgeError(f"model: n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
         if self.d_ff is None:
