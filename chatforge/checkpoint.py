@@ -181,21 +181,28 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    current = folder  # the file being read, so an error names the corrupt shard rather than the folder
     try:
         if single.exists():
+            current = single
             return load_file(str(single))
         if index.exists():
+            current = index
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             out: dict[str, torch.Tensor] = {}
             for shard in shards:
-                out |= load_file(str(folder / shard))
+                current = folder / shard
+                out |= load_file(str(current))
             return out
         if (folder / "pytorch_model.bin").exists():
-            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            current = folder / "pytorch_model.bin"
+            return torch.load(current, map_location="cpu", weights_only=True)
     except ChatforgeError:
         raise
-    except Exception as e:  # a corrupt or truncated file: name it, don't show a traceback
-        raise ChatforgeError(f"{folder}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    except Exception as e:  # corrupt, truncated, or a pickle holding more than tensors: name the file, no traceback
+        why = ("it holds Python objects besides tensors; only plain tensors are loaded, nothing is unpickled"
+               if type(e).__name__ == "UnpicklingError" else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise ChatforgeError(f"{current}: cannot read weights ({why})")
     raise ChatforgeError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
