@@ -1,0 +1,318 @@
+"""Pretrained models: `chatforge import` of folders transformers wrote, clear errors for bad input, the chat tokens a
+base tokenizer gains, SmolLM2-135M-Instruct by name (logits against transformers' GGUF loader, a correct answer),
+and every kind of chatforge folder loading back in transformers with the same logits and chat ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge.checkpoint import load_model
+from chatforge.cli import main
+from chatforge.tokenizer import Tokenizer, train_tokenizer
+
+TEXTS = ["The printer is offline again.", "Restart the router and try once more.", "How do I reset my password?",
+         "Click settings, then accounts, then reset.", "Thanks, that worked!", "The screen stays black."] * 20
+CHAT = [{"role": "system", "content": "You are a help desk."}, {"role": "user", "content": "My printer is offline."},
+        {"role": "assistant", "content": "Restart the router."}, {"role": "user", "content": "Still offline!"}]
+
+HF_CONFIGS = {  # tiny random models of each family, as transformers builds them
+    "gpt2": ("GPT2Config", dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)),
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                                  rope_theta=5000.0)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      sliding_window=16, tie_word_embeddings=False)),
+}
+
+
+def chat_tokenizer() -> Tokenizer:
+    """A small ChatML tokenizer, as a chat model ships."""
+    return train_tokenizer(TEXTS, vocab_size=320)
+
+
+def base_tokenizer_folder(folder: Path) -> Path:
+    """A GPT-2-style base tokenizer written by transformers: byte-level BPE, <|endoftext|>, no chat template."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+def hf_model(family: str, vocab_size: int, seed: int = 0):
+    """A transformers model with random weights, norms and biases perturbed so no mapping hides behind 1s and 0s."""
+    import transformers
+
+    name, kw = HF_CONFIGS[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, name)(vocab_size=vocab_size, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "ln_" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def hf_folder(tmp_path: Path, family: str, tokenizer: Tokenizer | None = None, **save_kw) -> tuple[Path, object]:
+    """A folder written by transformers' save_pretrained (model and tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = tokenizer or chat_tokenizer()
+    staging, src = tmp_path / f"{family}-tok", tmp_path / f"{family}-hf"
+    tokenizer.save(str(staging))
+    model = hf_model(family, tokenizer.vocab_size)
+    model.save_pretrained(src, **save_kw)
+    AutoTokenizer.from_pretrained(staging).save_pretrained(src)
+    return src, model
+
+
+def ids(n: int, vocab: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def assert_transformers_agrees(folder: Path, model, tokenizer_ids: list[int] | None = None, tol: float = 1e-4) -> None:
+    """transformers' AutoModelForCausalLM and AutoTokenizer read `folder` as chatforge does (item 5: export)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    x = ids(24, min(model.config.vocab_size, hf.config.vocab_size))
+    with torch.no_grad():
+        assert max_diff(hf(x).logits, model(x)) <= tol
+    ours = Tokenizer.load(str(folder))
+    theirs = AutoTokenizer.from_pretrained(folder)
+    expected = ours.render(CHAT, add_generation_prompt=True)[0]
+    got = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(got) == expected
+    if tokenizer_ids is not None:
+        assert expected == tokenizer_ids
+
+
+# ---------------------------------------------------------------- chatforge import of Hugging Face folders
+
+
+@pytest.mark.parametrize("family", list(HF_CONFIGS))
+def test_import_hf_folder_keeps_logits_tokenizer_and_template(tmp_path, family, capsys):
+    src, hf = hf_folder(tmp_path, family)
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert "saved to" in capsys.readouterr().out
+    ours = load_model(tmp_path / "out")
+    x = ids(40, hf.config.vocab_size)
+    with torch.no_grad():
+        assert max_diff(ours(x), hf(x).logits) <= 1e-4
+    # the chat template came along: the imported tokenizer renders what transformers renders from the source
+    from transformers import AutoTokenizer
+
+    source_ids = AutoTokenizer.from_pretrained(src).apply_chat_template(CHAT, add_generation_prompt=True,
+                                                                        tokenize=True, return_dict=False)
+    assert_transformers_agrees(tmp_path / "out", ours, tokenizer_ids=list(source_ids))
+
+
+def test_hf_folder_is_usable_without_import(tmp_path):
+    from chatforge.pretrained import load_pretrained
+
+    src, hf = hf_folder(tmp_path, "qwen2")
+    model, tokenizer, folder = load_pretrained(str(src))
+    x = ids(20, hf.config.vocab_size)
+    with torch.no_grad():
+        assert max_diff(model(x), hf(x).logits) <= 1e-4
+    assert tokenizer.has_chat_tokens() and model.new_token_ids == []
+
+
+def test_import_sharded_safetensors(tmp_path):
+    src, hf = hf_folder(tmp_path, "llama", max_shard_size="40KB")
+    shards = sorted(p.name for p in src.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (src / "model.safetensors.index.json").exists()
+    assert main(["import", str(src), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    ours = load_model(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    x = ids(30, hf.config.vocab_size)
+    with torch.no_grad():  # bf16 storage: within bf16 rounding of the fp32 original
+        assert max_diff(ours(x), hf(x).logits) <= 0.05
+
+
+def test_import_pytorch_model_bin(tmp_path):
+    # transformers 5 always writes safetensors (safe_serialization=False is ignored), so write the .bin by hand:
+    # a pure tensor state dict, which is what torch.load(weights_only=True) accepts
+    src, hf = hf_folder(tmp_path, "gpt2")
+    sd = hf.state_dict()
+    (src / "model.safetensors").unlink()
+    torch.save({k: v.clone() for k, v in sd.items()}, src / "pytorch_model.bin")
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 0
+    x = ids(30, hf.config.vocab_size)
+    with torch.no_grad():
+        assert max_diff(load_model(tmp_path / "out")(x), hf(x).logits) <= 1e-4
+
+
+def test_import_converts_an_old_vocab_json_merges_txt_tokenizer(tmp_path):
+    tok_folder = base_tokenizer_folder(tmp_path / "tok")
+    base = Tokenizer.load(str(tok_folder))
+    src, _ = hf_folder(tmp_path, "gpt2", tokenizer=base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    base.hf.model.save(str(src))  # vocab.json + merges.txt, as GPT-2 itself ships
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 0
+    imported = Tokenizer.load(str(tmp_path / "out"))
+    text = "Restart the router, then click settings!"
+    assert imported.encode(text) == base.encode(text) and imported.decode(base.encode(text)) == text
+
+
+class _NotATensor:  # a pickled object that weights_only=True must refuse to build
+    pass
+
+
+def test_pytorch_model_bin_with_objects_is_refused(tmp_path, capsys):
+    src, _ = hf_folder(tmp_path, "gpt2")
+    (src / "model.safetensors").unlink()
+    with open(src / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": _NotATensor()}, f, protocol=2)  # torch.save's protocol
+    capsys.readouterr()  # drop what building the fixture printed
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pytorch_model.bin: cannot read weights" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_corrupt_safetensors_is_one_line_naming_the_file(tmp_path, capsys, sharded):
+    src, _ = hf_folder(tmp_path, "llama", **({"max_shard_size": "40KB"} if sharded else {}))
+    bad = sorted(src.glob("model-*.safetensors"))[1] if sharded else src / "model.safetensors"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # truncated, as an interrupted download leaves it
+    capsys.readouterr()  # drop what building the fixture printed
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: {bad}: cannot read weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_one_line(tmp_path, capsys):
+    from transformers import BertConfig
+
+    src = tmp_path / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(src)
+    capsys.readouterr()  # drop what building the fixture printed
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "config.json: unsupported architecture 'bert'" in err and "llama" in err
+
+
+def test_import_refuses_to_overwrite_and_unknown_sources(tmp_path, capsys):
+    src, _ = hf_folder(tmp_path, "qwen2")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["import", str(src), "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    assert main(["import", "no-such-model", "--out", str(tmp_path / "o")]) == 2
+    assert "not a known model name" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- chat tokens for a base tokenizer
+
+
+def test_base_tokenizer_gains_chat_tokens_and_model_keeps_its_predictions(tmp_path):
+    from chatforge.pretrained import load_pretrained
+
+    tok_folder = base_tokenizer_folder(tmp_path / "base-tok")
+    base = Tokenizer.load(str(tok_folder))
+    src, hf = hf_folder(tmp_path, "gpt2", tokenizer=base)
+    assert not base.has_chat_tokens()
+    v = base.vocab_size
+    model, tokenizer, _ = load_pretrained(str(src), chat_tokens=True)
+    assert tokenizer.has_chat_tokens() and tokenizer.vocab_size == v + 3
+    assert model.new_token_ids == [v, v + 1, v + 2] and model.config.vocab_size == v + 3
+    assert tokenizer.decode(tokenizer.render(CHAT[:2])[0]).startswith("<|im_start|>system\n")
+    x = ids(20, v)
+    with torch.no_grad():  # the pretrained model's own tokens predict as before
+        assert max_diff(model(x)[..., :v], hf(x).logits) <= 1e-4
+    # a chat model's tokenizer and template are kept as they are
+    chat_src, _ = hf_folder(tmp_path, "llama")
+    before = Tokenizer.load(str(chat_src))
+    model, tokenizer, _ = load_pretrained(str(chat_src), chat_tokens=True)
+    assert model.new_token_ids == [] and tokenizer.vocab_size == before.vocab_size
+    assert tokenizer.chat_template == before.chat_template
+
+
+# ---------------------------------------------------------------- SmolLM2-135M-Instruct by name
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    old = os.environ.get("CHATFORGE_CACHE")
+    os.environ["CHATFORGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("CHATFORGE_CACHE")
+    else:
+        os.environ["CHATFORGE_CACHE"] = old
+
+
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2_cache):
+    """End to end: the name -> converted, cached folder -> chatforge's own model, against transformers reading
+    the same GGUF file (its loader dequantizes to fp32 as well)."""
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.gguf_import import find_packaged_gguf
+    from chatforge.pretrained import load_pretrained
+
+    model, tokenizer, folder = load_pretrained("smollm2-135m-instruct")
+    gguf = Path(find_packaged_gguf("smollm2-135m-instruct"))
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    prompt = tokenizer.render([{"role": "user", "content": "Write a haiku about a printer that never works, "
+                                                           "then explain why printers jam so often."}],
+                              add_generation_prompt=True)[0]
+    prompt = (prompt * 2)[:64]
+    assert len(prompt) == 64
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        assert max_diff(model(x), hf(x).logits) <= 1e-3
+    assert model.name_or_path == "smollm2-135m-instruct"  # what an adapter trained on it names as its base
+
+
+def test_smollm2_answers_by_name(smollm2_cache):
+    import chatforge
+
+    bot = chatforge.load("smollm2-135m-instruct")
+    reply = bot.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0.0,
+                     max_new_tokens=20)
+    assert "Paris" in reply
+
+
+# ---------------------------------------------------------------- export: what training writes, transformers reads
+
+
+def test_scratch_trained_folder_loads_in_transformers(tmp_path):
+    from chatforge.config import load_config
+    from chatforge.train import train
+
+    cfg = load_config(None, ["data=builtin:english/tech_support", f"out_dir={tmp_path / 'run'}", "vocab_size=300",
+                             "model.preset=nano", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
+                             "model.n_kv_head=1", "seq_len=64", "batch_size=4", "max_steps=2", "eval_every=2",
+                             "dtype=fp32"])
+    summary = train(cfg, progress=False)
+    final = Path(summary["final_dir"])
+    assert_transformers_agrees(final, load_model(final))
