@@ -51,25 +51,19 @@ class Bot:
     @classmethod
     def load(cls, path_or_name: str, device: str | None = None, dtype: str | None = None, max_batch_size: int = 8,
              max_seq_len: int | None = None) -> Bot:
-        """A model folder, a .gguf file or a known model name (e.g. "smollm2-135m-instruct").
+        """A model folder, a LoRA adapter folder, a .gguf file or a known model name (e.g. "smollm2-135m-instruct").
 
         dtype: fp32 (the default on CPU), bf16 or fp16; on a GPU the default is bf16 where supported.
         """
-        from chatforge.checkpoint import load_model, read_generation_config
         from chatforge.device import pick_device, resolve_dtype
-        from chatforge.tokenizer import Tokenizer
+        from chatforge.pretrained import load_generation_config, load_pretrained
 
-        try:
-            from chatforge.gguf_import import resolve_model
-        except ImportError:  # GGUF support not installed: only folders
-            resolve_model = str
-        folder = resolve_model(path_or_name)
         dev = pick_device(device or "auto")
         torch_dtype = resolve_dtype(dtype or ("fp32" if dev.type == "cpu" else "auto"), dev)
-        model = load_model(folder, device=dev, dtype=torch_dtype)
-        tokenizer = Tokenizer.load(folder)
+        # load_pretrained also takes LoRA adapter folders (merged onto their base) and transformers folders.
+        model, tokenizer, _ = load_pretrained(path_or_name, device=dev, dtype=torch_dtype)
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-        return cls(model, tokenizer, engine, defaults_from_generation_config(read_generation_config(folder)))
+        return cls(model, tokenizer, engine, defaults_from_generation_config(load_generation_config(path_or_name)))
 
     @property
     def context_length(self) -> int:
