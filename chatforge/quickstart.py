@@ -24,7 +24,7 @@ RESERVE_S = 40.0  # held back for the final evaluation, samples and report
 PRETRAIN_SHARE = 0.72  # of the training time; SFT gets the rest
 # Held-out bits per byte of the plain character-level GPT (4 layers, 128 wide, ~1M parameters, batch 12x64, AdamW
 # 1e-3) after the 2,250 steps it runs in 90 s here, on the de-duplicated split this command tests on.
-CHAR_BASELINE_DEDUP = 2.86
+CHAR_BASELINE_DEDUP = 2.86  # benchmarks/char_baseline.py
 
 
 def _recipe(name: str) -> str:

@@ -74,17 +74,6 @@ def make_optimizer(model, cfg: TrainConfig, device, core=None):
 
 # ---------------------------------------------------------------- model and tokenizer
 
-def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), nanoGPT's estimate: 6 per weight of every matmul (the output
-    layer included, the embedding lookup not) plus 12 * layers * width * context for attention scores."""
-    c = config
-    kv = c.n_kv_head * c.head_dim
-    attn = c.d_model * (c.n_head * c.head_dim) * 2 + c.d_model * kv * 2
-    mlp = c.d_model * c.d_ff * (3 if c.mlp == "swiglu" else 2)
-    matmul = c.n_layer * (attn + mlp) + c.d_model * c.vocab_size
-    return 6.0 * matmul + 12.0 * c.n_layer * c.n_head * c.head_dim * seq_len
-
-
 def resize_vocab(model, new_size: int) -> None:
     """Grow the embeddings (and an untied lm_head) to new_size rows; new rows start at the mean embedding,
     which keeps the first logits of new tokens ordinary instead of random."""
@@ -559,6 +548,8 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
     save_weights(model, core, tokenizer, out / "final", lora)
     metrics = read_metrics(metrics_path)
     plot_losses(metrics, out / "loss.png", title=f"{cfg.stage}: {out}")
+    from chatforge.sizing import flops_per_token
+
     summary = {
         "out_dir": str(out), "final_dir": str(out / "final"), "best_dir": str(out / "best"), "stage": cfg.stage,
         "steps": step, "tokens": tokens, "trained_tokens": trained_total, "epochs": stream.epoch +
@@ -566,7 +557,7 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
         "val_loss": None if math.isinf(best_val) else best_val, "best_step": best_step,
         "val_bpb": None, "val_ppl": None, "val_acc": None, "final_val_loss": last_val["loss"] if last_val else None,
         "tokens_per_s": tokens / compute_s if compute_s else 0.0,
-        "model_gflops_per_s": flops_per_token(core.config, cfg.seq_len) * tokens / compute_s / 1e9 if compute_s else 0.0,
+        "model_gflops_per_s": flops_per_token(core.config, cfg.seq_len)["training"] * tokens / compute_s / 1e9 if compute_s else 0.0,
         "params": n_params,
         "trainable_params": n_trainable, "wall_s": time.time() - t0, "train_s": elapsed, "stop_reason": stop_reason,
     }
