@@ -76,7 +76,8 @@ def ablate(config: str | None = None, variants: list[str] | tuple[str, ...] = VA
     from chatforge.data import load_dataset
     from chatforge.sizing import kv_cache_bytes_per_token, model_config_from_train
     from chatforge.tokenizer import train_tokenizer
-    from chatforge.train import _record_texts, read_metrics, train
+    from chatforge.tokenizer import record_texts
+    from chatforge.train import read_metrics, train
 
     variants = list(variants)
     if not variants or len(set(variants)) != len(variants):
@@ -107,7 +108,7 @@ def ablate(config: str | None = None, variants: list[str] | tuple[str, ...] = VA
 
     records = load_dataset(base.data, base.val_fraction, base.seed)
     if not base.tokenizer:  # one tokenizer for all, so every variant sees the same token stream
-        tok = train_tokenizer(_record_texts(records[0]), vocab_size=base.vocab_size)
+        tok = train_tokenizer(record_texts(records[0]), vocab_size=base.vocab_size)
         tok.save(str(root / "tokenizer"))
         base.tokenizer = str(root / "tokenizer")
     step_tokens = base.batch_size * base.grad_accum * base.seq_len

@@ -95,7 +95,8 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
     from chatforge.config import load_config
     from chatforge.data import load_dataset
     from chatforge.tokenizer import Tokenizer, train_tokenizer
-    from chatforge.train import _record_texts, sample_replies, train
+    from chatforge.tokenizer import record_texts
+    from chatforge.train import sample_replies, train
 
     root = Path(out)
     parts = [root / p for p in ("tokenizer", "pretrain", "sft", "final", "quickstart.json")]
@@ -120,7 +121,7 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
     print(f"data: built-in corpus (English + Chinese), {report.get('read', 0):,} records read, dropped while "
           f"cleaning: {dropped}; {len(train_set)} training / {len(dev)} dev (early stopping) / {len(test)} "
           "held-out test conversations")
-    tok = train_tokenizer(_record_texts(train_set), vocab_size=pre_cfg.vocab_size)
+    tok = train_tokenizer(record_texts(train_set), vocab_size=pre_cfg.vocab_size)
     tok.save(str(root / "tokenizer"))
     pre_cfg.tokenizer = str(root / "tokenizer")
     print(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens, trained on the training split")

@@ -396,10 +396,10 @@ def dataset_tokens(data: str, vocab_size: int, seq_len: int, stage: str = "sft",
     from chatforge.data import load_dataset
     from chatforge.data.pack import encode_records
     from chatforge.tokenizer import Tokenizer, train_tokenizer
-    from chatforge.train import _record_texts
+    from chatforge.tokenizer import record_texts
 
     train_records, _val, _report = load_dataset(data, val_fraction, seed)
-    tok = Tokenizer.load(tokenizer) if tokenizer else train_tokenizer(_record_texts(train_records), vocab_size)
+    tok = Tokenizer.load(tokenizer) if tokenizer else train_tokenizer(record_texts(train_records), vocab_size)
     target = "all" if stage == "pretrain" else "assistant"
     stats = encode_records(train_records, tok, target, seq_len + 1, stage == "pretrain").stats
     return {"records": stats["records"], "tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],

@@ -489,7 +489,8 @@ def train_tokenizer(
     return Tokenizer(hf, CHATML_TEMPLATE, eos_token=IM_END, pad_token=PAD, bos_token=None)
 
 
-def _record_texts(records: Iterable[dict]) -> Iterable[str]:
+def record_texts(records: Iterable[dict]) -> Iterable[str]:
+    """Every message content and plain text of dataset records: what a tokenizer is trained on."""
     for r in records:
         if "messages" in r:
             for m in r["messages"]:
@@ -517,11 +518,11 @@ def train_command(
     dropped = sum(report.get("dropped", {}).values())
     print(f"data: read {report.get('read', len(train) + len(val))} records, kept {len(train) + len(val)} "
           f"(train {len(train)}, val {len(val)}), dropped {dropped}")
-    tok = train_tokenizer(_record_texts(train), vocab_size=vocab_size, min_frequency=min_frequency)
+    tok = train_tokenizer(record_texts(train), vocab_size=vocab_size, min_frequency=min_frequency)
     tok.save(out)
     print(f"vocab size: {tok.vocab_size} (trained on {len(train)} records)")
     n_bytes = n_tokens = 0
-    for text in _record_texts(val):
+    for text in record_texts(val):
         n_bytes += len(text.encode("utf-8"))
         n_tokens += len(tok.encode(text))
     if n_tokens:

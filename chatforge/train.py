@@ -114,15 +114,6 @@ def set_dropout(model, p: float) -> None:
             m.p = p
 
 
-def _record_texts(records):
-    for r in records:
-        if "messages" in r:
-            for m in r["messages"]:
-                yield m["content"]
-        elif "text" in r:
-            yield r["text"]
-
-
 def _init_folder(init: str) -> str:
     try:
         from chatforge.gguf_import import resolve_model
@@ -135,7 +126,7 @@ def build_tokenizer(cfg: TrainConfig, train_records, out: Path, resume: bool):
     """(tokenizer, ids of tokens added for chat). The tokenizer is cfg.tokenizer, the init model's, or a new one
     trained on the train split (never on validation text, which would leak it into the vocabulary); a resumed run
     reloads the one it trained. A tokenizer without chat tokens gets them, and the model grows to match."""
-    from chatforge.tokenizer import Tokenizer, train_tokenizer
+    from chatforge.tokenizer import Tokenizer, record_texts, train_tokenizer
 
     saved = out / "tokenizer"
     if cfg.tokenizer:
@@ -145,7 +136,7 @@ def build_tokenizer(cfg: TrainConfig, train_records, out: Path, resume: bool):
     elif resume and (saved / "tokenizer.json").exists():
         tok = Tokenizer.load(str(saved))
     else:
-        tok = train_tokenizer(_record_texts(train_records), vocab_size=cfg.vocab_size)
+        tok = train_tokenizer(record_texts(train_records), vocab_size=cfg.vocab_size)
     new_ids: list[int] = []
     if not tok.has_chat_tokens():
         before = tok.vocab_size
