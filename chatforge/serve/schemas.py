@@ -84,11 +84,11 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
     MaxTokens = Annotated[int, Field(ge=1, le=max_tokens_cap)] | None
     N = Annotated[int, Field(ge=1, le=max_n)] | None
 
-    class ChatCompletionRequest(Strict):
+    class Sampling(Strict):
+        """The generation parameters both endpoints take."""
+
         model: Text
-        messages: Annotated[list[Message], Field(min_length=1)]
         max_tokens: MaxTokens = None
-        max_completion_tokens: MaxTokens = None
         temperature: Temperature = None
         top_p: TopP = None
         n: N = None
@@ -98,6 +98,10 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         seed: Seed = None
         presence_penalty: Penalty = None
         frequency_penalty: Penalty = None
+
+    class ChatCompletionRequest(Sampling):
+        messages: Annotated[list[Message], Field(min_length=1)]
+        max_completion_tokens: MaxTokens = None
         logprobs: bool | None = None
         top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
         user: Text | None = None
@@ -119,21 +123,10 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         store: Literal[False] | None = None
         metadata: Annotated[dict[str, str], Field(max_length=0)] | None = None
 
-    class CompletionRequest(Strict):
-        model: Text
+    class CompletionRequest(Sampling):
         prompt: Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)] | Annotated[
             list[Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]],
             Field(min_length=1, max_length=max_n)]
-        max_tokens: MaxTokens = None
-        temperature: Temperature = None
-        top_p: TopP = None
-        n: N = None
-        stream: bool | None = None
-        stream_options: StreamOptions | None = None
-        stop: Stop = None
-        seed: Seed = None
-        presence_penalty: Penalty = None
-        frequency_penalty: Penalty = None
         logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
         user: Text | None = None
         best_of: N = None
