@@ -74,37 +74,6 @@ def make_optimizer(model, cfg: TrainConfig, device, core=None):
 
 # ---------------------------------------------------------------- model and tokenizer
 
-def resize_vocab(model, new_size: int) -> None:
-    """Grow the embeddings (and an untied lm_head) to new_size rows; new rows start at the mean embedding,
-    which keeps the first logits of new tokens ordinary instead of random."""
-    import torch
-    from torch import nn
-
-    old = model.config.vocab_size
-    if new_size == old:
-        return
-    if new_size < old:
-        raise ChatforgeError(f"model: cannot shrink the vocabulary from {old} to {new_size}")
-    emb = model.model.embed_tokens
-    new_emb = nn.Embedding(new_size, emb.weight.shape[1], device=emb.weight.device, dtype=emb.weight.dtype)
-    with torch.no_grad():
-        new_emb.weight[:old] = emb.weight
-        new_emb.weight[old:] = emb.weight.mean(0)
-    model.model.embed_tokens = new_emb
-    if model.config.tie_embeddings:
-        model.lm_head = nn.Linear(emb.weight.shape[1], new_size, bias=False, device=emb.weight.device,
-                                  dtype=emb.weight.dtype)
-        model.lm_head.weight = new_emb.weight
-    else:
-        head = model.lm_head
-        new_head = nn.Linear(head.in_features, new_size, bias=False, device=head.weight.device, dtype=head.weight.dtype)
-        with torch.no_grad():
-            new_head.weight[:old] = head.weight
-            new_head.weight[old:] = head.weight.mean(0)
-        model.lm_head = new_head
-    model.config.vocab_size = new_size
-
-
 def set_dropout(model, p: float) -> None:
     from torch import nn
 
@@ -154,6 +123,7 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
     torch.manual_seed(cfg.seed)
     if cfg.init:
         from chatforge.checkpoint import load_model
+        from chatforge.pretrained import resize_vocab
 
         core = load_model(_init_folder(cfg.init))
         if tokenizer.vocab_size > core.config.vocab_size:

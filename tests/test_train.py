@@ -21,7 +21,8 @@ from chatforge.device import autocast
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, ModelConfig
 from chatforge.tokenizer import IM_END, train_tokenizer
-from chatforge.train import accumulate_gradients, lr_at, resize_vocab, train
+from chatforge.pretrained import resize_vocab
+from chatforge.train import accumulate_gradients, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
