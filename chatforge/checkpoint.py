@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.io import atomic_write_text
+from chatforge.io import atomic_write_text, fsync_path
 from chatforge.model import GPT, ModelConfig
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
@@ -239,14 +239,6 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype or torch.float32).eval()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_config: dict | None = None,
                dtype: torch.dtype = torch.float32) -> Path:
     """Write a complete folder next to the target and rename it into place, so a kill never leaves half a folder."""
@@ -270,9 +262,8 @@ def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_conf
         if tokenizer is not None:
             tokenizer.save(str(tmp))
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
@@ -280,7 +271,7 @@ def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_conf
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_path(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from chatforge.errors import ChatforgeError
+from chatforge.io import fsync_path
 
 if TYPE_CHECKING:  # heavy; imported inside the functions that run
     import numpy as np
@@ -406,14 +407,6 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write(g: _Gguf, folder: Path, dtype: str) -> None:
     """Fill an empty folder with config, weights, tokenizer and generation config."""
     from safetensors.torch import save_file
@@ -449,8 +442,8 @@ def _write(g: _Gguf, folder: Path, dtype: str) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     for f in folder.iterdir():
         os.chmod(f, 0o666 & ~_umask())  # safetensors writes 0600; a model folder is meant to be shared
-        _fsync(f)
-    _fsync(folder)
+        fsync_path(f)
+    fsync_path(folder)
 
 
 def _convert_into(gguf_path: str, out: Path, dtype: str, replace: bool) -> Path:
@@ -473,7 +466,7 @@ def _convert_into(gguf_path: str, out: Path, dtype: str, replace: bool) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)  # fails if `out` appeared meanwhile and is not empty
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except OSError as e:  # disk full, out appeared meanwhile, ...: the environment, not a bug
         raise ChatforgeError(f"{out}: cannot write the model folder ({e.strerror or e})") from e
     finally:

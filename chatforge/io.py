@@ -17,9 +17,10 @@ def _temp_name(path: str) -> str:
     return os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename inside it durable)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open a folder; the rename is still atomic there
         return
     try:
@@ -51,7 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_folder(os.path.dirname(path))
+    fsync_path(os.path.dirname(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
