@@ -81,14 +81,13 @@ def test_two_workers_share_the_study_then_a_killed_search_resumes(tmp_path, caps
     assert (out / "param_importances.png").exists()
 
     # a second search process on the same storage, killed in the middle of a trial
-    slow = write_config(tmp_path, steps=400)
+    slow = write_config(tmp_path, steps=100_000)  # a trial that cannot finish (nor be pruned) before the kill
     proc = subprocess.Popen([sys.executable, "-m", "chatforge.cli", "tune", str(slow), "--trials", "8",
-                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=os.getcwd())
+                             "--out", str(out), "--prune-after", "1000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=os.getcwd())
     deadline = time.time() + 60
     while time.time() < deadline and not any(t.state.name == "RUNNING" for t in study_trials(url)):
         time.sleep(0.5)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = [t for t in study_trials(url) if t.state.name == "RUNNING"]
