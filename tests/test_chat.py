@@ -22,12 +22,7 @@ SYSTEM = [{"role": "system", "content": "Be brief"}]
 EXCHANGE = CONVERSATIONS[2]  # count -> one two three ...
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
