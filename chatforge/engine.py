@@ -15,16 +15,15 @@ stream, even when it spans several tokens.
 from __future__ import annotations
 
 import itertools
-import re
 import secrets
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import token_bytes
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the attention scores' memory for long prompts
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
@@ -190,37 +189,6 @@ def find_stop(text: str, stops: list[str]) -> int | None:
     """Start of the earliest complete stop string in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-@lru_cache(maxsize=1)
-def _byte_level_table() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins -> byte values (bytes that print as themselves keep their code point)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
-def token_bytes(tokenizer, token_id: int) -> bytes:
-    """The raw bytes one token stands for (a piece of a UTF-8 character for byte tokens), as logprobs report them."""
-    piece = tokenizer.hf.id_to_token(token_id)
-    if piece is None:
-        return b""
-    if token_id in tokenizer.hf.get_added_tokens_decoder():  # added tokens are stored as their text
-        return piece.encode()
-    if type(tokenizer.hf.decoder).__name__ == "ByteLevel":
-        table = _byte_level_table()
-        if all(c in table for c in piece):
-            return bytes(table[c] for c in piece)
-    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
-    if m:
-        return bytes([int(m.group(1), 16)])
-    return piece.replace("\u2581", " ").encode()
 
 
 # ---------------------------------------------------------------- the engine

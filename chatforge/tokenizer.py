@@ -16,6 +16,7 @@ content) it is identical to the default `apply_chat_template`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -415,6 +416,37 @@ class Tokenizer:
                    bos_token=_token_text(config.get("bos_token")), extra_config=config)
 
 
+@lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> byte values (bytes that print as themselves keep their code point)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The raw bytes one token stands for (a piece of a UTF-8 character for byte tokens), as logprobs report them."""
+    piece = tokenizer.hf.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if token_id in tokenizer.hf.get_added_tokens_decoder():  # added tokens are stored as their text
+        return piece.encode()
+    if type(tokenizer.hf.decoder).__name__ == "ByteLevel":
+        table = _byte_level_table()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
 class StreamDecoder:
     """Turns ids into text as they arrive, holding back a character until all of its bytes have arrived.
 
@@ -426,6 +458,7 @@ class StreamDecoder:
     _MAX_PENDING = 8  # more held ids than any UTF-8 character needs means truly invalid bytes: emit them
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self._tokenizer = tokenizer
         self._decode = lambda ids: tokenizer.decode(ids, skip_special=skip_special)
         self._ids: list[int] = []
         self._read = 0  # ids before this index were emitted; ids before it are the context
@@ -447,9 +480,17 @@ class StreamDecoder:
         return self._advance(len(self._ids), text[len(context):])
 
     def flush(self) -> str:
-        """Whatever is left (a replacement character for bytes that never formed a valid character)."""
+        """Whatever is left when generation ends. A character cut off by the end (max tokens, or end-of-turn in the
+        middle of its bytes) is dropped rather than shown as U+FFFD: its bytes are not text yet (logprobs still report
+        them). Bytes that could never form a character do come out as U+FFFD."""
         context = self._decode(self._ids[: self._read])
         chunk = self._decode(self._ids)[len(context):]
+        if chunk.endswith("\ufffd"):
+            pending = b"".join(token_bytes(self._tokenizer, i) for i in self._ids[self._read:])
+            utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            utf8.decode(pending, final=False)
+            if utf8.getstate()[0]:  # the bytes end in the start of a character: decode shows it as one U+FFFD
+                chunk = chunk[:-1]
         self._ids, self._read = [], 0
         return chunk
 

@@ -171,7 +171,11 @@ def test_stream_emits_replacement_only_for_truly_invalid_bytes(tok):
     ids = byte_ids[:1] + tok.encode("a")  # a lead byte followed by ASCII can never complete
     chunks = stream(tok, ids)
     assert "".join(chunks) == tok.decode(ids) == "\ufffda"
-    assert stream(tok, byte_ids[:2]) == ["", "", "\ufffd"]  # an incomplete tail comes out at flush
+    # Generation ending inside a character (max tokens): its bytes are dropped, not shown as U+FFFD ...
+    assert stream(tok, byte_ids[:2]) == ["", "", ""]
+    assert "".join(stream(tok, tok.encode("ok") + byte_ids[:1])) == "ok"
+    # ... but bytes that can never be a character still are: a continuation byte with no lead, then a cut-off lead.
+    assert "".join(stream(tok, byte_ids[2:3] + byte_ids[:1])) == "\ufffd"
 
 
 def test_stream_decodes_a_small_window_per_token(tok):
