@@ -92,7 +92,6 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
     """
     t0 = time.time()
     deadline = t0 + 60.0 * minutes
-    import torch
 
     from chatforge.checkpoint import load_model, save_model
     from chatforge.config import load_config
