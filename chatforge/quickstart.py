@@ -17,7 +17,7 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 
-RECIPES = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = Path(__file__).resolve().parent / "configs"  # shipped in the package; configs/ at the root links here
 PROMPTS = ["Hello, how are you?", "What is your name?", "Tell me a joke.", "你好", "你会说中文吗？"]
 DEV_FRACTION = 0.08
 RESERVE_S = 40.0  # held back for the final evaluation, samples and report
@@ -33,7 +33,7 @@ PPMD_DEDUP = 2.28  # benchmarks/char_baseline.py
 def _recipe(name: str) -> str:
     path = RECIPES / name
     if not path.exists():
-        raise ChatforgeError(f"{path}: quickstart recipe not found (the configs/ folder of the chatforge source tree)")
+        raise ChatforgeError(f"{path}: quickstart recipe not found (chatforge/configs/ of the installed package)")
     return str(path)
 
 
