@@ -38,7 +38,7 @@ class TrainConfig:
     warmup_steps: int = 50
     max_steps: int | None = 1000  # the budget is whichever of max_steps / max_tokens / max_time_s runs out first
     max_tokens: int | None = None  # token positions processed (batch_size * grad_accum * seq_len per step)
-    max_time_s: float | None = None  # training seconds; the cosine schedule then follows elapsed time
+    max_time_s: float | None = None  # training seconds, a hard stop; the cosine follows them only as the sole budget
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -36,16 +36,23 @@ def lr_at(step: int, progress: float, lr: float, min_lr: float, warmup_steps: in
     return cosine
 
 
-def budget_progress(cfg: TrainConfig, step: int, tokens: int, elapsed_s: float) -> float:
-    """Share of the budget used: the largest of steps, tokens and seconds."""
+def budget_progress(cfg: TrainConfig, step: int, tokens: int, elapsed_s: float, clock: bool = True) -> float:
+    """Share of the budget used: the largest of steps, tokens and (with clock) seconds. The run stops at 1."""
     shares = [0.0]
     if cfg.max_steps:
         shares.append(step / cfg.max_steps)
     if cfg.max_tokens:
         shares.append(tokens / cfg.max_tokens)
-    if cfg.max_time_s:
+    if cfg.max_time_s and clock:
         shares.append(elapsed_s / cfg.max_time_s)
     return max(shares)
+
+
+def schedule_progress(cfg: TrainConfig, step: int, tokens: int, elapsed_s: float) -> float:
+    """How far the learning-rate schedule is: steps and tokens, so that a seeded run trains the same model on a fast
+    or a busy machine; seconds only when max_time_s is the sole budget. A run whose max_time_s runs out first stops
+    before its cosine has decayed, and says so ("time limit")."""
+    return budget_progress(cfg, step, tokens, elapsed_s, clock=not (cfg.max_steps or cfg.max_tokens))
 
 
 def param_groups(model, weight_decay: float, no_decay: set[int] = frozenset()) -> list[dict]:
@@ -449,7 +456,7 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
         with open(metrics_path, "a", encoding="utf-8") as mf:
             while not done:
                 t_step = time.time()
-                lr = lr_at(step, budget_progress(cfg, step, tokens, elapsed), cfg.lr, cfg.final_min_lr,
+                lr = lr_at(step, schedule_progress(cfg, step, tokens, elapsed), cfg.lr, cfg.final_min_lr,
                            cfg.warmup_steps)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
@@ -473,6 +480,8 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
                 recent_tok_s = step_tokens / dt if not recent_tok_s else 0.9 * recent_tok_s + 0.1 * step_tokens / dt
                 elapsed = time.time() - loop_start
                 done = budget_progress(cfg, step, tokens, elapsed) >= 1.0
+                if done and budget_progress(cfg, step, tokens, elapsed, clock=False) < 1.0:
+                    stop_reason = "time limit"
                 row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "trained_tokens": n_trained,
                        "tok_s": round(step_tokens / dt, 1), "grad_norm": gnorm, "epoch": stream.epoch,
                        "elapsed_s": round(elapsed, 3)}

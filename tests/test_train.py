@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge.config import load_config
+from chatforge.config import TrainConfig, load_config
 from chatforge.data.pack import Batch, encode_records, make_batch, pack
 from chatforge.device import autocast
 from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, ModelConfig
 from chatforge.tokenizer import IM_END, train_tokenizer
 from chatforge.pretrained import resize_vocab
-from chatforge.train import accumulate_gradients, lr_at, train
+from chatforge.train import accumulate_gradients, budget_progress, lr_at, read_metrics, schedule_progress, train
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -124,6 +124,23 @@ def test_lr_schedule_values():
     values = [lr_at(s, s / 100, lr, low, warm) for s in range(100)]
     assert max(values) == pytest.approx(values[9]) and values == sorted(values[:10]) + values[10:]
     assert all(a >= b for a, b in zip(values[9:], values[10:]))  # monotone decay after warm-up
+
+
+def test_a_time_cap_stops_the_run_but_drives_the_schedule_only_as_the_sole_budget():
+    both = TrainConfig(max_steps=100, max_time_s=10.0)
+    assert schedule_progress(both, 25, 0, 9.0) == 0.25  # a busy machine does not change step 25's lr ...
+    assert budget_progress(both, 25, 0, 10.0) == 1.0  # ... but the run stops at the cap
+    alone = TrainConfig(max_steps=None, max_time_s=10.0)
+    assert schedule_progress(alone, 25, 0, 5.0) == 0.5
+
+
+def test_a_time_limit_stops_training_and_says_so_with_the_lr_of_a_step_budget(tmp_path, one_thread):
+    data = write_dataset(tmp_path, n=30)
+    summary = train(load_config(None, tiny_config(tmp_path, data, "clock", max_time_s=0.5)), progress=False)
+    assert summary["stop_reason"] == "time limit" and 0 < summary["steps"] < 60
+    rows = [m for m in read_metrics(tmp_path / "clock" / "metrics.jsonl") if "lr" in m]
+    assert [m["lr"] for m in rows] == pytest.approx([lr_at(m["step"] - 1, (m["step"] - 1) / 60, 3e-3, 3e-4, 5)
+                                                     for m in rows])
 
 
 def test_resize_vocab_keeps_old_logits():
