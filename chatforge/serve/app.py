@@ -406,20 +406,27 @@ def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | N
             return _sse(head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                              "finish_reason": finish}]} | extra)
 
+        def render(i: int, delta) -> list[str]:
+            lp = {"content": [_clean_logprob(e) for e in delta.logprobs or []], "refusal": None} \
+                if with_logprobs else None
+            out = [chunk(i, {"content": delta.text}, lp)] if delta.text or (lp and lp["content"]) else []
+            return out + ([chunk(i, {}, None, delta.finish_reason)] if delta.finish_reason else [])
+
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
+        async for event in sse_events(job, head, prompt_tokens, include_usage, render):
+            yield event
+
+    async def sse_events(job, head: dict, prompt_tokens: int, include_usage: bool, render):
+        """The stream loop both endpoints share: render(i, delta) -> that delta's chunks, a batch's chunks sent
+        together; then the usage chunk (if asked for) and [DONE], or an error chunk if the engine fails."""
         completion_tokens = 0
         try:
             async for batch in job.batches():
                 out = []
                 for i, delta in batch:
                     completion_tokens += len(delta.token_ids)
-                    lp = {"content": [_clean_logprob(e) for e in delta.logprobs or []], "refusal": None} \
-                        if with_logprobs else None
-                    if delta.text or (lp and lp["content"]):
-                        out.append(chunk(i, {"content": delta.text}, lp))
-                    if delta.finish_reason:
-                        out.append(chunk(i, {}, None, delta.finish_reason))
+                    out += render(i, delta)
                 if out:
                     yield "".join(out)
         except Exception as e:
@@ -480,28 +487,20 @@ def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | N
 
     async def completion_events(job, head: dict, prompt_tokens: int, include_usage: bool, logprobs, offsets):
         extra = {"usage": None} if include_usage else {}
-        completion_tokens = 0
-        try:
-            async for batch in job.batches():
-                out = []
-                for i, delta in batch:
-                    completion_tokens += len(delta.token_ids)
-                    lp = None
-                    if logprobs is not None:
-                        entries = delta.logprobs or []
-                        lp = _legacy_logprobs(entries, [offsets[i]] * len(entries), bool(logprobs))
-                        offsets[i] += len(delta.text)
-                    if delta.text or delta.finish_reason or (lp and lp["tokens"]):
-                        out.append(_sse(head | {"choices": [{"index": i, "text": delta.text, "logprobs": lp,
-                                                             "finish_reason": delta.finish_reason}]} | extra))
-                if out:
-                    yield "".join(out)
-        except Exception as e:
-            yield _sse(_engine_error(e))
-            return
-        if include_usage:
-            yield _sse(head | {"choices": [], "usage": service.usage(prompt_tokens, completion_tokens)})
-        yield "data: [DONE]\n\n"
+
+        def render(i: int, delta) -> list[str]:
+            lp = None
+            if logprobs is not None:
+                entries = delta.logprobs or []
+                lp = _legacy_logprobs(entries, [offsets[i]] * len(entries), bool(logprobs))
+                offsets[i] += len(delta.text)
+            if not (delta.text or delta.finish_reason or (lp and lp["tokens"])):
+                return []
+            return [_sse(head | {"choices": [{"index": i, "text": delta.text, "logprobs": lp,
+                                              "finish_reason": delta.finish_reason}]} | extra)]
+
+        async for event in sse_events(job, head, prompt_tokens, include_usage, render):
+            yield event
 
     # -- models, health, the page -----------------------------------------------------------------------------
 
