@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.io import atomic_write_text, fsync_path
+from chatforge.io import atomic_write_text, fsync_path, read_json
 from chatforge.model import GPT, ModelConfig
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
@@ -210,10 +210,7 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.exists():
         raise ChatforgeError(f"{folder}: not a model folder (no config.json)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ChatforgeError(f"{path}: invalid JSON ({e.msg})")
+    d = read_json(path)
     try:
         return config_from_hf(d, str(path))
     except KeyError as e:
@@ -280,7 +277,7 @@ def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_conf
 
 def read_generation_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "generation_config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

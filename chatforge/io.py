@@ -1,4 +1,5 @@
-"""Atomic writes: a kill mid-write leaves the old file or the new one, never half of one.
+"""Files: atomic writes (a kill mid-write leaves the old file or the new one, never half of one), and the one
+reader of JSON files, whose errors name the file and line.
 
 The temporary file lives in the target's folder (os.replace is only atomic within one file system), is fsynced
 before the rename, and the folder is fsynced after it so the rename itself survives a power cut.
@@ -7,9 +8,12 @@ before the rename, and the folder is fsynced after it so the rename itself survi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from typing import Iterator
+
+from chatforge.errors import ChatforgeError
 
 
 def _temp_name(path: str) -> str:
@@ -67,3 +71,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write `text` to `path` atomically (UTF-8 unless told otherwise)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+_JSON_KINDS = {dict: "object", list: "array"}
+
+
+def read_json(path: str | os.PathLike, expect: type | tuple[type, ...] = dict):
+    """The JSON value in a file (by default an object), or a ChatforgeError naming the file (and line) and why."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ChatforgeError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    except OSError as e:
+        raise ChatforgeError(f"{path}: cannot read ({e.strerror or e})") from None
+    kinds = expect if isinstance(expect, tuple) else (expect,)
+    if not isinstance(data, kinds):
+        raise ChatforgeError(f"{path}:1: expected a JSON {' or '.join(_JSON_KINDS[k] for k in kinds)}")
+    return data

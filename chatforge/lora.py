@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chatforge.errors import ChatforgeError
+from chatforge.io import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -297,10 +298,7 @@ def _read_adapter(folder: Path):
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise ChatforgeError(f"{folder}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ChatforgeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
+    data = read_json(path)
     if data.get("peft_type") != PeftType.LORA.value:
         raise ChatforgeError(f"{path}: unsupported adapter type {data.get('peft_type')!r} (chatforge loads LORA)")
     if data.get("trainable_token_indices") or data.get("modules_to_save"):
@@ -382,10 +380,7 @@ def resolve_adapter(path: str | os.PathLike) -> tuple[str, str] | None:
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file():
         return None
-    try:
-        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError as e:
-        raise ChatforgeError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})")
+    base = read_json(config_path).get("base_model_name_or_path")
     if not base:
         raise ChatforgeError(f"{config_path}: base_model_name_or_path is not set; merge the adapter with "
                              f"`chatforge merge BASE {path} --out DIR`")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.io import read_json
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "summary.json")
 
@@ -133,13 +134,6 @@ def render_html(blocks: list[tuple], title: str) -> str:
 
 # ---------------------------------------------------------------- reading a run
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ChatforgeError(f"{path}: cannot read ({e})")
-
-
 def is_run(folder: Path) -> bool:
     return any((folder / f).exists() for f in RUN_FILES)
 
@@ -177,7 +171,7 @@ def run_blocks(run: Path, title: str) -> list[tuple]:
 
     blocks = [heading(title)]
     if (run / "summary.json").exists():
-        s = _read_json(run / "summary.json")
+        s = read_json(run / "summary.json")
         keys = ("stage", "steps", "tokens", "epochs", "params", "val_loss", "val_bpb", "val_acc", "best_step",
                 "tokens_per_s", "wall_s", "stop_reason")
         blocks.append(table(["summary", "value"], [[k, _fmt(s[k])] for k in keys if s.get(k) is not None]))
@@ -196,7 +190,7 @@ def run_blocks(run: Path, title: str) -> list[tuple]:
     if (run / "config.yaml").exists():
         blocks += [heading("Config", 3), code((run / "config.yaml").read_text(encoding="utf-8"), "yaml")]
     if (run / "data_report.json").exists():
-        blocks += [heading("Data report", 3)] + data_blocks(_read_json(run / "data_report.json"))
+        blocks += [heading("Data report", 3)] + data_blocks(read_json(run / "data_report.json"))
     return blocks
 
 
@@ -232,7 +226,7 @@ def find_samples(run_dir: Path) -> list[tuple]:
     for path in (run_dir / "samples.json", run_dir / "quickstart.json", run_dir.parent / "quickstart.json"):
         if not path.exists():
             continue
-        data = _read_json(path)
+        data = read_json(path, (dict, list))
         data = data.get("samples", data) if isinstance(data, dict) and path.name == "quickstart.json" else data
         if isinstance(data, dict):  # {prompt: reply}
             return [dialog([{"role": "user", "content": str(p)}], str(r)) for p, r in data.items()]
@@ -294,16 +288,17 @@ def build_report(run_dir: Path) -> list[tuple]:
               para(f"Run folder {run_dir}; written {time.strftime('%Y-%m-%d %H:%M:%S')}.")]
     qs = next((p for p in (run_dir / "quickstart.json", run_dir.parent / "quickstart.json") if p.exists()), None)
     if qs is not None:
-        q = _read_json(qs)
+        q = read_json(qs)
         blocks += [heading("Quickstart results (held-out test set)"),
                    table(["quantity", "value"], [[k, _fmt(v)] for k, v in q.items() if not isinstance(v, (dict, list))])]
     for run in runs:
         name = "Training" if run == run_dir else f"Stage: {run.name}"
         blocks += run_blocks(run, name)
     ev = find_eval(run_dir, runs)
+    first = None  # the first evaluation result: its figures, and its examples when no samples were saved
     blocks.append(heading("Evaluation"))
     if ev is not None:
-        data = _read_json(ev)
+        data = read_json(ev)
         results = data["results"] if "results" in data else [data]
         first = results[0]
         blocks.append(para(f"From {ev}: {first.get('records', '?')} conversations of the {first.get('split')} split "
@@ -313,8 +308,7 @@ def build_report(run_dir: Path) -> list[tuple]:
         blocks.append(para(f"No eval.json yet: run `chatforge eval {runs[-1] / 'final'}` (or `chatforge report "
                            f"{run_dir} --run-eval`)."))
     samples = find_samples(run_dir)
-    if not samples and ev is not None:
-        first = (_read_json(ev).get("results") or [_read_json(ev)])[0]
+    if not samples and first is not None:
         samples = [dialog(x["messages"], x["reply"], x.get("reference")) for x in first.get("examples", [])]
     if samples:
         blocks += [heading("Sample dialogs")] + samples

@@ -25,6 +25,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from chatforge.errors import ChatforgeError
+from chatforge.io import read_json
 
 if TYPE_CHECKING:
     import tokenizers
@@ -118,19 +119,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ChatforgeError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatforgeError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ChatforgeError(f"{path}:1: expected a JSON object")
-    return data
 
 
 class Tokenizer:
@@ -396,7 +384,7 @@ class Tokenizer:
         tok_path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(tok_path):
             raise ChatforgeError(f"{tok_path}: file not found (a tokenizer folder needs tokenizer.json)")
-        config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        config = read_json(os.path.join(folder, "tokenizer_config.json"))
         try:
             hf = HFTokenizer.from_file(tok_path)
         except Exception as e:  # the Rust parser raises a bare Exception with its own message

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from chatforge.checkpoint import load_model, save_model
+from chatforge.checkpoint import load_model, read_config, save_model
+from chatforge.errors import ChatforgeError
 from chatforge.model import GPT, KVCache, ModelConfig, PRESETS, config_from_preset
 
 FAMILIES = {
@@ -115,3 +116,13 @@ def test_presets_span_1m_to_gpt2_124m():
     with torch.device("meta"):
         gpt2 = GPT(ModelConfig(**PRESETS["gpt2-124m"]))
     assert gpt2.num_params() == 124_439_808  # GPT2LMHeadModel('gpt2').num_parameters()
+
+
+def test_a_broken_config_json_is_one_line_naming_file_and_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "llama",\n "hidden_size": }\n')
+    with pytest.raises(ChatforgeError, match=rf"^{path}:2: not valid JSON \(Expecting value\)$"):
+        read_config(tmp_path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ChatforgeError, match=rf"^{path}:1: expected a JSON object$"):
+        read_config(tmp_path)
