@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from chatforge.ablate import ablate, write_outputs
+    from chatforge.tools.ablate import ablate, write_outputs
 
     t0 = time.time()
     rows = ablate(None, max_tokens=args.max_tokens, out=args.out, window=args.window, overrides=[f"seed={args.seed}"],

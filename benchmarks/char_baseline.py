@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from chatforge.data import load_dataset
 from chatforge.data.builtin import load_builtin
-from chatforge.model import GPT, ModelConfig
+from chatforge.model.gpt import GPT, ModelConfig
 
 
 def dialog_text(records: list[dict]) -> str:

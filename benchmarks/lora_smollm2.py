@@ -27,8 +27,8 @@ def peak_rss_mib() -> float:
 def replies_and_speed(model, tokenizer, questions: list[str]) -> tuple[list[str], float]:
     """Greedy replies through the engine at batch 1, and decode tokens/s (after the first token, so prefill is
     not counted; the KV cache makes each later step one token's work)."""
-    from chatforge.chat import Bot
-    from chatforge.engine import SamplingParams
+    from chatforge.generation.bot import Bot
+    from chatforge.generation.engine import SamplingParams
 
     bot = Bot(model, tokenizer)
     params = SamplingParams(max_new_tokens=REPLY_TOKENS, temperature=0.0)
@@ -47,7 +47,7 @@ def replies_and_speed(model, tokenizer, questions: list[str]) -> tuple[list[str]
 
 
 def held_out_loss(model, tokenizer, records, cfg) -> float:
-    from chatforge.train import evaluate_loss
+    from chatforge.train.loop import evaluate_loss
 
     return evaluate_loss(model, tokenizer, records, cfg.seq_len, cfg.batch_size, dtype="fp32")["loss"]
 
@@ -55,12 +55,12 @@ def held_out_loss(model, tokenizer, records, cfg) -> float:
 def main(argv: list[str]) -> None:
     import torch
 
-    from chatforge.checkpoint import load_model
+    from chatforge.weights.folder import load_model
     from chatforge.config import load_config
     from chatforge.data import load_dataset
-    from chatforge.lora import load_adapter
-    from chatforge.pretrained import load_pretrained
-    from chatforge.train import train
+    from chatforge.weights.lora import load_adapter
+    from chatforge.weights.loader import load_pretrained
+    from chatforge.train.loop import train
 
     cfg = load_config(str(CONFIG), argv)
     if cfg.num_threads:

@@ -31,8 +31,8 @@ def build_model(folder: Path, preset: str) -> None:
 
     import torch
 
-    from chatforge.checkpoint import save_model
-    from chatforge.model import GPT, config_from_preset
+    from chatforge.weights.folder import save_model
+    from chatforge.model.gpt import GPT, config_from_preset
     from chatforge.tokenizer import train_tokenizer
 
     rng = random.Random(0)

@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 
 def load(path_or_name: str, device: str | None = None, dtype: str | None = None):
     """Load a model folder (or a known name such as "smollm2-135m-instruct") as a Bot ready to chat."""
-    from chatforge.chat import Bot
+    from chatforge.generation.bot import Bot
 
     return Bot.load(path_or_name, device=device, dtype=dtype)

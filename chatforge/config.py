@@ -100,7 +100,7 @@ class TrainConfig:
         if self.vocab_size < 261 and self.tokenizer is None and self.init is None:
             raise bad("vocab_size", f"must be more than 260 (4 specials + 256 bytes), got {self.vocab_size}")
         if self.init is None:
-            from chatforge.model import PRESETS, ModelConfig
+            from chatforge.model.gpt import PRESETS, ModelConfig
 
             known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
             for key in self.model:

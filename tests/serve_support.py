@@ -34,9 +34,9 @@ def build_models() -> dict[str, str]:
     """{"random": folder, "chat": folder}; the chat model's greedy replies to REPLIES' prompts are checked here."""
     import torch
 
-    from chatforge.checkpoint import save_model
-    from chatforge.engine import Engine, SamplingParams
-    from chatforge.model import GPT, ModelConfig
+    from chatforge.weights.folder import save_model
+    from chatforge.generation.engine import Engine, SamplingParams
+    from chatforge.model.gpt import GPT, ModelConfig
     from chatforge.tokenizer import train_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="chatforge-serve-test-"))
@@ -77,7 +77,7 @@ def build_models() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ servers
 
 def _slow_engine_class():
-    from chatforge.engine import Engine
+    from chatforge.generation.engine import Engine
 
     class SlowEngine(Engine):
         """The real engine, with a pause per step: long enough replies to stop, disconnect from or queue behind."""
@@ -94,7 +94,7 @@ def _slow_engine_class():
 
 
 def load_bot(folder: str, max_batch_size: int = 8, slow: float = 0.0):
-    from chatforge.chat import Bot
+    from chatforge.generation.bot import Bot
 
     bot = Bot.load(folder, device="cpu", max_batch_size=max_batch_size)
     if slow:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chatforge.ablate import variant_overrides
+from chatforge.tools.ablate import variant_overrides
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
 

@@ -11,10 +11,10 @@ import torch
 from test_engine import BRIEF, CONVERSATIONS, REPLY, make_tokenizer, memorized_model
 
 import chatforge
-from chatforge.chat import Bot, defaults_from_generation_config
-from chatforge.checkpoint import save_model
+from chatforge.generation.bot import Bot, defaults_from_generation_config
+from chatforge.weights.folder import save_model
 from chatforge.cli import main
-from chatforge.engine import Engine
+from chatforge.generation.engine import Engine
 from chatforge.errors import ChatforgeError
 
 HELLO = [{"role": "user", "content": "hello"}]

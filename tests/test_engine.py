@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatforge.engine import Engine, SamplingParams, holdback, process_logits, sample_token
+from chatforge.generation.engine import Engine, SamplingParams, holdback, process_logits, sample_token
 from chatforge.errors import ChatforgeError
-from chatforge.model import GPT, config_from_preset
+from chatforge.model.gpt import GPT, config_from_preset
 from chatforge.tokenizer import train_tokenizer
 
 TEXTS = ["hello there how are you", "I am fine thank you", "the quick brown fox jumps over the lazy dog"] * 20

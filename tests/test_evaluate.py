@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from chatforge.checkpoint import save_model
+from chatforge.weights.folder import save_model
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
-from chatforge.evaluate import (
+from chatforge.eval.evaluate import (
     distinct_n, generation_metrics, lcs_length, mc_eval, read_mc, rouge_l, score_choices, split_for_generation, words,
 )
-from chatforge.model import GPT, ModelConfig
+from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.tokenizer import train_tokenizer
 
 DIALOGS = [
@@ -158,7 +158,7 @@ def test_eval_command_end_to_end_is_deterministic(tiny, tmp_path, capsys):
     assert r["loss"]["ppl"] == pytest.approx(2.718281828 ** r["loss"]["loss"])
     assert "| bits per byte |" in table and (tmp_path / "a.md").read_text().strip() == table.strip()
     # the replies are the ones chat gives: same template, same engine, greedy
-    from chatforge.chat import Bot
+    from chatforge.generation.bot import Bot
 
     bot = Bot.load(str(tiny["model"]))
     ex = r["examples"][0]

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer
 
 from chatforge.errors import ChatforgeError
-from chatforge.gguf_import import (
+from chatforge.weights.gguf import (
     KNOWN_MODELS,
     KnownModel,
     find_packaged_gguf,
@@ -433,7 +433,7 @@ def test_killed_conversion_leaves_no_folder(tmp_path, monkeypatch):
                 f.write(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
         safetensors.torch.save_file = killed
-        from chatforge.gguf_import import resolve_model
+        from chatforge.weights.gguf import resolve_model
         resolve_model({str(path)!r})
     """)
     env = dict(os.environ, CHATFORGE_CACHE=str(cache))

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge.checkpoint import load_model, save_model
+from chatforge.weights.folder import load_model, save_model
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
-from chatforge.lora import apply_lora, freeze, load_adapter, resolve_adapter, save_adapter
-from chatforge.model import GPT, ModelConfig
-from chatforge.pretrained import load_pretrained
+from chatforge.weights.lora import apply_lora, freeze, load_adapter, resolve_adapter, save_adapter
+from chatforge.model.gpt import GPT, ModelConfig
+from chatforge.weights.loader import load_pretrained
 from test_pretrained import CHAT, assert_transformers_agrees, base_tokenizer_folder, chat_tokenizer, ids, max_diff
 
 FAMILIES = {

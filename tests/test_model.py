@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from chatforge.checkpoint import load_model, read_config, save_model
+from chatforge.weights.folder import load_model, read_config, save_model
 from chatforge.errors import ChatforgeError
-from chatforge.model import GPT, KVCache, ModelConfig, PRESETS, config_from_preset
+from chatforge.model.gpt import GPT, KVCache, ModelConfig, PRESETS, config_from_preset
 
 FAMILIES = {
     "gpt2": dict(family="gpt2", norm="layernorm", positions="learned", mlp="gelu", activation="gelu_tanh",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from chatforge.data.pack import (BatchStream, encode_record, encode_records, iter_batches, make_batch, pack,
                                  token_byte_lengths)
-from chatforge.model import GPT, ModelConfig
+from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.tokenizer import IM_END, train_tokenizer
 
 TEXTS = [

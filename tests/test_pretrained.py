@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge.checkpoint import load_model
+from chatforge.weights.folder import load_model
 from chatforge.cli import main
 from chatforge.tokenizer import Tokenizer, train_tokenizer
 
@@ -128,7 +128,7 @@ def test_import_hf_folder_keeps_logits_tokenizer_and_template(tmp_path, family, 
 
 
 def test_hf_folder_is_usable_without_import(tmp_path):
-    from chatforge.pretrained import load_pretrained
+    from chatforge.weights.loader import load_pretrained
 
     src, hf = hf_folder(tmp_path, "qwen2")
     model, tokenizer, folder = load_pretrained(str(src))
@@ -233,7 +233,7 @@ def test_import_refuses_to_overwrite_and_unknown_sources(tmp_path, capsys):
 
 
 def test_base_tokenizer_gains_chat_tokens_and_model_keeps_its_predictions(tmp_path):
-    from chatforge.pretrained import load_pretrained
+    from chatforge.weights.loader import load_pretrained
 
     tok_folder = base_tokenizer_folder(tmp_path / "base-tok")
     base = Tokenizer.load(str(tok_folder))
@@ -274,8 +274,8 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_cache):
     the same GGUF file (its loader dequantizes to fp32 as well)."""
     from transformers import AutoModelForCausalLM
 
-    from chatforge.gguf_import import find_packaged_gguf
-    from chatforge.pretrained import load_pretrained
+    from chatforge.weights.gguf import find_packaged_gguf
+    from chatforge.weights.loader import load_pretrained
 
     model, tokenizer, folder = load_pretrained("smollm2-135m-instruct")
     gguf = Path(find_packaged_gguf("smollm2-135m-instruct"))
@@ -305,7 +305,7 @@ def test_smollm2_answers_by_name(smollm2_cache):
 
 def test_scratch_trained_folder_loads_in_transformers(tmp_path):
     from chatforge.config import load_config
-    from chatforge.train import train
+    from chatforge.train.loop import train
 
     cfg = load_config(None, ["data=builtin:english/tech_support", f"out_dir={tmp_path / 'run'}", "vocab_size=300",
                              "model.preset=nano", "model.n_layer=1", "model.d_model=32", "model.n_head=2",

@@ -5,7 +5,7 @@ import json
 from chatforge import load
 from chatforge.cli import main
 from chatforge.data import load_dataset
-from chatforge.quickstart import raw_protocol_test, split_dev
+from chatforge.tools.quickstart import raw_protocol_test, split_dev
 
 
 def test_dev_and_test_splits_are_disjoint_from_training():

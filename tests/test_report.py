@@ -85,8 +85,8 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_report_run_eval_evaluates_the_final_model(tmp_path):
-    from chatforge.checkpoint import save_model
-    from chatforge.model import GPT, ModelConfig
+    from chatforge.weights.folder import save_model
+    from chatforge.model.gpt import GPT, ModelConfig
     from chatforge.tokenizer import train_tokenizer
 
     data = tmp_path / "chats.jsonl"

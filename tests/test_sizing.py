@@ -8,8 +8,8 @@ import torch
 
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
-from chatforge.model import GPT, PRESETS, KVCache, ModelConfig, config_from_preset
-from chatforge.sizing import (
+from chatforge.model.gpt import GPT, PRESETS, KVCache, ModelConfig, config_from_preset
+from chatforge.tools.sizing import (
     config_for_params, count_params, flops_per_token, kv_cache_bytes_per_token, mean_context, measure_training_peak,
     parse_count, recommend, training_memory,
 )

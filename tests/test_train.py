@@ -19,10 +19,10 @@ from chatforge.config import TrainConfig, load_config
 from chatforge.data.pack import Batch, encode_records, make_batch, pack
 from chatforge.device import autocast
 from chatforge.errors import ChatforgeError
-from chatforge.model import GPT, ModelConfig
+from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.tokenizer import IM_END, train_tokenizer
-from chatforge.pretrained import resize_vocab
-from chatforge.train import accumulate_gradients, budget_progress, lr_at, read_metrics, schedule_progress, train
+from chatforge.weights.loader import resize_vocab
+from chatforge.train.loop import accumulate_gradients, budget_progress, lr_at, read_metrics, schedule_progress, train
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -244,9 +244,9 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import chatforge.train as train_mod
-    from chatforge.checkpoint import load_model
-    from chatforge.train_state import latest_state
+    import chatforge.train.loop as train_mod
+    from chatforge.weights.folder import load_model
+    from chatforge.train.state import latest_state
 
     data = write_dataset(tmp_path, n=40)
     cfg = load_config(None, tiny_config(tmp_path, data, "nan", max_steps=12, save_every=4, eval_every=4,
@@ -298,7 +298,7 @@ def _base_tokenizer(texts):
 def test_finetune_from_a_base_model_adds_chat_tokens(tmp_path, mode):
     from safetensors.torch import load_file
 
-    from chatforge.checkpoint import load_model, save_model
+    from chatforge.weights.folder import load_model, save_model
 
     data = write_dataset(tmp_path, n=30)
     texts = [m["content"] for line in data.read_text().splitlines() for m in json.loads(line)["messages"]]

@@ -11,7 +11,7 @@ import pytest
 
 from chatforge.config import load_config
 from chatforge.errors import ChatforgeError
-from chatforge.tune import load_train_yaml, tune_command
+from chatforge.tools.tune import load_train_yaml, tune_command
 
 TINY = """\
 search:

@@ -197,7 +197,7 @@ class Service:
         return requested
 
     def sampling(self, req, max_new: int, index: int, logprobs: int | None):
-        from chatforge.engine import SamplingParams
+        from chatforge.generation.engine import SamplingParams
 
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
@@ -669,7 +669,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
 
     import uvicorn
 
-    from chatforge.chat import Bot
+    from chatforge.generation.bot import Bot
 
     bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
     name = served_model_name or Path(model.rstrip("/")).name or "chatforge"

@@ -17,7 +17,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_write_text, fsync_path, read_json
-from chatforge.model import GPT, ModelConfig
+from chatforge.model.gpt import GPT, ModelConfig
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 LLAMA_LIKE = ("llama", "mistral", "qwen2")

@@ -167,7 +167,7 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def run_blocks(run: Path, title: str) -> list[tuple]:
     """Summary, config, data report, loss curves and validation table of one training run."""
-    from chatforge.train import plot_losses, read_metrics
+    from chatforge.train.loop import plot_losses, read_metrics
 
     blocks = [heading(title)]
     if (run / "summary.json").exists():
@@ -279,7 +279,7 @@ def hardware() -> list[list[str]]:
 
 
 def build_report(run_dir: Path) -> list[tuple]:
-    from chatforge.evaluate import markdown_table
+    from chatforge.eval.evaluate import markdown_table
 
     runs = stages(run_dir)
     if not runs:
@@ -359,11 +359,11 @@ def report_command(run_dir: str, run_eval: bool = False, max_samples: int = 100)
         if not (model / "config.json").exists():
             raise ChatforgeError(f"{model}: no model to evaluate")
         from chatforge.config import load_config
-        from chatforge.evaluate import evaluate
+        from chatforge.eval.evaluate import evaluate
 
         cfg = load_config(str(runs[-1] / "config.yaml"))
         result = evaluate(str(model), cfg.data, max_samples=max_samples, seed=cfg.seed, val_fraction=cfg.val_fraction)
-        from chatforge.checkpoint import write_json
+        from chatforge.weights.folder import write_json
 
         write_json(folder / "eval.json", result)
     md, page = write_report(folder)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from chatforge.errors import ChatforgeError
 
 if TYPE_CHECKING:  # torch is imported only when a function needs it, so `chatforge size --help` stays fast
-    from chatforge.model import ModelConfig
+    from chatforge.model.gpt import ModelConfig
 
 TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
 MAX_EPOCHS = 4  # repeating data up to ~4 times is almost as good as fresh data (Muennighoff et al. 2023)
@@ -197,7 +197,7 @@ def config_for_params(target: int, vocab_size: int = 4096, max_seq_len: int = 10
     Widths are multiples of 64 with 64-wide heads (32 below 256), half as many kv heads (grouped-query), and depth
     kept at a width/depth ratio of 24-96 like the presets (32-40) and GPT-2 (64).
     """
-    from chatforge.model import ModelConfig
+    from chatforge.model.gpt import ModelConfig
 
     if target <= 0:
         raise ChatforgeError(f"--params: must be positive, got {target}")
@@ -244,7 +244,7 @@ def _step_fn(model, device, dtype, batch_size: int, seq_len: int, trained_fracti
 
     from chatforge.config import TrainConfig
     from chatforge.device import autocast
-    from chatforge.train import accumulate_gradients, make_optimizer
+    from chatforge.train.loop import accumulate_gradients, make_optimizer
 
     cfg = TrainConfig()
     batch = synthetic_batch(batch_size, seq_len, model.config.vocab_size, trained_fraction)
@@ -273,7 +273,7 @@ def measure_training_peak(c: ModelConfig, batch_size: int, seq_len: int, device:
     import torch
 
     from chatforge.device import pick_device, resolve_dtype
-    from chatforge.model import GPT
+    from chatforge.model.gpt import GPT
 
     dev = pick_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -312,7 +312,7 @@ def probe_throughput(c: ModelConfig, batch_size: int, seq_len: int, device: str 
     import torch
 
     from chatforge.device import pick_device, resolve_dtype
-    from chatforge.model import GPT
+    from chatforge.model.gpt import GPT
 
     dev = pick_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -338,11 +338,11 @@ def probe_throughput(c: ModelConfig, batch_size: int, seq_len: int, device: str 
 
 def model_config_from_train(cfg) -> ModelConfig:
     """The ModelConfig a TrainConfig trains, without building the model (train.build_model's shape rules)."""
-    from chatforge.model import ModelConfig, config_from_preset
+    from chatforge.model.gpt import ModelConfig, config_from_preset
 
     if cfg.init:
-        from chatforge.checkpoint import read_config
-        from chatforge.train import _init_folder
+        from chatforge.weights.folder import read_config
+        from chatforge.train.loop import _init_folder
 
         c = read_config(_init_folder(cfg.init))
     else:
@@ -366,7 +366,7 @@ def resolve_config(config: str | None, params: str | None, vocab_size: int) -> t
     """(model config, its name, the TrainConfig if a training YAML was given) for `size`'s inputs."""
     import os
 
-    from chatforge.model import PRESETS, config_from_preset
+    from chatforge.model.gpt import PRESETS, config_from_preset
 
     if config and params:
         raise ChatforgeError("size: give --config or --params, not both")
@@ -378,12 +378,12 @@ def resolve_config(config: str | None, params: str | None, vocab_size: int) -> t
     if config in PRESETS:
         return config_from_preset(config, **({"vocab_size": vocab_size} if config in LADDER else {})), config, None
     if os.path.isdir(config):
-        from chatforge.checkpoint import read_config
+        from chatforge.weights.folder import read_config
 
         return read_config(config), config, None
     if not os.path.exists(config):
         raise ChatforgeError(f"{config}: not a preset ({', '.join(PRESETS)}), a model folder or a YAML file")
-    from chatforge.tune import load_train_yaml
+    from chatforge.tools.tune import load_train_yaml
 
     cfg, _search = load_train_yaml(config)
     return model_config_from_train(cfg), config, cfg
@@ -418,7 +418,7 @@ def recommend(vocab_size: int, batch_size: int, seq_len: int, data_tokens: int |
     first one the time budget rules out (a larger model is slower and needs more tokens, so it cannot fit either).
     Candidates keep the caller's vocabulary and dropout (dropout switches attention to a slower kernel).
     """
-    from chatforge.model import PRESETS, config_from_preset
+    from chatforge.model.gpt import PRESETS, config_from_preset
 
     if data_tokens is None and seconds is None:
         raise ChatforgeError("size: a recommendation needs --data (or --tokens) and/or a time budget (--minutes)")
@@ -637,7 +637,7 @@ def size_command(config: str | None = None, params: str | None = None, batch_siz
         print(f"train it with: chatforge train {base}model.preset={rec['preset']} max_steps=null "
               f"max_time_s=null max_tokens={rec['max_tokens']}{epochs}")
     if out:
-        from chatforge.checkpoint import write_json
+        from chatforge.weights.folder import write_json
 
         write_json(out, result)
     return 0

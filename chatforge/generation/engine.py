@@ -344,7 +344,7 @@ class Engine:
 
     def _ensure_cache(self, length: int) -> None:
         """Grow the cache (doubling, up to the context) so memory follows the longest request, not the context."""
-        from chatforge.model import KVCache
+        from chatforge.model.gpt import KVCache
 
         have = self._cache.max_len if self._cache is not None else 0
         if length <= have:

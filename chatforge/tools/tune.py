@@ -169,7 +169,7 @@ def run_worker(config: str, study_name: str, storage_url: str, n_trials: int, ou
     """Run n_trials trials of the shared study in this process."""
     import optuna
 
-    from chatforge.train import train
+    from chatforge.train.loop import train
 
     _quiet_optuna()
     if threads:
@@ -332,7 +332,7 @@ def tune_command(config: str, trials: int = 20, study: str = "chatforge", storag
         if len(args) == 1:
             run_worker(**args[0])
         else:
-            code = "import sys; from chatforge.tune import _worker_main; _worker_main(sys.argv[1:])"
+            code = "import sys; from chatforge.tools.tune import _worker_main; _worker_main(sys.argv[1:])"
             procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(a)]) for a in args]
             try:
                 codes = [p.wait() for p in procs]
@@ -353,7 +353,7 @@ def tune_command(config: str, trials: int = 20, study: str = "chatforge", storag
                "best_params": st.best_params, "best_yaml": str(best_yaml), "plots": plots,
                "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                            "user_attrs": t.user_attrs} for t in st.trials]}
-    from chatforge.checkpoint import write_json
+    from chatforge.weights.folder import write_json
 
     write_json(out_dir / "tune.json", summary)
     print(table)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-from chatforge.engine import Completion, Engine, SamplingParams
+from chatforge.generation.engine import Completion, Engine, SamplingParams
 from chatforge.errors import ChatforgeError
 
 # Used when neither the caller nor the model's generation_config.json says otherwise.
@@ -56,7 +56,7 @@ class Bot:
         dtype: fp32 (the default on CPU), bf16 or fp16; on a GPU the default is bf16 where supported.
         """
         from chatforge.device import pick_device, resolve_dtype
-        from chatforge.pretrained import load_generation_config, load_pretrained
+        from chatforge.weights.loader import load_generation_config, load_pretrained
 
         dev = pick_device(device or "auto")
         torch_dtype = resolve_dtype(dtype or ("fp32" if dev.type == "cpu" else "auto"), dev)

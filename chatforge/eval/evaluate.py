@@ -127,7 +127,7 @@ def generate_replies(bot, conversations: list[list[dict]], max_new_tokens: int, 
     """
     from dataclasses import replace
 
-    from chatforge.engine import SamplingParams
+    from chatforge.generation.engine import SamplingParams
 
     prompts, params, index = [], [], []
     skipped = 0
@@ -243,10 +243,10 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
     """Every metric for one model, as a JSON-able dict (no timings in it, so a fixed seed gives identical output)."""
     import torch
 
-    from chatforge.chat import Bot
+    from chatforge.generation.bot import Bot
     from chatforge.data import load_dataset
     from chatforge.device import pick_device
-    from chatforge.train import evaluate_loss
+    from chatforge.train.loop import evaluate_loss
 
     if split not in ("val", "train", "all"):
         raise ChatforgeError(f"eval: --split must be val, train or all, got {split!r}")
@@ -374,7 +374,7 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
     print(table)
     path = out or (os.path.join(model, "eval.json") if os.path.isdir(model) else None)
     if path:
-        from chatforge.checkpoint import write_json
+        from chatforge.weights.folder import write_json
         from chatforge.io import atomic_write_text
 
         write_json(path, results[0] if len(results) == 1 else {"results": results})

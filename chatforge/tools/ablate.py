@@ -74,10 +74,10 @@ def ablate(config: str | None = None, variants: list[str] | tuple[str, ...] = VA
     """Train each variant under the same budget; returns one row per variant (see results_table)."""
     from chatforge.config import load_config
     from chatforge.data import load_dataset
-    from chatforge.sizing import kv_cache_bytes_per_token, model_config_from_train
+    from chatforge.tools.sizing import kv_cache_bytes_per_token, model_config_from_train
     from chatforge.tokenizer import train_tokenizer
     from chatforge.tokenizer import record_texts
-    from chatforge.train import read_metrics, train
+    from chatforge.train.loop import read_metrics, train
 
     variants = list(variants)
     if not variants or len(set(variants)) != len(variants):
@@ -89,7 +89,7 @@ def ablate(config: str | None = None, variants: list[str] | tuple[str, ...] = VA
     root = Path(out)
     budget = ["max_steps=null", "max_time_s=null", f"max_tokens={max_tokens}", "early_stop_patience=null"]
     if config:
-        from chatforge.tune import load_train_yaml
+        from chatforge.tools.tune import load_train_yaml
 
         base, _ = load_train_yaml(config, list(overrides) + budget)
     else:
@@ -133,7 +133,7 @@ def ablate(config: str | None = None, variants: list[str] | tuple[str, ...] = VA
 
 
 def write_outputs(rows: list[dict], out: Path) -> dict:
-    from chatforge.checkpoint import write_json
+    from chatforge.weights.folder import write_json
     from chatforge.io import atomic_write_text
     from chatforge.plots import bar_chart, curves
 

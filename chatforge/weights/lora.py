@@ -25,7 +25,7 @@ from chatforge.io import read_json
 if TYPE_CHECKING:
     import torch
 
-    from chatforge.model import GPT
+    from chatforge.model.gpt import GPT
     from chatforge.tokenizer import Tokenizer
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -328,7 +328,7 @@ def load_adapter(model: GPT, folder: str | os.PathLike, merge: bool = False):
     import torch
     from peft import PeftModel, set_peft_model_state_dict
 
-    from chatforge.pretrained import resize_vocab
+    from chatforge.weights.loader import resize_vocab
 
     folder = Path(folder)
     config, sd = _read_adapter(folder)
@@ -400,8 +400,8 @@ def merge_command(base: str, adapter: str, out: str | None = None, dtype: str = 
     """
     import torch
 
-    from chatforge.checkpoint import save_model
-    from chatforge.pretrained import DTYPES, _check_out, _generation_config, load_pretrained, load_tokenizer
+    from chatforge.weights.folder import save_model
+    from chatforge.weights.loader import DTYPES, _check_out, _generation_config, load_pretrained, load_tokenizer
 
     if dtype not in DTYPES:
         raise ChatforgeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")

@@ -92,7 +92,7 @@ def set_dropout(model, p: float) -> None:
 
 def _init_folder(init: str) -> str:
     try:
-        from chatforge.gguf_import import resolve_model
+        from chatforge.weights.gguf import resolve_model
     except ImportError:
         return init
     return str(resolve_model(init))
@@ -125,12 +125,12 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
     """(model to train, the plain GPT inside it). Seeded, so a resumed run builds the same frozen weights."""
     import torch
 
-    from chatforge.model import ModelConfig, config_from_preset, GPT
+    from chatforge.model.gpt import ModelConfig, config_from_preset, GPT
 
     torch.manual_seed(cfg.seed)
     if cfg.init:
-        from chatforge.checkpoint import load_model
-        from chatforge.pretrained import resize_vocab
+        from chatforge.weights.folder import load_model
+        from chatforge.weights.loader import resize_vocab
 
         core = load_model(_init_folder(cfg.init))
         if tokenizer.vocab_size > core.config.vocab_size:
@@ -154,11 +154,11 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
         set_dropout(core, cfg.dropout)
     core.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora:
-        from chatforge.lora import apply_lora
+        from chatforge.weights.lora import apply_lora
 
         return apply_lora(core, dict(cfg.lora), cfg.freeze_embeddings, cfg.freeze_blocks), core
     if cfg.freeze_embeddings or cfg.freeze_blocks:
-        from chatforge.lora import freeze
+        from chatforge.weights.lora import freeze
 
         freeze(core, cfg.freeze_embeddings, cfg.freeze_blocks)
     return core, core
@@ -167,11 +167,11 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
 def save_weights(model, core, tokenizer, folder: Path, lora: bool) -> None:
     """A model folder (full training) or an adapter folder (LoRA)."""
     if lora:
-        from chatforge.lora import save_adapter
+        from chatforge.weights.lora import save_adapter
 
         save_adapter(model, str(folder), tokenizer=tokenizer)
     else:
-        from chatforge.checkpoint import save_model
+        from chatforge.weights.folder import save_model
 
         save_model(core, tokenizer, folder)
 
@@ -262,7 +262,7 @@ def evaluate_loss(model, tokenizer, records, seq_len: int, batch_size: int, devi
 
 def sample_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
     """Greedy replies to single-turn prompts, through the one engine."""
-    from chatforge.chat import Bot
+    from chatforge.generation.bot import Bot
 
     was_training = model.training
     try:
@@ -349,7 +349,7 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
 
     from chatforge.data.pack import BatchStream, encode_records, pack, token_byte_lengths
     from chatforge.device import autocast, pick_device, resolve_dtype
-    from chatforge.train_state import latest_state, load_state, save_state
+    from chatforge.train.state import latest_state, load_state, save_state
 
     t0 = time.time()
     out = Path(cfg.out_dir)
@@ -388,7 +388,7 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
     stream = BatchStream(train_enc, cfg.seq_len, cfg.batch_size, tokenizer.pad_id, cfg.seed)
     val_rows = pack(val_enc, cfg.seq_len, tokenizer.pad_id) if val_enc.ids else None
     byte_table = token_byte_lengths(tokenizer)
-    from chatforge.checkpoint import write_json
+    from chatforge.weights.folder import write_json
 
     write_json(out / "data_report.json", dict(data_report) | {"encoding": {"train": train_enc.stats,
                                                                            "val": val_enc.stats}})
@@ -518,7 +518,7 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
     save_weights(model, core, tokenizer, out / "final", lora)
     metrics = read_metrics(metrics_path)
     plot_losses(metrics, out / "loss.png", title=f"{cfg.stage}: {out}")
-    from chatforge.sizing import flops_per_token
+    from chatforge.tools.sizing import flops_per_token
 
     summary = {
         "out_dir": str(out), "final_dir": str(out / "final"), "best_dir": str(out / "best"), "stage": cfg.stage,

@@ -19,7 +19,7 @@ from chatforge.errors import ChatforgeError
 if TYPE_CHECKING:
     import torch
 
-    from chatforge.model import GPT
+    from chatforge.model.gpt import GPT
     from chatforge.tokenizer import Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,7 +54,7 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
 
 def _generation_config(folder: Path, tokenizer: Tokenizer | None) -> dict:
     """The source's generation settings, stopping on its eos ids and on the tokenizer's end-of-turn tokens."""
-    from chatforge.checkpoint import read_generation_config
+    from chatforge.weights.folder import read_generation_config
 
     gen = {k: v for k, v in read_generation_config(folder).items() if k not in _GENERATION_META}
     eos = gen.get("eos_token_id")
@@ -88,8 +88,8 @@ def import_command(src: str, out: str | None = None, dtype: str = "float32") -> 
     """
     import torch
 
-    from chatforge import gguf_import
-    from chatforge.checkpoint import load_model, save_model
+    from chatforge.weights import gguf as gguf_import
+    from chatforge.weights.folder import load_model, save_model
 
     if dtype not in DTYPES:
         raise ChatforgeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -115,7 +115,7 @@ def import_command(src: str, out: str | None = None, dtype: str = "float32") -> 
 
 
 def _print_summary(folder: str) -> None:
-    from chatforge.checkpoint import read_config
+    from chatforge.weights.folder import read_config
 
     config = read_config(folder)
     tokenizer = load_tokenizer(folder)
@@ -192,9 +192,9 @@ def _new_token_ids(source_vocab: dict[str, int] | None, tokenizer: Tokenizer) ->
 
 
 def _load(name_or_path: str, device, dtype) -> tuple[GPT, Tokenizer | None, str]:
-    from chatforge.checkpoint import load_model
-    from chatforge.gguf_import import resolve_model
-    from chatforge.lora import load_adapter, resolve_adapter
+    from chatforge.weights.folder import load_model
+    from chatforge.weights.gguf import resolve_model
+    from chatforge.weights.lora import load_adapter, resolve_adapter
 
     adapter = resolve_adapter(name_or_path)
     if adapter is not None:  # the base may itself be an adapter: load recursively
@@ -249,8 +249,8 @@ def init_model(name_or_path: str, tokenizer: Tokenizer, device: str | torch.devi
 def init_tokenizer(name_or_path: str) -> Tokenizer:
     """The tokenizer a fine-tune of `name_or_path` starts from (an adapter's own, else its base's), without
     loading any weights."""
-    from chatforge.gguf_import import resolve_model
-    from chatforge.lora import resolve_adapter
+    from chatforge.weights.gguf import resolve_model
+    from chatforge.weights.lora import resolve_adapter
 
     adapter = resolve_adapter(name_or_path)
     if adapter is not None:
@@ -263,9 +263,9 @@ def init_tokenizer(name_or_path: str) -> Tokenizer:
 
 def load_generation_config(name_or_path: str) -> dict:
     """generation_config.json of a model, or of an adapter's base when the adapter folder has none."""
-    from chatforge.checkpoint import read_generation_config
-    from chatforge.gguf_import import resolve_model
-    from chatforge.lora import resolve_adapter
+    from chatforge.weights.folder import read_generation_config
+    from chatforge.weights.gguf import resolve_model
+    from chatforge.weights.lora import resolve_adapter
 
     adapter = resolve_adapter(name_or_path)
     if adapter is not None:

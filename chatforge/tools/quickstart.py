@@ -17,7 +17,7 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 
-RECIPES = Path(__file__).resolve().parent / "configs"  # shipped in the package; configs/ at the root links here
+RECIPES = Path(__file__).resolve().parent.parent / "configs"  # shipped in the package; configs/ at the root links here
 PROMPTS = ["Hello, how are you?", "What is your name?", "Tell me a joke.", "你好", "你会说中文吗？"]
 DEV_FRACTION = 0.08
 RESERVE_S = 40.0  # held back for the final evaluation, samples and report
@@ -93,12 +93,12 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
     t0 = time.time()
     deadline = t0 + 60.0 * minutes
 
-    from chatforge.checkpoint import load_model, save_model
+    from chatforge.weights.folder import load_model, save_model
     from chatforge.config import load_config
     from chatforge.data import load_dataset
     from chatforge.tokenizer import Tokenizer, train_tokenizer
     from chatforge.tokenizer import record_texts
-    from chatforge.train import sample_replies, train
+    from chatforge.train.loop import sample_replies, train
 
     root = Path(out)
     parts = [root / p for p in ("tokenizer", "pretrain", "sft", "final", "quickstart.json")]
@@ -155,11 +155,11 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
         "pretrain_epochs": pre["epochs"], "sft_epochs": sft["epochs"],
         **scores, "samples": dict(zip(PROMPTS, replies)), "final_dir": str(final), "threads": threads,
     }
-    from chatforge.checkpoint import write_json
+    from chatforge.weights.folder import write_json
 
     write_json(root / "quickstart.json", result)
     try:
-        from chatforge.report import report_command
+        from chatforge.tools.report import report_command
     except ImportError:
         report_command = None
     if report_command is not None:
@@ -174,7 +174,7 @@ def held_out_scores(pretrained, final, tok, test: list[dict], pre_len: int, sft_
     """Bits per byte on the test split (and on the raw-corpus protocol of the 1.62 reference), printed and returned."""
     import torch
 
-    from chatforge.train import evaluate_loss
+    from chatforge.train.loop import evaluate_loss
 
     def bpb(model, records, target, seq_len):  # long conversations are scored in pieces: every byte counts
         return evaluate_loss(model, tok, records, seq_len, 16, torch.device("cpu"), "fp32", target=target)

@@ -1,0 +1,1 @@
+"""The command layer: flags -> library call -> print. Nothing below this layer prints."""

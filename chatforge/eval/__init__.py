@@ -1,0 +1,1 @@
+"""Held-out evaluation: loss, bits-per-byte, reply metrics."""

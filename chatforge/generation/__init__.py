@@ -1,0 +1,1 @@
+"""The one engine (KV cache, batching, sampling, stop strings) and the Bot built on it."""

@@ -1,0 +1,1 @@
+"""The one Transformer, its shape and FLOPs formulas, and vocabulary surgery."""

@@ -1,0 +1,1 @@
+"""Tools built on the layers below: size, tune, ablate, report, quickstart."""

@@ -1,0 +1,1 @@
+"""The one training loop for every stage: optimizer and schedule, loss, resume state, run folder."""
