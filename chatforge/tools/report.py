@@ -245,8 +245,6 @@ def hardware() -> list[list[str]]:
     """CPU, cores, memory, GPU and the versions that decide speed and numerics."""
     from importlib import metadata
 
-    import chatforge
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -269,7 +267,7 @@ def hardware() -> list[list[str]]:
     except ImportError:
         rows.append(["GPU", "unknown (torch not importable)"])
     rows.append(["python", sys.version.split()[0]])
-    rows.append(["chatforge", chatforge.__version__])
+    rows.append(["chatforge", metadata.version("chatforge")])
     for pkg in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "optuna", "sacrebleu"):
         try:
             rows.append([pkg, metadata.version(pkg)])

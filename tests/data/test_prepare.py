@@ -22,7 +22,7 @@ from chatforge.data.prepare import prepare
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_path, atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
 

@@ -24,7 +24,7 @@ from chatforge.tokenizer import IM_END, train_tokenizer
 from chatforge.weights.loader import resize_vocab
 from chatforge.train.loop import accumulate_gradients, budget_progress, lr_at, read_metrics, schedule_progress, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
