@@ -70,7 +70,16 @@ class Bot:
         return self.engine.context_length
 
     def sampling(self, **kwargs) -> SamplingParams:
-        """SamplingParams from the defaults overridden by kwargs (an unknown name is a TypeError)."""
+        """SamplingParams from the defaults overridden by kwargs (an unknown name is a TypeError).
+
+        json_schema= (a dict), regex= or choices= (a list of strings) constrain the reply to that grammar
+        (generation/constraint.py); constraint= takes a ready Constraint.
+        """
+        from chatforge.generation.constraint import constraint_from
+
+        kwargs = dict(kwargs)
+        if (constraint := constraint_from(kwargs)) is not None:
+            kwargs["constraint"] = constraint
         params = SamplingParams(**(self.defaults | kwargs))
         params.validate()
         return params

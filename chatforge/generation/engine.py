@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.generation.constraint import Constraint
 from chatforge.tokenizer import token_bytes
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the attention scores' memory for long prompts
@@ -43,6 +44,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra; tokenizer.stop_ids always stop
     seed: int | None = None  # per-request torch.Generator: output independent of batch composition
     logprobs: int | None = None  # None: off; 0: chosen token's logprob; k>0: plus top-k alternatives
+    constraint: Constraint | None = None  # a grammar the output must match (generation/constraint.py)
 
     def validate(self) -> None:
         """Reject values that have no meaning, naming the field (a user's mistake, not a bug)."""
@@ -68,6 +70,8 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be None or an integer 0..{MAX_LOGPROBS}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise bad("constraint", "must be None or a generation.constraint.Constraint")
 
 
 @dataclass
@@ -107,6 +111,7 @@ class Request:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._generator = torch.Generator().manual_seed(seed)
         self._decoder = None  # the tokenizer's StreamDecoder, made on admission
+        self._matcher = None  # the constraint's Matcher (set by add_request), None when unconstrained
         self._held = ""  # decoded text not streamed yet: it could be the start of a stop string
         self._seen: torch.Tensor | None = None  # prompt+generated ids, for the repetition penalty
         self._counts: torch.Tensor | None = None  # generated-id counts, for presence/frequency penalties
@@ -268,6 +273,7 @@ class Engine:
                                  f"exceed the context window of {self._context} tokens")
         limit = params.max_new_tokens if params.max_new_tokens is not None else room
         req = Request(next(self._ids), prompt_ids, params, limit, self._vocab)
+        req._matcher = params.constraint.matcher(self.tokenizer) if params.constraint is not None else None
         self._waiting.append(req)
         return req
 
@@ -391,7 +397,10 @@ class Engine:
 
     def _next_token(self, req: Request, logits: torch.Tensor) -> Delta:
         p = req.params
-        token = sample_token(process_logits(logits, p, req._seen, req._counts), p.temperature, req._generator)
+        allowed = logits if req._matcher is None else req._matcher.mask_logits(logits)
+        token = sample_token(process_logits(allowed, p, req._seen, req._counts), p.temperature, req._generator)
+        if req._matcher is not None:
+            req._matcher.advance(token)
         logprobs = [self._logprob_entry(logits, token, p.logprobs)] if p.logprobs is not None else None
         req.output_ids.append(token)
         if req._seen is not None:
@@ -403,7 +412,10 @@ class Engine:
             finish, piece = "stop", req._decoder.flush()  # the end-of-turn token itself is never text
         else:
             piece = req._decoder.push(token)
-            if len(req.output_ids) >= req._limit:
+            if req._matcher is not None and req._matcher.done:  # only the end of the turn may follow: it is now
+                finish = "stop"
+                piece += req._decoder.flush()
+            elif len(req.output_ids) >= req._limit:
                 finish = "length"
                 piece += req._decoder.flush()
         text = req._held + piece
