@@ -9,7 +9,7 @@ GPT-2's fused Conv1D layout to and from it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +67,6 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ChatforgeError(f"model: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
-
 
 def _gpt2(**kw) -> dict:
     base = dict(family="gpt2", norm="layernorm", positions="learned", mlp="gelu", activation="gelu_tanh",
@@ -104,35 +96,95 @@ def config_from_preset(name: str, **overrides) -> ModelConfig:
 
 
 class KVCache:
-    """Preallocated keys/values for `batch_size` rows, written at each token's absolute position.
+    """Static keys/values for `batch_size` rows (slots), preallocated once and written in place.
 
-    Rows are independent: a row is (re)started by writing from position 0, and a query at position p only sees keys
-    at positions <= p, so stale entries of a previous occupant are never visible. `rows` maps the batch being run to
-    cache rows, which lets a continuous-batching engine run any subset of its slots.
+    Layout (layer, row, kv_head, slot, head_dim): a decode step writes each row's new key with one index_copy_ per
+    layer and reads a contiguous prefix of slots, so nothing is reallocated as sequences grow. A sliding-window model
+    keeps only its window: a ring of `window` slots where position p lives in slot p % window. Memory is allocated
+    with torch.empty (pages are touched only when used) and zeroed up to `reserve(length)`, so resident memory
+    follows the longest sequence, not the capacity. Rows are independent: a row restarts by writing from position 0,
+    and a query at position p only sees slots holding positions <= p, so a previous occupant's keys stay invisible.
+    `rows` maps the batch being run to cache rows (None: row i is cache row i), which lets a continuous-batching
+    engine run any subset of its slots.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.rows: torch.Tensor | None = None  # None: batch row i is cache row i
+        w = config.sliding_window
+        self.window = w
+        self.ring = bool(w) and w < max_len
+        self.capacity = w if self.ring else max_len
+        shape = (config.n_layer, batch_size, config.n_kv_head, self.capacity, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.max_len = max_len  # positions it can hold (a ring holds any number, keeping the last `window`)
+        self.rows: torch.Tensor | None = None
+        self._zeroed = 0  # slots [0, _zeroed) are initialised: stale but finite, so masked reads cannot give NaN
+        self.reserve(self.capacity if self.ring else min(self.capacity, 64))  # a ring is read whole
 
-    def _rows(self, batch: int) -> torch.Tensor | slice:
-        return slice(0, batch) if self.rows is None else self.rows
+    def reserve(self, length: int) -> None:
+        """Initialise the slots a sequence of `length` positions will read (host-side; call before the step)."""
+        end = min(self.capacity, length)
+        if end > self._zeroed:
+            self.k[:, :, :, self._zeroed:end].zero_()
+            self.v[:, :, :, self._zeroed:end].zero_()
+            self._zeroed = end
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        if int(positions.max()) >= self.max_len:
-            raise ChatforgeError(f"generation: sequence exceeds the KV cache length {self.max_len}")
-        rows = self._rows(k.shape[0])
-        rows = torch.arange(k.shape[0], device=k.device) if isinstance(rows, slice) else rows
-        r = rows[:, None].expand_as(positions)
-        self.k[layer][r, positions] = k.to(self.k.dtype)
-        self.v[layer][r, positions] = v.to(self.v.dtype)
+    def use_rows(self, slots: list[int]) -> None:
+        """Run the next forwards on these cache rows; a prefix 0..B-1 reads without a gather."""
+        self.rows = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.k.device)
 
-    def read(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._rows(batch)
-        return self.k[layer][rows, :length], self.v[layer][rows, :length]
+    def plan(self, positions: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention mask, write index) for one forward, shared by every layer.
+
+        positions: (B, T) absolute positions of the new tokens; kv_len: max position + 1, known on the host, so the
+        mask bounds need no device-to-host read. The mask is (B, 1, T, S) over the S keys update() returns.
+        """
+        if not self.ring and kv_len > self.capacity:
+            raise ChatforgeError(f"generation: sequence exceeds the KV cache length {self.capacity}")
+        B, T = positions.shape
+        dev, w = positions.device, self.window
+        q = positions[:, :, None]
+        if self.ring and T > 1:  # attend to the ring as it was plus the chunk, then keep the chunk's last `window`
+            start = positions[:, :1]
+            s = torch.arange(self.capacity, device=dev)
+            held = start - 1 - torch.remainder(start - 1 - s, self.capacity)  # (B, W) position in each slot
+            old = (held[:, None, :] > q - w) & (held[:, None, :] >= 0)
+            k_pos = positions[:, None, :]
+            new = (k_pos <= q) & (k_pos > q - w)
+            mask = torch.cat((old, new), -1)
+            slots = torch.remainder(positions[:, -min(T, w):], self.capacity)
+        else:
+            slots = torch.remainder(positions, self.capacity) if self.ring else positions
+            k_pos = torch.arange(min(kv_len, self.capacity), device=dev)[None, None, :]
+            mask = k_pos <= q  # a ring's slot s holds a position in (p - window, p] once it is written
+            if w and not self.ring:
+                mask = mask & (k_pos > q - w)
+        rows = torch.arange(B, device=dev) if self.rows is None else self.rows
+        H = self.k.shape[2]
+        heads = torch.arange(H, device=dev)
+        index = ((rows[:, None, None] * H + heads[None, :, None]) * self.capacity + slots[:, None, :]).flatten()
+        return mask[:, None], index
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values (B, H, T, hd) in place; the keys/values the queries attend to."""
+        B, T = k.shape[0], k.shape[2]
+        ring_chunk = self.ring and T > 1
+        if ring_chunk:
+            old_k, old_v = self._read(layer, B, self.capacity)
+            keys, values = torch.cat((old_k, k.to(old_k.dtype)), 2), torch.cat((old_v, v.to(old_v.dtype)), 2)
+            k, v = k[:, :, -min(T, self.window):], v[:, :, -min(T, self.window):]
+        hd = k.shape[-1]
+        self.k[layer].view(-1, hd).index_copy_(0, index, k.reshape(-1, hd).to(self.k.dtype))
+        self.v[layer].view(-1, hd).index_copy_(0, index, v.reshape(-1, hd).to(self.v.dtype))
+        if ring_chunk:
+            return keys, values
+        return self._read(layer, B, min(kv_len, self.capacity))
+
+    def _read(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rows is None:
+            return self.k[layer, :batch, :, :length], self.v[layer, :batch, :, :length]
+        return self.k[layer][self.rows, :, :length], self.v[layer][self.rows, :, :length]
 
 
 class RMSNorm(nn.Module):
@@ -179,7 +231,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.attn_bias)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.attn_out_bias)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, plan: tuple | None) -> torch.Tensor:
         c, (B, T, _) = self.c, x.shape
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
         k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim)
@@ -187,10 +239,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
-            ck, cv = cache.read(layer, B, mask.shape[-1])
-            k, v = ck.transpose(1, 2).to(q.dtype), cv.transpose(1, 2).to(q.dtype)
+        if cache is not None:  # plan: (write index, kv_len), made once per forward by KVCache.plan
+            k, v = cache.update(layer, k, v, *plan)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         dropout = c.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                            enable_gqa=c.n_kv_head != c.n_head)
@@ -222,8 +273,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, cache, layer, positions):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, positions))
+    def forward(self, x, rope, mask, cache, layer, plan):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, plan))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -272,16 +323,9 @@ class GPT(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def _mask(self, positions: torch.Tensor, doc_ids: torch.Tensor | None, key_len: int | None):
-        """Boolean attention mask (B, 1, Tq, Tk), or None when plain causal attention is exact."""
+    def _mask(self, positions: torch.Tensor, doc_ids: torch.Tensor | None):
+        """Boolean attention mask (B, 1, Tq, Tk) without a cache, or None when plain causal attention is exact."""
         w = self.config.sliding_window
-        if key_len is not None:  # decoding against a cache: keys sit at their absolute positions
-            k_pos = torch.arange(key_len, device=positions.device)
-            q_pos = positions[:, :, None]
-            m = k_pos[None, None, :] <= q_pos
-            if w:
-                m &= k_pos[None, None, :] > q_pos - w
-            return m[:, None]
         if doc_ids is None and not w:
             return None
         T = positions.shape[1]
@@ -294,34 +338,47 @@ class GPT(nn.Module):
         return m[:, None]
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V); with logits_at (B,) only those positions' logits, (B, 1, V) — prefill needs no more.
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, kv_len: int | None = None,
+                logits_at: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); only the positions that are sampled with logits_at (B,) or last_only: (B, 1, V).
 
         position_ids: absolute positions (B, T); default 0..T-1. Packed training resets them per conversation.
         doc_ids: (B, T) conversation index per token; tokens attend only within their own conversation.
-        cache: a KVCache; keys are written at position_ids and attended up to max(position_ids).
+        cache: a KVCache; keys are written at position_ids and the queries see positions < kv_len.
+        kv_len: max(position_ids) + 1, which the caller knows on the host (so the step never waits on the device);
+            computed from position_ids (one device read) when not given.
         """
         c = self.config
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            kv_len = T if kv_len is None else kv_len
+        if cache is not None and kv_len is None:
+            kv_len = int(position_ids.max()) + 1
         x = self.model.embed_tokens(input_ids)
         if c.positions == "learned":
-            if int(position_ids.max()) >= c.max_seq_len:
-                raise ChatforgeError(f"model: position {int(position_ids.max())} is beyond max_seq_len {c.max_seq_len}")
+            if (kv_len or T) > c.max_seq_len:
+                raise ChatforgeError(f"model: position {(kv_len or T) - 1} is beyond max_seq_len {c.max_seq_len}")
             x = x + self.model.embed_positions(position_ids)
             rope = None
         else:
             rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta)
         x = self.drop(x)
-        key_len = int(position_ids.max()) + 1 if cache is not None else None
-        mask = self._mask(position_ids, doc_ids, key_len)
+        plan = None
+        if cache is not None:
+            if not torch.compiler.is_compiling():
+                cache.reserve(kv_len)
+            mask, index = cache.plan(position_ids, kv_len)
+            plan = (index, kv_len)
+        else:
+            mask = self._mask(position_ids, doc_ids)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, i, position_ids, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, i, None, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, i, position_ids)
-        if logits_at is not None:
+                x = block(x, rope, mask, cache, i, plan)
+        if last_only:
+            x = x[:, -1:]
+        elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
         return self.lm_head(self.model.norm(x))
