@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.generation import decode
 from chatforge.generation.constraint import Constraint
 from chatforge.tokenizer import token_bytes
 
@@ -349,7 +350,8 @@ class Engine:
             self.abort(req)
 
     def _ensure_cache(self, length: int) -> None:
-        """Grow the cache (doubling, up to the context) so memory follows the longest request, not the context."""
+        """One static cache of the context length, made once; its pages are touched (zeroed) only up to the
+        longest request, so memory follows that, not the context, and nothing is reallocated or copied."""
         from chatforge.model.gpt import KVCache
 
         have = self._cache.max_len if self._cache is not None else 0
@@ -376,24 +378,14 @@ class Engine:
         """Write the prompt's keys into the request's slot; the logits for its first new token."""
         n = len(req.prompt_ids)
         self._ensure_cache(n + req._limit - 1)
-        cache = self._cache
-        cache.rows = torch.tensor([req._slot], device=self.device)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        for start in range(0, n, PREFILL_CHUNK):
-            end = min(n, start + PREFILL_CHUNK)
-            pos = torch.arange(start, end, device=self.device)[None]
-            logits = self.model(ids[:, start:end], position_ids=pos, cache=cache,
-                                logits_at=torch.tensor([end - start - 1], device=self.device))
-        return logits[0, 0, : self._vocab].float().cpu()
+        logits = decode.prefill(self.model, self._cache, req._slot, req.prompt_ids, PREFILL_CHUNK)
+        return logits[: self._vocab].float().cpu()
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """One forward for all running rows: each feeds its last token at its own position into its own slot."""
-        cache = self._cache
-        cache.rows = torch.tensor([r._slot for r in reqs], device=self.device)
-        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
-        pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in reqs], device=self.device)
-        logits = self.model(ids, position_ids=pos, cache=cache)
-        return logits[:, 0, : self._vocab].float().cpu()
+        logits = decode.step(self.model, self._cache, [r._slot for r in reqs], [r.output_ids[-1] for r in reqs],
+                             [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs])
+        return logits[:, : self._vocab].float().cpu()
 
     def _next_token(self, req: Request, logits: torch.Tensor) -> Delta:
         p = req.params
