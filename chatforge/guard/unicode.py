@@ -223,21 +223,26 @@ def scan(text: str) -> list[Finding]:
 def normalize(text: str) -> str:
     """`text` with its tricks undone: mojibake repaired, invisible and bidi tricks removed, full-width and styled
     letters folded to ASCII, homoglyphs replaced by the Latin letters they imitate. Clean text comes back as is."""
+    return normalize_with_map(text)[0]
+
+
+def normalize_with_map(text: str) -> tuple[str, list[int]]:
+    """normalize(text) and, for each of its characters, the index in `text` it came from (for spans to redact).
+
+    Only mojibake repair changes lengths in other ways than dropping characters; there the map is proportional.
+    """
+    original_len = len(text)
     fixed = _mojibake(text)
     if fixed is not None:
         text = fixed
     has_rtl = any(_is_rtl(ord(c)) for c in text if ord(c) > 0x590)
-    out = []
+    out, where = [], []
     for i, ch in enumerate(text):
         cp = ord(ch)
-        if cp < 0x80:
-            out.append(ch)
-        elif _invisible_kind(text, i, has_rtl):
+        if cp >= 0x80 and _invisible_kind(text, i, has_rtl):
             continue
-        elif _compat(ch) is not None:
-            out.append(_compat(ch))
-        else:
-            out.append(ch)
+        out.append(_compat(ch) or ch if cp >= 0x80 else ch)
+        where.append(i)
     text = "".join(out)
     spans = _confusable_spans(text)
     if spans:
@@ -245,7 +250,10 @@ def normalize(text: str) -> str:
         for i, _, latin in spans:
             chars[i] = latin
         text = "".join(chars)
-    return text
+    if fixed is not None:
+        scale = original_len / max(1, len(fixed))
+        where = [min(original_len - 1, int(i * scale)) for i in where]
+    return text, where
 
 
 # --- perturbation: tricked text whose every change normalize() undoes exactly ---
