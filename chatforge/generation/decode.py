@@ -3,8 +3,10 @@
 Decode is memory-bound (every weight is read once per step), so the step avoids everything that is not reading
 weights: positions and the attended span come from host-side lengths (no device read inside a step), keys are
 written in place into a static KVCache, and only sampled positions get logits. `compile_decode(model)` swaps in a
-torch.compile'd forward (inductor, freezing by default: weights become constants so quantized weights are prepacked
-once) for both the step and the prompt; shapes are dynamic, so one graph serves every batch size and length.
+torch.compile'd forward for the step (inductor, freezing by default: weights become constants so quantized weights
+are prepacked once); shapes are dynamic, so one graph serves every length and batch size above 1 (batch 1 and a
+batch on cache rows other than 0..B-1 get one more each). Prefill stays eager: it is matmul-bound over many tokens,
+where compiling gains little and every prompt length would cost a compile (measured in benchmarks/decode_speed.py).
 Inductor's artefacts are cached on disk (TORCHINDUCTOR_CACHE_DIR, by default under the user cache), so only the
 first start on a machine pays the compile; `warmup` runs it at load. Without compile the same functions run the
 eager model and give the same greedy tokens (tested).
@@ -66,13 +68,12 @@ def prefill(model: torch.nn.Module, cache, slot: int, prompt_ids: list[int], chu
     n = len(prompt_ids)
     cache.use_rows([slot])
     cache.reserve(n)
-    forward = _forward(model)
     ids = torch.tensor([prompt_ids], device=device)
     logits = None
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         pos = torch.arange(start, end, device=device)[None]
-        logits = forward(ids[:, start:end], position_ids=pos, cache=cache, kv_len=end, last_only=True)
+        logits = model(ids[:, start:end], position_ids=pos, cache=cache, kv_len=end, last_only=True)
     return logits[0, 0]
 
 

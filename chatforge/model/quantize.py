@@ -1,0 +1,77 @@
+"""Weight quantization through torchao: fewer bytes read per decoded token, which is what decode speed depends on.
+
+int8-dyn: int8 weights and per-token dynamically quantized int8 activations (int8 matmuls; fastest on CPU once
+compiled and frozen). int8-wo: int8 weights, activations stay in the model's dtype. int4-wo: 4-bit grouped weights,
+only where torchao has a kernel for it (CUDA, bf16). Every nn.Linear is quantized, the output head included (on
+SmolLM2 it is a fifth of the weights); embeddings stay as they are (a lookup reads one row per token). Measure the
+quality cost with chatforge.eval.compare before recommending a method.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from chatforge.errors import ChatforgeError
+
+METHODS = ("int8-dyn", "int8-wo", "int4-wo")
+INT4_GROUP = 128  # weights per int4 scale; a Linear whose input width it does not divide stays unquantized
+
+
+def _torchao():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao
+            from torchao import quantization
+    except ImportError:
+        raise ChatforgeError("quantize: needs the torchao package (pip install torchao)") from None
+    return torchao, quantization
+
+
+def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.Module:
+    """Quantize `model`'s Linear weights in place with torchao; returns the model (for chaining).
+
+    Raises ChatforgeError naming the method when it is unknown or the model's device has no kernel for it.
+    """
+    if method not in METHODS:
+        raise ChatforgeError(f"quantize: unknown method {method!r} (use {', '.join(METHODS)})")
+    torchao, q = _torchao()
+    param = next(model.parameters())
+    device = param.device
+    if getattr(model, "quantization", None):
+        raise ChatforgeError(f"quantize: the model is already quantized ({model.quantization})")
+    if method == "int8-dyn":
+        config = q.Int8DynamicActivationInt8WeightConfig()
+    elif method == "int8-wo":
+        config = q.Int8WeightOnlyConfig()
+    else:
+        if device.type != "cuda":
+            raise ChatforgeError(f"quantize: int4-wo needs a CUDA device (torchao {torchao.__version__} has no int4 "
+                                 f"kernel for {device.type}); use int8-wo or int8-dyn")
+        if param.dtype != torch.bfloat16:
+            model.to(torch.bfloat16)  # torchao's CUDA int4 kernel takes bf16 activations
+        config = q.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and (method != "int4-wo" or module.in_features % group_size == 0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.quantize_(model, config, filter_fn=eligible)
+    model.quantization = method
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters as stored (a quantized weight counts its int data and scales); a tied weight once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        inner = [getattr(p, name) for name in getattr(p, "__tensor_flatten__", lambda: ([], None))()[0]]
+        total += sum(t.numel() * t.element_size() for t in inner) if inner else p.numel() * p.element_size()
+    return total
