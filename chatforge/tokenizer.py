@@ -198,37 +198,41 @@ class Tokenizer:
                   "pad_token": self.pad_token}
         return {k: t for k in _TEMPLATE_KWARGS if (t := _token_text(values.get(k))) is not None}
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         import jinja2
 
         if not self.chat_template:
             raise ChatforgeError("tokenizer: no chat template (for a base tokenizer, call add_chat_tokens() first)")
         try:
             return _compile_template(self.chat_template).render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                messages=messages, tools=tools or None, documents=None, add_generation_prompt=add_generation_prompt,
                 **self._template_kwargs(),
             )
         except jinja2.exceptions.TemplateError as e:
             raise ChatforgeError(f"chat template: {e}") from None
 
-    def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: list[dict] | None = None) -> str:
         """The conversation as the chat template writes it (what the model sees, before tokenization)."""
-        return self._render(_check_messages(messages), add_generation_prompt)
+        return self._render(_check_messages(messages), add_generation_prompt, tools)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """Token ids and the loss mask: 1 on each assistant message's content and its closing end-of-turn token.
 
-        The end-of-turn token is in the mask so the model learns to stop.
+        The end-of-turn token is in the mask so the model learns to stop. `tools` (OpenAI function definitions) go
+        to the template as transformers' apply_chat_template(tools=...) passes them (generation/tools.py).
         """
         marked = _mark(_check_messages(messages), self._control_re)
-        text = self._render(marked, add_generation_prompt)
+        tools = _mark(tools, self._control_re) if tools else None  # a description cannot forge a control token
+        text = self._render(marked, add_generation_prompt, tools)
         ids, starts = self._encode_marked(text)
         spans = []
         for i, message in enumerate(marked):
             if message["role"] != "assistant":
                 continue
-            head = self._render(marked[:i], True)
-            upto = self._render(marked[: i + 1], False)
+            head = self._render(marked[:i], True, tools)
+            upto = self._render(marked[: i + 1], False, tools)
             if not (upto.startswith(head) and text.startswith(upto)):
                 raise ChatforgeError(
                     f"chat template is not prefix-stable: rendering messages[:{i}] with a generation prompt is not a "
