@@ -47,7 +47,7 @@ def replies_and_speed(model, tokenizer, questions: list[str]) -> tuple[list[str]
 
 
 def held_out_loss(model, tokenizer, records, cfg) -> float:
-    from chatforge.train.loop import evaluate_loss
+    from chatforge.train.loss import evaluate_loss
 
     return evaluate_loss(model, tokenizer, records, cfg.seq_len, cfg.batch_size, dtype="fp32")["loss"]
 

@@ -1,7 +1,11 @@
-"""The training config: one dataclass, read from YAML plus `key=value` overrides, saved next to the run.
+"""The training config: typed, validated sections read from YAML plus `key=value` overrides, saved next to the run.
 
-Every field has a default, so a recipe only states what differs. Unknown keys and wrong types are errors that name
-the file, the line and the field: a typo such as `lr_rate: 1e-3` must not silently train with the default.
+Every field has a default, so a recipe only states what differs. Everything is checked when the YAML is read, before
+any data or model is loaded: unknown keys (with "did you mean ...?", also for the names other tools use, such as
+`learning_rate`), wrong types, impossible values and impossible model shapes are errors that read
+`file:line: field: reason` (or `override 'key=value': field: reason`). The `model:` section is checked against
+ModelConfig, `lora:` is a LoraSpec, and tune's `search:` block is typed as SearchRange / SearchChoice entries.
+Command-line overrides and tune trials go through the same path (`overrides` strings, or typed `values`).
 """
 
 from __future__ import annotations
@@ -10,12 +14,69 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
 from chatforge.errors import ChatforgeError
 
 STAGES = ("pretrain", "sft")
+LORA_ALL = "all-linear"  # lora.target_modules: every projection in the blocks
+
+# Names other tools use (transformers, peft, nanoGPT, litgpt) -> chatforge's, for "did you mean ...?".
+ALIASES = {
+    "learning_rate": "lr", "lrate": "lr", "lr_rate": "lr", "min_learning_rate": "min_lr", "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps",
+    "max_iters": "max_steps", "num_steps": "max_steps", "train_steps": "max_steps", "block_size": "seq_len",
+    "max_seq_length": "seq_len", "context_length": "seq_len", "max_length": "seq_len",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "output_dir": "out_dir",
+    "eval_steps": "eval_every", "eval_interval": "eval_every", "save_steps": "save_every",
+    "logging_steps": "log_every", "dataset": "data", "model_name_or_path": "init", "base_model": "init",
+    "num_hidden_layers": "n_layer", "num_layers": "n_layer", "hidden_size": "d_model", "n_embd": "d_model",
+    "num_attention_heads": "n_head", "n_heads": "n_head", "num_key_value_heads": "n_kv_head",
+    "intermediate_size": "d_ff", "max_position_embeddings": "max_seq_len", "rms_norm_eps": "norm_eps",
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+}
+
+
+@dataclass
+class LoraSpec:
+    """The `lora:` section: peft LoRA adapters on the blocks' projections (weights/lora.py applies them)."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def check(self, bad) -> None:
+        if self.r < 1:
+            raise bad("lora.r", f"must be a positive integer, got {self.r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise bad("lora.alpha", f"must be a positive number, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != LORA_ALL:
+            self.target_modules = [self.target_modules]
+        if not self.target_modules:
+            raise bad("lora.target_modules", f"must be a non-empty list of module names or {LORA_ALL!r}")
+
+
+@dataclass
+class SearchRange:
+    """A `search:` entry {low, high, log, step}: Optuna suggests a number in [low, high]."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    integer: bool = False  # low, high and step are integers and the field is an integer: suggest_int
+
+
+@dataclass
+class SearchChoice:
+    """A `search:` entry {choices: [...]}: Optuna picks one of them."""
+
+    choices: list
 
 
 @dataclass
@@ -30,10 +91,10 @@ class TrainConfig:
     init: str | None = None  # None: from scratch; a model folder, a .gguf file or a known model name: fine-tune it
     model: dict = field(default_factory=lambda: {"preset": "nano"})  # preset + ModelConfig field overrides (scratch)
     out_dir: str = "runs/train"
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per row: the positions the model sees at once (a row stores seq_len + 1 ids)
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak: reached at the last warm-up step, then a cosine to min_lr at the end of the budget
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int = 50
     max_steps: int | None = 1000  # the budget is whichever of max_steps / max_tokens / max_time_s runs out first
@@ -53,15 +114,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None  # torch CPU threads; None: torch's default
-    lora: dict | None = None  # e.g. {r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
+    lora: LoraSpec | None = None  # e.g. {r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
     freeze_embeddings: bool = False
     freeze_blocks: int = 0  # freeze the first N transformer blocks
     gradient_checkpointing: bool = False
-    sample_prompts: list[str] = field(default_factory=list)  # greedy replies printed at the end
+    sample_prompts: list[str] = field(default_factory=list)  # greedy replies shown at the end (samples.json)
+    sample_val_prompts: int = 0  # also reply to the first user turn of this many validation conversations
     log_every: int = 10  # progress bar refresh; metrics.jsonl gets every step
 
     def __post_init__(self) -> None:
-        _check_types(self, lambda name: f"config: {name}")
+        _check_types(self, lambda name: "config")
         self.validate()
 
     def validate(self, locate=lambda name: "config") -> None:
@@ -89,31 +151,38 @@ class TrainConfig:
             raise bad("lr", "must be positive, got 0")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise bad("min_lr", f"must be between 0 and lr ({self.lr}), got {self.min_lr}")
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "freeze_blocks", "sample_val_prompts"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise bad("dtype", f"must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.freeze_blocks < 0:
-            raise bad("freeze_blocks", f"must be >= 0, got {self.freeze_blocks}")
         if self.vocab_size < 261 and self.tokenizer is None and self.init is None:
             raise bad("vocab_size", f"must be more than 260 (4 specials + 256 bytes), got {self.vocab_size}")
-        if self.init is None:
-            from chatforge.model.gpt import PRESETS, ModelConfig
+        if self.lora is not None:
+            self.lora.check(bad)
+        self._check_model(bad, locate)
 
-            known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
-            for key in self.model:
-                if key not in known:
-                    raise bad(f"model.{key}", f"unknown model field{_suggest(key, known)}")
-            preset = self.model.get("preset")
-            if preset is not None and preset not in PRESETS:
-                raise bad("model.preset", f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        else:
+    def _check_model(self, bad, locate) -> None:
+        """The model section builds a model (scratch), or is empty but for a preset (init keeps its shape)."""
+        if self.init is not None:
             shape = sorted(set(self.model) - {"preset"})
             if shape:
                 raise bad(f"model.{shape[0]}", "a fine-tuned model keeps the init model's shape; "
                           "remove model: (set dropout: at the top level)")
+            return
+        from chatforge.model.gpt import PRESETS
+        from chatforge.model.shape import model_config
+
+        preset = self.model.get("preset")
+        if preset is not None and preset not in PRESETS:
+            raise bad("model.preset", f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        try:  # the tokenizer's vocabulary is not known yet; the shape rules do not depend on it
+            model_config(self.model, self.vocab_size, self.seq_len, self.dropout)
+        except ChatforgeError as e:
+            name = str(e).split(":")[0]
+            raise ChatforgeError(f"{locate(name)}: {e}") from None
 
     @property
     def final_min_lr(self) -> float:
@@ -134,45 +203,73 @@ class TrainConfig:
 # ---------------------------------------------------------------- type checking
 
 def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
+    known = list(known)
+    alias = ALIASES.get(str(key))
+    close = [alias] if alias in known else difflib.get_close_matches(str(key), known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _hints() -> dict[str, typing.Any]:
-    return typing.get_type_hints(TrainConfig)
+def _model_fields() -> dict[str, typing.Any]:
+    """ModelConfig's fields that a `model:` section may set (the vocabulary comes from the tokenizer)."""
+    from chatforge.model.gpt import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    return {"preset": str} | {k: v for k, v in hints.items() if k not in ("vocab_size", "extra")}
+
+
+def _check_keys(section: dict, known, prefix: str, what: str, where) -> None:
+    for key in section:
+        if key not in known:
+            hint = _suggest(key, known) or f" (known: {', '.join(known)})"
+            if prefix == "model." and key == "vocab_size":
+                hint = " (the tokenizer sets it: use vocab_size: at the top level)"
+            raise ChatforgeError(f"{where(prefix + str(key))}: {prefix}{key}: unknown {what}{hint}")
+
+
+def _expected(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value, tp, name: str, where):
-    """value converted to annotation tp, or ChatforgeError naming the field. Floats accept YAML's '1e-3' strings."""
+    """value converted to annotation tp, or ChatforgeError naming the field. Floats accept YAML's '1e-3' strings;
+    a mapping becomes the section's dataclass (LoraSpec)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name, where)
-    if tp is bool:
+        section = next((a for a in inner if dataclasses.is_dataclass(a)), None)
+        if section is not None and isinstance(value, dict):
+            return _build(section, value, name + ".", where)  # its own errors name the field inside
+        for tp_inner in inner:
+            try:
+                return _coerce(value, tp_inner, name, where)
+            except ChatforgeError:
+                pass
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _build(tp, value, name + ".", where)
+    elif tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML is a float
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-                if f.is_integer():
-                    return int(f)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None and float(number).is_integer():  # 1e6 in YAML is a float
+            return int(number)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None:
+            return float(number)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -184,18 +281,40 @@ def _coerce(value, tp, name: str, where):
             value = [value]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
-    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp)
-    if expected is None:
-        expected = "a mapping" if (tp is dict or origin is dict) else "a list of strings"
-    raise ChatforgeError(f"{where(name)}: expected {expected}, got {value!r}")
+    section = dataclasses.is_dataclass(tp) or any(dataclasses.is_dataclass(a) for a in args)
+    what = "a mapping" if section else _expected(tp)
+    raise ChatforgeError(f"{where(name)}: {name}: expected {what}, got {value!r}")
+
+
+def _number(value) -> float | int | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _build(cls, raw: dict, prefix: str, where):
+    """A section dataclass from a mapping: unknown keys and wrong types named with their location."""
+    hints = typing.get_type_hints(cls)
+    _check_keys(raw, list(hints), prefix, "field", where)
+    return cls(**{k: _coerce(v, hints[k], prefix + k, where) for k, v in raw.items()})
 
 
 def _check_types(cfg: TrainConfig, where) -> None:
-    for name, tp in _hints().items():
-        setattr(cfg, name, _coerce(getattr(cfg, name), tp, name, where))
+    for name, tp in typing.get_type_hints(TrainConfig).items():
+        value = _coerce(getattr(cfg, name), tp, name, where)
+        if name == "model":
+            fields = _model_fields()
+            _check_keys(value, list(fields), "model.", "model field", where)
+            value = {k: _coerce(v, fields[k], f"model.{k}", where) for k, v in value.items()}
+        setattr(cfg, name, value)
 
 
-# ---------------------------------------------------------------- YAML + overrides
+# ---------------------------------------------------------------- YAML, overrides, search
 
 def _key_lines(text: str) -> dict[str, int]:
     """Dotted key -> 1-based line in the YAML text, to point errors at the right line."""
@@ -217,7 +336,32 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
-def _parse_override(item: str) -> tuple[list[str], object]:
+def _read_yaml(path: str) -> tuple[dict, dict[str, int]]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ChatforgeError(f"{path}: config file not found")
+    except IsADirectoryError:
+        raise ChatforgeError(f"{path}: is a folder, not a YAML config file")
+    except OSError as e:
+        raise ChatforgeError(f"{path}: cannot read ({e.strerror})")
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ChatforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})")
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ChatforgeError(f"{path}:1: expected a mapping of config keys, got {type(loaded).__name__}")
+    return loaded, _key_lines(text)
+
+
+def _parse_override(item: str) -> tuple[str, object]:
     import yaml
 
     key, sep, raw = item.partition("=")
@@ -227,77 +371,149 @@ def _parse_override(item: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ChatforgeError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})")
-    return key.strip().split("."), value
+    return key.strip(), value
 
 
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """TrainConfig from a YAML file (or the defaults when path is None) with `a.b=value` overrides applied in order."""
-    import yaml
+def _set(raw: dict, dotted: str, value, label: str) -> None:
+    """raw[a][b] = value for dotted 'a.b'; a section that is unset starts from its default."""
+    keys = dotted.split(".")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    top = keys[0]
+    if top not in known:
+        raise ChatforgeError(f"{label}: {top}: unknown config key{_suggest(top, known)}")
+    if len(keys) == 1:
+        raw[top] = value
+        return
+    if top not in ("model", "lora"):
+        raise ChatforgeError(f"{label}: {top} is not a mapping, use {top}=VALUE")
+    node = raw.get(top)
+    if node is None:
+        node = dict(TrainConfig.__dataclass_fields__["model"].default_factory()) if top == "model" else {}
+    elif not isinstance(node, dict):
+        node = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node
+    node = raw[top] = dict(node)
+    for k in keys[1:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ChatforgeError(f"{label}: {k} is not a mapping")
+    node[keys[-1]] = value
 
-    raw: dict = {}
-    lines: dict[str, int] = {}
+
+def _load(path: str | None, overrides, values: dict | None, with_search: bool) -> tuple[TrainConfig, dict | None]:
+    raw, lines = _read_yaml(str(path)) if path else ({}, {})
     source = str(path) if path else "config"
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ChatforgeError(f"{path}: config file not found")
-        except OSError as e:
-            raise ChatforgeError(f"{path}: cannot read ({e.strerror})")
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ChatforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})")
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ChatforgeError(f"{path}:1: expected a mapping of config keys, got {type(loaded).__name__}")
-        raw, lines = loaded, _key_lines(text)
-
-    known = set(_hints())
-    where_of: dict[str, str] = {}  # top-level key -> where its value came from, for error messages
+    search = raw.pop("search", None) if with_search else None
+    search_set = with_search and "search" in lines
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
     for key in raw:
-        where_of[key] = f"{source}:{lines[key]}" if key in lines else source
         if key not in known:
-            raise ChatforgeError(f"{where_of[key]}: unknown config key {key!r}{_suggest(str(key), known)}")
-
+            where = f"{source}:{lines[key]}" if key in lines else source
+            raise ChatforgeError(f"{where}: {key}: unknown config key{_suggest(str(key), known)}")
+    file_prompts = raw.get("sample_prompts")
+    set_by: dict[str, str] = {}  # top-level key -> the override that set it last
     for item in overrides:
-        keys, value = _parse_override(item)
-        top = keys[0]
-        if top not in known:
-            raise ChatforgeError(f"override {item!r}: unknown config key {top!r}{_suggest(top, known)}")
-        where_of[top] = f"override {item!r}"
-        if len(keys) == 1:
-            raw[top] = value
-            continue
-        if top not in ("model", "lora"):
-            raise ChatforgeError(f"override {item!r}: {top} is not a mapping, use {top}=VALUE")
-        node = raw.get(top)
-        if node is None:
-            node = dict(TrainConfig().model) if top == "model" else {}
-        node = raw[top] = dict(node)
-        for k in keys[1:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ChatforgeError(f"override {item!r}: {k} is not a mapping")
-        node[keys[-1]] = value
-
-    defaults = TrainConfig()
-    values = {f.name: raw.get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig.__new__(TrainConfig)
-    for name, value in values.items():
-        setattr(cfg, name, value)
+        dotted, value = _parse_override(item)
+        _set(raw, dotted, value, f"override {item!r}")
+        set_by[dotted.split(".")[0]] = f"override {item!r}"
+    for dotted, value in (values or {}).items():
+        _set(raw, dotted, value, f"value {dotted}={value!r}")
+        set_by[dotted.split(".")[0]] = f"value {dotted}={value!r}"
 
     def locate(name: str) -> str:
         top = name.split(".")[0]
-        if where_of.get(top, "").startswith("override"):
-            return where_of[top]
+        if top in set_by:
+            return set_by[top]
         line = lines.get(name) or lines.get(top)
         return f"{source}:{line}" if line else source
 
-    _check_types(cfg, lambda name: f"{locate(name)}: {name}")
+    cfg = TrainConfig.__new__(TrainConfig)
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(TrainConfig)}
+    for name, default in defaults.items():
+        setattr(cfg, name, raw.get(name, default))
+    _check_types(cfg, locate)
+    if "data" in set_by and file_prompts and "sample_prompts" not in set_by:
+        # A recipe's prompts are about the recipe's data: with the user's data, ask what its validation split asks.
+        cfg.sample_val_prompts = max(cfg.sample_val_prompts, len(cfg.sample_prompts))
+        cfg.sample_prompts = []
     cfg.validate(locate)
-    return cfg
+    if search_set:
+        return cfg, parse_search(search, lambda name: f"{source}:{lines.get(name) or lines['search']}")
+    return cfg, None
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), values: dict | None = None
+                ) -> TrainConfig:
+    """TrainConfig from a YAML file (or the defaults when path is None), then `a.b=value` override strings and
+    typed `values` ({"a.b": value}) applied in order, all checked as the file's own keys are."""
+    return _load(path, overrides, values, with_search=False)[0]
+
+
+def load_train_yaml(path: str, overrides: list[str] | tuple[str, ...] = (), values: dict | None = None
+                    ) -> tuple[TrainConfig, dict[str, SearchRange | SearchChoice] | None]:
+    """(TrainConfig, its `search:` block or None) from a training YAML that may carry one (`chatforge tune`)."""
+    return _load(path, overrides, values, with_search=True)
+
+
+def _field_type(name: str):
+    """The annotation of a dotted config key (lr, model.d_model, lora.r), or None when there is no such key."""
+    top, _, rest = name.partition(".")
+    hints = typing.get_type_hints(TrainConfig)
+    if top not in hints:
+        return None
+    if not rest:
+        return hints[top]
+    sub = _model_fields() if top == "model" else typing.get_type_hints(LoraSpec) if top == "lora" else {}
+    return sub.get(rest)
+
+
+def parse_search(search, where) -> dict[str, SearchRange | SearchChoice]:
+    """The `search:` block: dotted config key -> SearchRange or SearchChoice; where(name) locates an entry."""
+    if not isinstance(search, dict) or not search:
+        raise ChatforgeError(f"{where('search')}: search: expected a mapping of config keys to ranges, e.g. "
+                             "lr: {low: 1e-4, high: 3e-3, log: true}")
+    out: dict[str, SearchRange | SearchChoice] = {}
+    for name, spec in search.items():
+        at = where(f"search.{name}")
+
+        def bad(why: str) -> ChatforgeError:
+            return ChatforgeError(f"{at}: search.{name}: {why}")
+
+        tp = _field_type(str(name))
+        if tp is None:
+            top = str(name).split(".")[0]
+            raise bad(f"unknown config key {top!r}" if "." not in str(name) or _field_type(top) is None
+                      else "unknown field")
+        if not isinstance(spec, dict):
+            raise bad(f"expected {{low, high}} or {{choices: [...]}}, got {spec!r}")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"] or set(spec) - {"choices"}:
+                raise bad("choices must be a non-empty list (and alone)")
+            for choice in spec["choices"]:
+                _coerce(choice, tp, f"search.{name}", lambda _n: at)
+            out[name] = SearchChoice(list(spec["choices"]))
+            continue
+        out[name] = _search_range(spec, tp, bad)
+    return out
+
+
+def _search_range(spec: dict, tp, bad) -> SearchRange:
+    extra = set(spec) - {"low", "high", "log", "step"}
+    if extra or "low" not in spec or "high" not in spec:
+        raise bad(f"expected keys low, high (and optionally log, step), got {sorted(spec)}")
+    low, high = _number(spec["low"]), _number(spec["high"])
+    if low is None or high is None or not low < high:
+        raise bad(f"need numbers low < high, got {spec['low']!r}, {spec['high']!r}")
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    if inner[0] not in (int, float):
+        raise bad(f"a range needs a numeric field; use choices: [...] for {_expected(tp)}")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        raise bad("a log range needs low > 0")
+    step = spec.get("step")
+    if step is not None and (_number(step) is None or _number(step) <= 0):
+        raise bad(f"step must be a positive number, got {step!r}")
+    integer = all(isinstance(x, int) for x in (low, high)) and (step is None or isinstance(step, int))
+    if inner[0] is int and not integer:
+        raise bad(f"{_expected(tp)} field: low, high and step must be integers")
+    return SearchRange(low, high, log, step, integer)

@@ -246,7 +246,7 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
     from chatforge.generation.bot import Bot
     from chatforge.data import load_dataset
     from chatforge.device import pick_device
-    from chatforge.train.loop import evaluate_loss
+    from chatforge.train.loss import evaluate_loss
 
     if split not in ("val", "train", "all"):
         raise ChatforgeError(f"eval: --split must be val, train or all, got {split!r}")

@@ -15,7 +15,6 @@ contexts but not cache memory here (a rolling cache could keep only `window` pos
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,35 +69,17 @@ def results_table(rows: list[dict]) -> str:
 
 def ablate(config: str | None = None, variants: list[str] | tuple[str, ...] = VARIANTS, max_tokens: int = 1_000_000,
            out: str = "runs/ablate", window: int = 32, overrides: list[str] | tuple[str, ...] = (),
-           overwrite: bool = False, progress: bool = True) -> list[dict]:
-    """Train each variant under the same budget; returns one row per variant (see results_table)."""
-    from chatforge.config import load_config
+           overwrite: bool = False, on_event=None) -> list[dict]:
+    """Train each variant under the same budget; returns one row per variant (see results_table). on_event hears
+    a Note as each variant starts, then that run's training events."""
     from chatforge.data import load_dataset
-    from chatforge.tools.sizing import kv_cache_bytes_per_token, model_config_from_train
-    from chatforge.tokenizer import train_tokenizer
-    from chatforge.tokenizer import record_texts
-    from chatforge.train.loop import read_metrics, train
+    from chatforge.tokenizer import record_texts, train_tokenizer
+    from chatforge.train.events import Note
+    from chatforge.train.loop import train
 
-    variants = list(variants)
-    if not variants or len(set(variants)) != len(variants):
-        raise ChatforgeError(f"ablate: --variants must name distinct variants, got {variants}")
-    for v in variants:
-        variant_overrides(v, 4, window)  # unknown names fail before any training
-    if max_tokens < 1 or window < 1:
-        raise ChatforgeError("ablate: --max-tokens and --window must be positive")
+    emit = on_event or (lambda event: None)
+    base, n_head = _base_config(config, list(variants), max_tokens, window, list(overrides))
     root = Path(out)
-    budget = ["max_steps=null", "max_time_s=null", f"max_tokens={max_tokens}", "early_stop_patience=null"]
-    if config:
-        from chatforge.tools.tune import load_train_yaml
-
-        base, _ = load_train_yaml(config, list(overrides) + budget)
-    else:
-        base = load_config(None, BASE + list(overrides) + budget)
-    if base.init or base.lora:
-        raise ChatforgeError("ablate: variants are trained from scratch; remove init/lora from the config")
-    n_head = model_config_from_train(base).n_head
-    for v in variants:
-        variant_overrides(v, n_head, window)
     existing = [root / v for v in variants if (root / v).exists()]
     if existing and not overwrite:
         raise ChatforgeError(f"{existing[0]}: exists; pass --overwrite or choose another --out")
@@ -113,23 +94,53 @@ def ablate(config: str | None = None, variants: list[str] | tuple[str, ...] = VA
         base.tokenizer = str(root / "tokenizer")
     step_tokens = base.batch_size * base.grad_accum * base.seq_len
     steps = -(-max_tokens // step_tokens)
-    eval_every = max(1, steps // 8)
     rows = []
     for v in variants:
         fields = variant_overrides(v, n_head, window)
-        cfg = replace(base, model=dict(base.model) | fields, out_dir=str(root / v), eval_every=eval_every)
-        if progress:
-            print(f"== {v}: {fields} ({steps} steps of {step_tokens} tokens)", file=sys.stderr, flush=True)
-        summary = train(cfg, on_eval=None, progress=progress, records=records)
-        metrics = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
-        last = _final_val(metrics)
-        mc = model_config_from_train(cfg)
-        rows.append({"variant": v, "n_kv_head": mc.n_kv_head, "sliding_window": mc.sliding_window,
-                     "params": summary["params"], "tokens": summary["tokens"], "tokens_per_s": _median_tok_s(metrics),
-                     "val_bpb": last["val_bpb"], "val_loss": last["val_loss"],
-                     "kv_bytes_per_token": kv_cache_bytes_per_token(mc, 2),
-                     "curve": [(m["tokens"], m["val_bpb"]) for m in metrics if "val_bpb" in m]})
+        cfg = replace(base, model=dict(base.model) | fields, out_dir=str(root / v), eval_every=max(1, steps // 8))
+        emit(Note(f"== {v}: {fields} ({steps} steps of {step_tokens} tokens)"))
+        summary = train(cfg, records=records, on_event=emit)
+        rows.append(_variant_row(v, cfg, summary))
     return rows
+
+
+def _base_config(config: str | None, variants: list[str], max_tokens: int, window: int, overrides: list[str]):
+    """(the shared TrainConfig with the token budget, its n_head); every variant name and size checked first."""
+    from chatforge.config import load_config, load_train_yaml
+    from chatforge.tools.sizing import model_config_from_train
+
+    if not variants or len(set(variants)) != len(variants):
+        raise ChatforgeError(f"ablate: --variants must name distinct variants, got {variants}")
+    for v in variants:
+        variant_overrides(v, 4, window)  # unknown names fail before any training
+    if max_tokens < 1 or window < 1:
+        raise ChatforgeError("ablate: --max-tokens and --window must be positive")
+    budget = ["max_steps=null", "max_time_s=null", f"max_tokens={max_tokens}", "early_stop_patience=null"]
+    if config:
+        base, _ = load_train_yaml(config, overrides + budget)
+    else:
+        base = load_config(None, BASE + overrides + budget)
+    if base.init or base.lora:
+        raise ChatforgeError("ablate: variants are trained from scratch; remove init/lora from the config")
+    n_head = model_config_from_train(base).n_head
+    for v in variants:
+        variant_overrides(v, n_head, window)
+    return base, n_head
+
+
+def _variant_row(variant: str, cfg, summary: dict) -> dict:
+    from chatforge.model.shape import kv_cache_bytes_per_token
+    from chatforge.tools.sizing import model_config_from_train
+    from chatforge.train.run import read_metrics
+
+    metrics = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
+    last = _final_val(metrics)
+    mc = model_config_from_train(cfg)
+    return {"variant": variant, "n_kv_head": mc.n_kv_head, "sliding_window": mc.sliding_window,
+            "params": summary["params"], "tokens": summary["tokens"], "tokens_per_s": _median_tok_s(metrics),
+            "val_bpb": last["val_bpb"], "val_loss": last["val_loss"],
+            "kv_bytes_per_token": kv_cache_bytes_per_token(mc, 2),
+            "curve": [(m["tokens"], m["val_bpb"]) for m in metrics if "val_bpb" in m]}
 
 
 def write_outputs(rows: list[dict], out: Path) -> dict:
@@ -146,28 +157,3 @@ def write_outputs(rows: list[dict], out: Path) -> dict:
                    out / "ablate_curves.png", "training tokens", "validation bits per byte",
                    "Validation during training")
     return {"table": table, "plots": [bar, curve]}
-
-
-def ablate_command(config: str | None = None, data: str | None = None, variants: list[str] = VARIANTS,
-                   max_tokens: int = 1_000_000, out: str = "runs/ablate", window: int = 32, seed: int | None = None,
-                   overwrite: bool = False, overrides: list[str] = ()) -> int:
-    """Train multi-head, grouped-query, multi-query and sliding-window attention for the same token budget on the
-    same data and compare parameters, tokens/s, validation bits-per-byte and KV-cache bytes per token.
-
-    Args:
-        config: base training YAML (default: the nano preset pretrained on the built-in corpus).
-        data: dataset for every variant (default: the config's, else builtin).
-        variants: which of mha, gqa, mqa, swa to train.
-        max_tokens: training tokens per variant (the same budget for all).
-        out: folder for the variants' runs, ablate.md, ablate.json and the PNGs.
-        window: sliding-window size for swa.
-        seed: seed for all variants (default: the config's).
-        overwrite: replace earlier runs of these variants in out.
-        overrides: more config changes for every variant, such as model.n_layer=2 seq_len=128.
-    """
-    extra = list(overrides) + ([f"data={data}"] if data else []) + ([f"seed={seed}"] if seed is not None else [])
-    rows = ablate(config, list(variants), max_tokens, out, window, extra, overwrite)
-    res = write_outputs(rows, Path(out))
-    print(res["table"])
-    print(f"\nwrote {Path(out) / 'ablate.md'}, ablate.json and {', '.join(Path(p).name for p in res['plots'])}")
-    return 0

@@ -167,7 +167,7 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def run_blocks(run: Path, title: str) -> list[tuple]:
     """Summary, config, data report, loss curves and validation table of one training run."""
-    from chatforge.train.loop import plot_losses, read_metrics
+    from chatforge.train.run import plot_losses, read_metrics
 
     blocks = [heading(title)]
     if (run / "summary.json").exists():
@@ -339,15 +339,9 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     return md, page
 
 
-def report_command(run_dir: str, run_eval: bool = False, max_samples: int = 100) -> int:
-    """Write report.md and report.html for a run: config, data report, loss curves, evaluation table, sample
-    dialogs, hardware and versions.
-
-    Args:
-        run_dir: a training run's out_dir (or a quickstart folder with pretrain/ and sft/ stages).
-        run_eval: first evaluate the run's final model on its config's data (held-out split) into RUN_DIR/eval.json.
-        max_samples: conversations evaluated with --run-eval.
-    """
+def report(run_dir: str | os.PathLike, run_eval: bool = False, max_samples: int = 100) -> tuple[Path, Path]:
+    """(report.md, report.html) for a run; run_eval first evaluates the run's final model on its config's data
+    (held-out split) into RUN_DIR/eval.json."""
     folder = Path(run_dir)
     if run_eval:
         runs = stages(folder) if folder.is_dir() else []
@@ -358,12 +352,9 @@ def report_command(run_dir: str, run_eval: bool = False, max_samples: int = 100)
             raise ChatforgeError(f"{model}: no model to evaluate")
         from chatforge.config import load_config
         from chatforge.eval.evaluate import evaluate
+        from chatforge.weights.folder import write_json
 
         cfg = load_config(str(runs[-1] / "config.yaml"))
         result = evaluate(str(model), cfg.data, max_samples=max_samples, seed=cfg.seed, val_fraction=cfg.val_fraction)
-        from chatforge.weights.folder import write_json
-
         write_json(folder / "eval.json", result)
-    md, page = write_report(folder)
-    print(f"wrote {md} and {page}")
-    return 0
+    return write_report(folder)

@@ -1,32 +1,9 @@
 """Plan a model size before training: parameters, FLOPs, memory and time, from the config alone plus a short probe.
 
-Everything here is arithmetic on ModelConfig, written for *this* implementation (model.py), so the numbers can be
-held to the built model: the parameter count equals `GPT(config).num_params()` exactly, and the training-memory
-estimate is compared in the tests with the peak measured during a real training step.
-
-Formulas (n = batch x sequence tokens, d = d_model, L = n_layer, V = vocab, H/KV = query/key-value heads, hd = head
-dim, ff = MLP width, a = bytes of the autocast dtype: 2 for bf16, 4 for fp32):
-
-* FLOPs per token (Kaplan et al. 2020, as nanoGPT's estimate_mfu): forward = 2 * N_matmul + 4 * L * H * hd * c,
-  where N_matmul counts every weight used in a matmul (the non-embedding weights plus the output head; an embedding
-  lookup costs nothing) and c is the mean number of keys a query attends to (about T/2 for causal attention over a
-  sequence of T, min(window) with a sliding window). Training = 3 x forward (backward costs twice the forward).
-* Training memory = weights (4 B/param, fp32) + gradients (4 B) + AdamW moments (8 B) + activations saved for the
-  backward pass + the loss's logits buffers. Activations per layer and token, measured tensor by tensor with
-  saved_tensors_hooks for bf16 autocast and PyTorch's flash SDPA kernel on CPU:
-  norms 2 x (8d + 4) [RMSNorm keeps its fp32 input and normalised output] (LayerNorm: 2 x (4d + 8)),
-  linear inputs a*d per consuming projection (autocast casts the norm output once per q/k/v/gate/up projection;
-  fp32 shares one 4d copy per norm), RoPE cos/sin copies 4*a*hd, attention q/k/v/out a*(2*H*hd + 2*KV*hd) plus the
-  fp32 log-sum-exp 4H, MLP 4*a*ff (SwiGLU: gate, act, up, product) or 2*a*ff (GELU), and bf16 copies of the layer's
-  weights (2 B/param, autocast's cache). Packed rows add the attention mask, which SDPA converts to an additive
-  B x T x T tensor of dtype a and keeps in every layer. With attention dropout PyTorch falls back to the math
-  kernel, which keeps the fp32 T x T probabilities (12*H*T + 12*H*hd per token). Gradient checkpointing keeps only
-  each layer's fp32 input (4d) and recomputes one layer at a time during the backward pass. The loss buffers follow
-  train.batch_loss: logits (a per position), then log-softmax and its gradients in fp32 for the trained positions.
-  The peak is taken over a simple timeline of the backward pass: at its start every activation and the loss buffers
-  are alive; as it walks down the layers each layer's activations are freed and its gradients appear.
-* Inference memory: weights + KV cache = 2 (K and V) * L * KV * hd * bytes per token.
-* Compute-optimal tokens: 20 per parameter (Hoffmann et al. 2022, "Chinchilla"; total parameters).
+The formulas are model/shape.py's (held to the built model by the tests); this module picks the config (a preset, a
+parameter target, a model folder or a training YAML), measures throughput and peak memory with a few real training
+steps on this machine, and recommends the largest preset that the data and the time budget can train
+compute-optimally.
 """
 
 from __future__ import annotations
@@ -39,145 +16,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from chatforge.errors import ChatforgeError
+from chatforge.model.shape import TOKENS_PER_PARAM, compute_optimal_tokens, count_params, flops_per_token, \
+    inference_memory, training_memory
 
 if TYPE_CHECKING:  # torch is imported only when a function needs it, so `chatforge size --help` stays fast
     from chatforge.model.gpt import ModelConfig
 
-TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio
 MAX_EPOCHS = 4  # repeating data up to ~4 times is almost as good as fresh data (Muennighoff et al. 2023)
 LADDER = ("nano", "micro", "mini", "small")  # the presets `size` recommends from, smallest first
-
-
-# ---------------------------------------------------------------- parameters
-
-def _norm_params(c: ModelConfig) -> int:
-    return 2 * c.d_model if c.norm == "layernorm" else c.d_model
-
-
-def _layer_matmul_params(c: ModelConfig) -> int:
-    """Weights of one block that take part in a matmul (no biases, no norms)."""
-    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    attn = c.d_model * q + 2 * c.d_model * kv + q * c.d_model
-    mlp = (3 if c.mlp == "swiglu" else 2) * c.d_model * c.d_ff
-    return attn + mlp
-
-
-def _layer_params(c: ModelConfig) -> int:
-    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    biases = (q + 2 * kv if c.attn_bias else 0) + (c.d_model if c.attn_out_bias else 0)
-    if c.mlp_bias:
-        biases += (2 if c.mlp == "swiglu" else 1) * c.d_ff + c.d_model
-    return _layer_matmul_params(c) + biases + 2 * _norm_params(c)
-
-
-def count_params(c: ModelConfig) -> dict:
-    """Parameters by kind; "total" and "non_embedding" equal GPT(c).num_params() and num_params(True)."""
-    embedding = c.vocab_size * c.d_model
-    if c.positions == "learned":
-        embedding += c.max_seq_len * c.d_model
-    if not c.tie_embeddings:
-        embedding += c.vocab_size * c.d_model  # the separate output head counts as embedding, as num_params does
-    non_embedding = c.n_layer * _layer_params(c) + _norm_params(c)
-    return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding,
-            "per_layer": _layer_params(c), "matmul": c.n_layer * _layer_matmul_params(c) + c.vocab_size * c.d_model}
-
-
-# ---------------------------------------------------------------- FLOPs
-
-def mean_context(seq_len: int, window: int | None = None) -> float:
-    """Mean number of keys a query sees in causal attention over seq_len tokens (with an optional sliding window)."""
-    w = window or seq_len
-    return sum(min(p + 1, w) for p in range(seq_len)) / seq_len
-
-
-def flops_per_token(c: ModelConfig, seq_len: int) -> dict:
-    """Forward and training FLOPs per token (multiply-add = 2 FLOPs)."""
-    dense = 2 * count_params(c)["matmul"]
-    attention = 4 * c.n_layer * c.n_head * c.head_dim * mean_context(seq_len, c.sliding_window)
-    forward = dense + attention
-    return {"forward": forward, "training": 3 * forward, "dense_forward": dense, "attention_forward": attention}
-
-
-# ---------------------------------------------------------------- memory
-
-def _act_per_token(c: ModelConfig, seq_len: int, a: int, mixed: bool) -> tuple[float, float, float]:
-    """(per layer, head, once-per-model) bytes of activations saved for backward, per token."""
-    d, hd, ff = c.d_model, c.head_dim, c.d_ff
-    q, kv = c.n_head * hd, c.n_kv_head * hd
-    norm = 8 * d + 4 if c.norm == "rmsnorm" else 4 * d + 8
-    consumers = 3 + (2 if c.mlp == "swiglu" else 1)  # projections reading a norm's output
-    linear_in = a * d * consumers if mixed else 2 * 4 * d
-    rope = 4 * a * hd if (c.positions == "rope" and mixed) else 0
-    if c.dropout > 0:  # SDPA's math kernel: fp32 q/k/v copies and T x T probabilities, plus dropout masks
-        attn = 12 * q + 12 * c.n_head * seq_len + a * q + 2 * a * d
-    else:  # flash kernel: q, k, v, output and the fp32 log-sum-exp
-        attn = a * (2 * q + 2 * kv) + 4 * c.n_head
-    mlp = (4 if c.mlp == "swiglu" else 2) * a * ff
-    layer = 2 * norm + linear_in + rope + attn + mlp
-    head = norm + (a * d if mixed else 4 * d)
-    once = (8 * hd if c.positions == "rope" and not mixed else 0) + (4 * d if c.dropout > 0 else 0)
-    return layer, head, once
-
-
-def training_memory(c: ModelConfig, batch_size: int, seq_len: int, mixed: bool = True,
-                    gradient_checkpointing: bool = False, trained_fraction: float = 1.0, packed: bool = True) -> dict:
-    """Bytes needed to train with AdamW at batch_size x seq_len (bf16 autocast when mixed), and the peak.
-
-    trained_fraction: share of positions that carry the loss (1 for pretraining; the assistant share for SFT), since
-    the training loop only takes the log-softmax of those. packed: rows hold several records, so attention gets a
-    (B, 1, T, T) boolean mask built from doc ids.
-    """
-    p = count_params(c)
-    n = batch_size * seq_len
-    a = 2 if mixed else 4
-    weights, grads, adam = 4 * p["total"], 4 * p["total"], 8 * p["total"]
-    layer_tok, head_tok, once_tok = _act_per_token(c, seq_len, a, mixed)
-    layer_copy = 2 * _layer_matmul_params(c) if mixed else 0  # autocast's bf16 weight copies, held until backward
-    head_copy = 2 * c.vocab_size * c.d_model if mixed else 0
-    # SDPA turns a boolean mask into an additive one in the compute dtype and keeps it, in every layer.
-    mask = a * seq_len * seq_len * (batch_size if packed else 1 if c.sliding_window else 0)
-    layer_full = layer_tok * n + layer_copy + mask
-    layer_kept = 4 * c.d_model * n if gradient_checkpointing else layer_full
-    head = head_tok * n + head_copy + once_tok * n
-    # Loss, as train.batch_loss computes it: logits (a per position), the trained positions picked out (a) and cast
-    # to fp32 (4), their log-softmax (4). Backward: the NLL and log-softmax gradients (4 + 4 next to the saved 4),
-    # then the picked gradient (a) scattered back into a zero tensor the shape of the logits (a).
-    m = max(1, round(trained_fraction * n))
-    forward = a * n + (max(a * m + 4 * m, 8 * m) if mixed else 8 * m)
-    loss = c.vocab_size * max(forward, 12 * m, a * (n + m))
-    layer_grad = 4 * _layer_params(c)
-    head_grad = grads - c.n_layer * layer_grad
-    # Gradient of the residual stream flowing down (fp32) and the MLP's widest gradients while a layer runs backward.
-    transient = (8 * c.d_model + 3 * a * c.d_ff) * n
-    static = weights + adam
-    peaks = [static + c.n_layer * layer_kept + head + loss]  # backward starts: all activations + loss buffers
-    for i in range(c.n_layer - 1, -1, -1):  # walking down: layer i's activations (recomputed if checkpointed)
-        done = c.n_layer - 1 - i
-        kept = i * layer_kept + layer_full
-        peaks.append(static + head_grad + done * layer_grad + kept + transient)
-    peaks.append(static + grads)  # after backward; also the first step's lazy AdamW state allocation
-    activations = c.n_layer * layer_kept + head
-    return {"weights": weights, "gradients": grads, "optimizer": adam, "activations": activations,
-            "activations_per_layer": layer_kept, "loss_buffers": loss, "peak": max(peaks),
-            "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed,
-            "batch_size": batch_size, "seq_len": seq_len}
-
-
-def kv_cache_bytes_per_token(c: ModelConfig, dtype_bytes: int = 2) -> int:
-    return 2 * c.n_layer * c.n_kv_head * c.head_dim * dtype_bytes
-
-
-def inference_memory(c: ModelConfig, seq_len: int | None = None, dtype_bytes: int = 2) -> dict:
-    """Weights plus the KV cache, in the serving dtype (bf16 by default)."""
-    seq_len = seq_len or c.max_seq_len
-    per_token = kv_cache_bytes_per_token(c, dtype_bytes)
-    weights = count_params(c)["total"] * dtype_bytes
-    return {"weights": weights, "kv_per_token": per_token, "kv_per_sequence": per_token * seq_len,
-            "seq_len": seq_len, "total_one_sequence": weights + per_token * seq_len, "dtype_bytes": dtype_bytes}
-
-
-def compute_optimal_tokens(c: ModelConfig) -> int:
-    return TOKENS_PER_PARAM * count_params(c)["total"]
 
 
 # ---------------------------------------------------------------- shapes for a parameter budget
@@ -244,7 +90,8 @@ def _step_fn(model, device, dtype, batch_size: int, seq_len: int, trained_fracti
 
     from chatforge.config import TrainConfig
     from chatforge.device import autocast
-    from chatforge.train.loop import accumulate_gradients, make_optimizer
+    from chatforge.train.loss import accumulate_gradients
+    from chatforge.train.optim import make_optimizer
 
     cfg = TrainConfig()
     batch = synthetic_batch(batch_size, seq_len, model.config.vocab_size, trained_fraction)
@@ -337,29 +184,21 @@ def probe_throughput(c: ModelConfig, batch_size: int, seq_len: int, device: str 
 # ---------------------------------------------------------------- which config
 
 def model_config_from_train(cfg) -> ModelConfig:
-    """The ModelConfig a TrainConfig trains, without building the model (train.build_model's shape rules)."""
-    from chatforge.model.gpt import ModelConfig, config_from_preset
+    """The ModelConfig a TrainConfig trains, without building the model: the init model's config.json, else
+    model/shape.py's rule with the tokenizer's vocabulary (cfg.tokenizer's, else the vocab_size trained here)."""
+    from chatforge.model.shape import model_config
 
     if cfg.init:
-        from chatforge.weights.folder import read_config
-        from chatforge.train.loop import _init_folder
+        from chatforge.weights.loader import model_config as init_config
 
-        c = read_config(_init_folder(cfg.init))
-    else:
-        spec = dict(cfg.model)
-        preset = spec.pop("preset", None)
-        if cfg.tokenizer:
-            from chatforge.tokenizer import Tokenizer
+        c = init_config(cfg.init)
+        return replace(c, dropout=cfg.dropout) if cfg.dropout is not None else c
+    vocab_size = cfg.vocab_size
+    if cfg.tokenizer:
+        from chatforge.tokenizer import Tokenizer
 
-            spec["vocab_size"] = Tokenizer.load(cfg.tokenizer).vocab_size
-        else:
-            spec.setdefault("vocab_size", cfg.vocab_size)
-        c = config_from_preset(preset, **spec) if preset else ModelConfig(**spec)
-        if "max_seq_len" not in spec and c.max_seq_len < cfg.seq_len:
-            c.max_seq_len = cfg.seq_len
-    if cfg.dropout is not None:
-        c = replace(c, dropout=cfg.dropout)
-    return c
+        vocab_size = Tokenizer.load(cfg.tokenizer).vocab_size
+    return model_config(cfg.model, vocab_size, cfg.seq_len, cfg.dropout)
 
 
 def resolve_config(config: str | None, params: str | None, vocab_size: int) -> tuple[ModelConfig, str, object]:
@@ -383,7 +222,7 @@ def resolve_config(config: str | None, params: str | None, vocab_size: int) -> t
         return read_config(config), config, None
     if not os.path.exists(config):
         raise ChatforgeError(f"{config}: not a preset ({', '.join(PRESETS)}), a model folder or a YAML file")
-    from chatforge.tools.tune import load_train_yaml
+    from chatforge.config import load_train_yaml
 
     cfg, _search = load_train_yaml(config)
     return model_config_from_train(cfg), config, cfg
@@ -475,7 +314,7 @@ def _limit_text(row: dict) -> str:
     return " and ".join(parts) if parts else "no limit"
 
 
-# ---------------------------------------------------------------- formatting and the command
+# ---------------------------------------------------------------- formatting and planning
 
 def _count(n: float | None) -> str:
     if n is None:
@@ -546,31 +385,13 @@ def format_report(name: str, d: dict, probe: dict | None) -> str:
     return "\n".join(lines)
 
 
-def size_command(config: str | None = None, params: str | None = None, batch_size: int | None = None,
-                 seq_len: int | None = None, data: str | None = None, tokens: int | None = None,
-                 minutes: float | None = None, hours: float | None = None, vocab_size: int = 4096,
-                 trained_fraction: float = 1.0, probe: bool = True, probe_steps: int = 3, device: str = "auto",
-                 dtype: str | None = None, out: str | None = None) -> int:
-    """Plan a model size: parameters, FLOPs per token, training and inference memory, compute-optimal tokens and
-    training time measured on this machine; with a dataset and/or a time budget, recommend a size.
-
-    Args:
-        config: a training YAML, a model folder or a preset name (default: nano); or use --params.
-        params: a target parameter count such as 10M: the closest Llama-style shape is sized.
-        batch_size: sequences per step (default: the YAML's, else 16).
-        seq_len: tokens per sequence (default: the YAML's, else 256).
-        data: a dataset (as for train) whose training tokens bound the recommendation.
-        tokens: the dataset size in tokens, instead of --data.
-        minutes: training time budget for the recommendation.
-        hours: training time budget, in hours.
-        vocab_size: vocabulary for presets and --params (a YAML or model folder brings its own).
-        trained_fraction: share of positions carrying the loss (1 for pretraining; less for SFT's assistant tokens).
-        probe: measure training throughput with a few real steps (otherwise no time estimates).
-        probe_steps: timed steps per probe.
-        device: where the probe runs (auto, cpu, cuda).
-        dtype: auto, bf16 or fp32 (default: the YAML's, else auto).
-        out: also write every number as JSON here.
-    """
+def plan_size(config: str | None = None, params: str | None = None, batch_size: int | None = None,
+              seq_len: int | None = None, data: str | None = None, tokens: int | None = None,
+              seconds: float | None = None, vocab_size: int = 4096, trained_fraction: float = 1.0,
+              probe: bool = True, probe_steps: int = 3, device: str = "auto", dtype: str | None = None) -> dict:
+    """Every number `chatforge size` shows, as a dict: the config's shape, parameters, FLOPs and memory
+    (describe), "throughput" when probed, "data" (the dataset's tokens) with data, and "recommendation" when a
+    dataset and/or a time budget (seconds) bound the size; "train_yaml": config was a training YAML."""
     import torch
 
     from chatforge.device import pick_device, resolve_dtype
@@ -579,65 +400,57 @@ def size_command(config: str | None = None, params: str | None = None, batch_siz
     batch_size = batch_size or (cfg.batch_size if cfg else 16)
     seq_len = seq_len or (cfg.seq_len if cfg else 256)
     dtype = dtype or (cfg.dtype if cfg else "auto")
+    _check_plan(batch_size, seq_len, probe_steps, trained_fraction, seconds, data, tokens, probe)
+    if seq_len > model.max_seq_len:
+        model = replace(model, max_seq_len=seq_len) if model.positions == "rope" else model
+        if seq_len > model.max_seq_len:
+            raise ChatforgeError(f"size: --seq-len {seq_len} is longer than the model's context {model.max_seq_len}")
+    mixed = resolve_dtype(dtype, pick_device(device)) != torch.float32
+    result = {"name": name, "train_yaml": cfg is not None, **describe(model, batch_size, seq_len, mixed, trained_fraction)}
+
+    def throughput(c: ModelConfig) -> dict:
+        return probe_throughput(c, batch_size, seq_len, device, dtype, probe_steps, trained_fraction=trained_fraction)
+
+    if probe:
+        result["throughput"] = throughput(model)
+        result["compute_optimal_hours"] = result["compute_optimal_tokens"] / result["throughput"]["tokens_per_s"] / 3600
+    data_tokens = tokens
+    if data is not None:
+        info = dataset_tokens(data, model.vocab_size, seq_len, cfg.stage if cfg else "sft", cfg.tokenizer if cfg else None)
+        result["data"] = info | {"spec": data}
+        data_tokens = info["tokens"]
+    if data_tokens is not None or seconds is not None:
+        result["recommendation"] = _recommend_for(model, batch_size, seq_len, data_tokens, seconds, throughput,
+                                                  result.get("throughput"))
+    return result
+
+
+def _check_plan(batch_size: int, seq_len: int, probe_steps: int, trained_fraction: float, seconds: float | None,
+                data: str | None, tokens: int | None, probe: bool) -> None:
     for flag, value in (("batch_size", batch_size), ("seq_len", seq_len), ("probe_steps", probe_steps)):
         if value < 1:
             raise ChatforgeError(f"size: --{flag.replace('_', '-')} must be at least 1, got {value}")
     if not 0 < trained_fraction <= 1:
         raise ChatforgeError(f"size: --trained-fraction must be in (0, 1], got {trained_fraction}")
-    if minutes is not None and hours is not None:
-        raise ChatforgeError("size: give --minutes or --hours, not both")
-    seconds = minutes * 60 if minutes is not None else hours * 3600 if hours is not None else None
     if seconds is not None and seconds <= 0:
         raise ChatforgeError(f"size: the time budget must be positive, got {seconds:g} s")
-    if seq_len > model.max_seq_len:
-        model = replace(model, max_seq_len=seq_len) if model.positions == "rope" else model
-        if seq_len > model.max_seq_len:
-            raise ChatforgeError(f"size: --seq-len {seq_len} is longer than the model's context {model.max_seq_len}")
-    dev = pick_device(device)
-    mixed = resolve_dtype(dtype, dev) != torch.float32
-    result = {"name": name, **describe(model, batch_size, seq_len, mixed, trained_fraction)}
-    measured = None
-    if probe:
-        measured = probe_throughput(model, batch_size, seq_len, device, dtype, probe_steps,
-                                    trained_fraction=trained_fraction)
-        result["throughput"] = measured
-        result["compute_optimal_hours"] = result["compute_optimal_tokens"] / measured["tokens_per_s"] / 3600
-    print(format_report(name, result, measured))
+    if data is not None and tokens is not None:
+        raise ChatforgeError("size: give --data or --tokens, not both")
+    if seconds is not None and not probe:
+        raise ChatforgeError("size: a time budget needs the throughput probe (drop --no-probe)")
 
-    data_tokens = tokens
-    if data is not None:
-        if tokens is not None:
-            raise ChatforgeError("size: give --data or --tokens, not both")
-        stage = cfg.stage if cfg else "sft"
-        info = dataset_tokens(data, model.vocab_size, seq_len, stage, cfg.tokenizer if cfg else None)
-        result["data"] = info | {"spec": data}
-        data_tokens = info["tokens"]
-        print(f"\ndata {data}: {info['records']:,} training records -> {info['tokens']:,} tokens "
-              f"({info['trained_tokens']:,} trained) with a {info['vocab_size']}-token vocabulary")
-    if data_tokens is not None or seconds is not None:
-        if seconds is not None and not probe:
-            raise ChatforgeError("size: a time budget needs the throughput probe (drop --no-probe)")
-        def shape(c: ModelConfig) -> tuple:
-            return (c.vocab_size, c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.d_ff, c.dropout, c.sliding_window)
 
-        cache: dict = {shape(model): measured["tokens_per_s"]} if measured else {}
+def _recommend_for(model: ModelConfig, batch_size: int, seq_len: int, data_tokens: int | None,
+                   seconds: float | None, probe, measured: dict | None) -> dict:
+    """recommend() with throughput probed once per candidate shape (the config's own shape already was)."""
+    def shape(c: ModelConfig) -> tuple:
+        return (c.vocab_size, c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.d_ff, c.dropout, c.sliding_window)
 
-        def throughput(c: ModelConfig) -> float:
-            key = shape(c)
-            if key not in cache:
-                cache[key] = probe_throughput(c, batch_size, seq_len, device, dtype, probe_steps,
-                                              trained_fraction=trained_fraction)["tokens_per_s"]
-            return cache[key]
+    cache: dict = {shape(model): measured["tokens_per_s"]} if measured else {}
 
-        rec = recommend(model.vocab_size, batch_size, seq_len, data_tokens, seconds, throughput, dropout=model.dropout)
-        result["recommendation"] = rec
-        print(f"\nrecommended: {rec['preset']} — {rec['reason']}.")
-        base = f"--config {config} " if cfg is not None else ""
-        epochs = f" (about {rec['epochs']:.1f} epochs)" if rec["epochs"] else ""
-        print(f"train it with: chatforge train {base}model.preset={rec['preset']} max_steps=null "
-              f"max_time_s=null max_tokens={rec['max_tokens']}{epochs}")
-    if out:
-        from chatforge.weights.folder import write_json
+    def throughput(c: ModelConfig) -> float:
+        if shape(c) not in cache:
+            cache[shape(c)] = probe(c)["tokens_per_s"]
+        return cache[shape(c)]
 
-        write_json(out, result)
-    return 0
+    return recommend(model.vocab_size, batch_size, seq_len, data_tokens, seconds, throughput, dropout=model.dropout)

@@ -12,139 +12,39 @@ overrides, so a trial is just a training run with a few overrides:
       model.d_model: {choices: [96, 128, 192]}
       model.n_layer: {low: 2, high: 6}
 
-`search:` is stripped before the rest reaches load_config, so TrainConfig stays the plain training config. The study
-lives in SQLite: several worker processes share it and a killed search resumes where it stopped (each trial reports
-its validation loss at every evaluation, which is what the median pruner compares).
+config.load_train_yaml reads and types the `search:` block beside the TrainConfig, which stays the plain training
+config; a trial's values reach it through the same validated path as command-line overrides. The study lives in
+SQLite: several worker processes share it and a killed search resumes where it stopped (each trial reports its
+validation loss at every evaluation, which is what the median pruner compares). Printing is the command layer's
+(commands/tools.py): workers report each trial through on_trial.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
+from chatforge.config import SearchChoice, SearchRange, load_train_yaml
 from chatforge.errors import ChatforgeError
 
 HEARTBEAT_S = 5  # a RUNNING trial whose worker stops beating for GRACE_S is marked FAIL by the next worker
 GRACE_S = 30
 
 
-# ---------------------------------------------------------------- the YAML with a search block
+# ---------------------------------------------------------------- trials
 
-def _search_line_range(text: str) -> tuple[int, int] | None:
-    """0-based (first, last) lines of the top-level `search:` entry, or None."""
-    import yaml
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    if not isinstance(root, yaml.MappingNode):
-        return None
-    for k, v in root.value:
-        if k.value == "search":
-            end = v.end_mark.line - (1 if v.end_mark.column == 0 else 0)
-            return k.start_mark.line, max(end, k.start_mark.line)
-    return None
-
-
-def load_train_yaml(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple:
-    """(TrainConfig, search dict or None) from a training YAML that may carry a `search:` block.
-
-    The block's lines are blanked in a temporary copy, so load_config's errors keep pointing at the right line; the
-    copy's name in an error is replaced by the user's file name.
-    """
-    import yaml
-
-    from chatforge.config import load_config
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ChatforgeError(f"{path}: config file not found")
-    span = _search_line_range(text)
-    search = None
-    if span is not None:
-        search = (yaml.safe_load(text) or {}).get("search")
-        lines = text.splitlines()
-        for i in range(span[0], span[1] + 1):
-            lines[i] = ""
-        text = "\n".join(lines) + "\n"
-    fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="chatforge-tune-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        try:
-            cfg = load_config(tmp, list(overrides))
-        except ChatforgeError as e:
-            raise ChatforgeError(str(e).replace(tmp, path)) from None
-    finally:
-        os.unlink(tmp)
-    if span is not None:
-        search = parse_search(search, f"{path}:{span[0] + 1}")
-    return cfg, search
-
-
-def parse_search(search, where: str) -> dict[str, dict]:
-    """Validate the search block: name -> {"low","high","log","step"} or {"choices"}."""
-    import dataclasses
-
-    from chatforge.config import TrainConfig
-
-    if not isinstance(search, dict) or not search:
-        raise ChatforgeError(f"{where}: search: expected a mapping of config keys to ranges, e.g. "
-                             "lr: {low: 1e-4, high: 3e-3, log: true}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for name, spec in search.items():
-        top = str(name).split(".")[0]
-        if top not in known:
-            raise ChatforgeError(f"{where}: search.{name}: unknown config key {top!r}")
-        if not isinstance(spec, dict):
-            raise ChatforgeError(f"{where}: search.{name}: expected {{low, high}} or {{choices: [...]}}, got {spec!r}")
-        if "choices" in spec:
-            if not isinstance(spec["choices"], list) or not spec["choices"] or set(spec) - {"choices"}:
-                raise ChatforgeError(f"{where}: search.{name}: choices must be a non-empty list (and alone)")
-            out[name] = {"choices": spec["choices"]}
-            continue
-        extra = set(spec) - {"low", "high", "log", "step"}
-        if extra or "low" not in spec or "high" not in spec:
-            raise ChatforgeError(f"{where}: search.{name}: expected keys low, high (and optionally log, step), "
-                                 f"got {sorted(spec)}")
-        try:
-            low, high = (float(spec[k]) if isinstance(spec[k], str) else spec[k] for k in ("low", "high"))
-        except ValueError:
-            raise ChatforgeError(f"{where}: search.{name}: low and high must be numbers")
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (low, high)) or not low < high:
-            raise ChatforgeError(f"{where}: search.{name}: need numbers low < high, got {spec['low']!r}, {spec['high']!r}")
-        log = bool(spec.get("log", False))
-        if log and low <= 0:
-            raise ChatforgeError(f"{where}: search.{name}: a log range needs low > 0")
-        step = spec.get("step")
-        is_int = isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int))
-        out[name] = {"low": low, "high": high, "log": log, "step": step, "int": is_int}
-    return out
-
-
-def suggest(trial, space: dict[str, dict]) -> dict:
+def suggest(trial, space: dict[str, SearchRange | SearchChoice]) -> dict:
+    """The trial's values for the search space, keyed by dotted config names."""
     params = {}
     for name, s in space.items():
-        if "choices" in s:
-            params[name] = trial.suggest_categorical(name, s["choices"])
-        elif s["int"]:
-            params[name] = trial.suggest_int(name, s["low"], s["high"], step=s["step"] or 1, log=s["log"])
+        if isinstance(s, SearchChoice):
+            params[name] = trial.suggest_categorical(name, s.choices)
+        elif s.integer:
+            params[name] = trial.suggest_int(name, s.low, s.high, step=s.step or 1, log=s.log)
         else:
-            params[name] = trial.suggest_float(name, float(s["low"]), float(s["high"]), step=s["step"], log=s["log"])
+            params[name] = trial.suggest_float(name, float(s.low), float(s.high), step=s.step, log=s.log)
     return params
-
-
-def _override(name: str, value) -> str:
-    import json
-
-    return f"{name}={json.dumps(value)}"  # JSON is YAML: numbers, strings and lists read back as they were
 
 
 # ---------------------------------------------------------------- study and workers
@@ -165,10 +65,12 @@ def _quiet_optuna() -> None:
 
 
 def run_worker(config: str, study_name: str, storage_url: str, n_trials: int, out: str, seed: int, worker: int,
-               prune_after: int, threads: int | None, timeout_s: float | None = None) -> None:
-    """Run n_trials trials of the shared study in this process."""
+               prune_after: int, threads: int | None, timeout_s: float | None = None, on_trial=None) -> None:
+    """Run n_trials trials of the shared study in this process; on_trial(number, outcome, params, detail) hears of
+    each: outcome "complete" (detail: val loss), "pruned" or "failed" (detail: the one-line reason)."""
     import optuna
 
+    from chatforge.train.events import Evaluated
     from chatforge.train.loop import train
 
     _quiet_optuna()
@@ -176,6 +78,7 @@ def run_worker(config: str, study_name: str, storage_url: str, n_trials: int, ou
         import torch
 
         torch.set_num_threads(threads)
+    tell = on_trial or (lambda *a: None)
     storage = _storage(storage_url)
     probe = optuna.load_study(study_name=study_name, storage=storage)
     # A distinct, reproducible seed per worker and per resume, so parallel or resumed workers don't replay the
@@ -188,46 +91,68 @@ def run_worker(config: str, study_name: str, storage_url: str, n_trials: int, ou
     def objective(trial) -> float:
         params = suggest(trial, space)
         run_dir = Path(out) / f"trial-{trial.number:04d}"
-        overrides = [_override(k, v) for k, v in params.items()] + [f"out_dir={run_dir}"]
-        if threads:
-            overrides.append(f"num_threads={threads}")
+        fixed = {"out_dir": str(run_dir)} | ({"num_threads": threads} if threads else {})
 
-        def on_eval(step: int, metrics: dict) -> None:
+        def on_event(event) -> None:
+            if not isinstance(event, Evaluated):
+                return
             # Reported against tokens seen, not steps, so trials with different batch sizes meet at equal budgets.
-            trial.report(metrics["val_loss"], metrics["tokens"])
+            row = event.row
+            trial.report(row["val_loss"], row["tokens"])
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val loss {metrics['val_loss']:.4f} after {metrics['tokens']:,} tokens is "
+                raise optuna.TrialPruned(f"val loss {row['val_loss']:.4f} after {row['tokens']:,} tokens is "
                                          "worse than the median of earlier trials")
 
         try:
-            cfg, _ = load_train_yaml(config, overrides)
-            summary = train(cfg, on_eval=on_eval, progress=False)
+            cfg, _ = load_train_yaml(config, values=params | fixed)
+            summary = train(cfg, on_event=on_event)
         except optuna.TrialPruned:
-            print(f"trial {trial.number}: pruned {_fmt(params)}", file=sys.stderr, flush=True)
+            tell(trial.number, "pruned", params, None)
             raise
         except ChatforgeError as e:  # e.g. a d_model the heads do not divide: this trial fails, the study goes on
-            print(f"trial {trial.number}: failed: {e}", file=sys.stderr, flush=True)
+            tell(trial.number, "failed", params, str(e))
             trial.set_user_attr("error", str(e))
             return float("nan")  # Optuna records NaN as a failed trial, without a traceback
-        trial.set_user_attr("val_bpb", summary["val_bpb"])
-        trial.set_user_attr("tokens_per_s", summary["tokens_per_s"])
-        trial.set_user_attr("params", summary["params"])
+        for key in ("val_bpb", "tokens_per_s", "params"):
+            trial.set_user_attr(key, summary[key])
         trial.set_user_attr("out_dir", str(run_dir))
-        print(f"trial {trial.number}: val loss {summary['val_loss']:.4f} {_fmt(params)}", file=sys.stderr,
-              flush=True)
+        tell(trial.number, "complete", params, summary["val_loss"])
         return summary["val_loss"]
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout_s, gc_after_trial=True)
 
 
-def _fmt(params: dict) -> str:
+def format_params(params: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def _worker_main(argv: list[str]) -> None:
-    import json
+def open_study(config: str, trials: int, study: str, storage: str | None, workers: int, out: str | None,
+               seed: int, prune_after: int, timeout_s: float | None) -> dict:
+    """Check the search, create (or reopen) the study; returns {"url", "out_dir", "done", "workers": the keyword
+    arguments of run_worker for each worker that has trials to run}."""
+    import optuna
 
-    run_worker(**json.loads(argv[0]))
+    _quiet_optuna()
+    base, space = load_train_yaml(config)
+    if not space:
+        raise ChatforgeError(f"{config}: no search: block (e.g. search: {{lr: {{low: 1e-4, high: 3e-3, log: true}}}})")
+    if base.val_fraction <= 0:
+        raise ChatforgeError(f"{config}: val_fraction must be > 0: trials are compared on validation loss")
+    for flag, value in (("trials", trials), ("workers", workers)):
+        if value < 1:
+            raise ChatforgeError(f"tune: --{flag} must be at least 1, got {value}")
+    out_dir = Path(out or f"{base.out_dir.rstrip('/')}-tune")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
+    st = optuna.create_study(study_name=study, storage=_storage(url), direction="minimize", load_if_exists=True)
+    done = len(finished(st))
+    remaining = max(trials - done, 0)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
+    args = [dict(config=config, study_name=study, storage_url=url, n_trials=n, out=str(out_dir), seed=seed,
+                 worker=i, prune_after=prune_after, threads=threads, timeout_s=timeout_s)
+            for i, n in enumerate(shares) if n]
+    return {"url": url, "out_dir": out_dir, "done": done, "remaining": remaining, "workers": args}
 
 
 # ---------------------------------------------------------------- results
@@ -240,33 +165,32 @@ def finished(study) -> list:
 
 def write_best(study, config: str, out: Path) -> Path:
     """best.yaml: the base config with the best trial's values, ready for `chatforge train --config best.yaml`."""
-    best = study.best_trial
-    overrides = [_override(k, v) for k, v in best.params.items()] + [f"out_dir={out / 'best-run'}"]
-    cfg, _ = load_train_yaml(config, overrides)
+    cfg, _ = load_train_yaml(config, values=study.best_trial.params | {"out_dir": str(out / "best-run")})
     path = out / "best.yaml"
     cfg.save(path)
     return path
 
 
-def write_plots(study, out: Path) -> list[str]:
-    """optimization_history.png and param_importances.png (the latter needs two finished trials that differ)."""
+def write_plots(study, out: Path) -> tuple[list[str], list[str]]:
+    """(written, notes): optimization_history.png and param_importances.png (the latter needs two finished trials
+    that differ); a note says why a plot was skipped."""
     from optuna.visualization import matplotlib as ovm
 
     from chatforge.plots import pyplot, save_figure
 
     pyplot()  # the Agg backend, before optuna touches matplotlib
-    written = []
+    written, notes = [], []
     for name, fn in (("optimization_history.png", ovm.plot_optimization_history),
                      ("param_importances.png", ovm.plot_param_importances)):
         try:
             ax = fn(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few complete trials for importances
-            print(f"note: {name} skipped ({e})", file=sys.stderr)
+            notes.append(f"note: {name} skipped ({e})")
             continue
         fig = ax.figure
         fig.set_size_inches(7, 4)
         written.append(save_figure(fig, out / name))
-    return written
+    return written, notes
 
 
 def trials_table(study) -> str:
@@ -284,79 +208,22 @@ def trials_table(study) -> str:
     return "\n".join(rows)
 
 
-def tune_command(config: str, trials: int = 20, study: str = "chatforge", storage: str | None = None,
-                 workers: int = 1, timeout_s: float | None = None, out: str | None = None, seed: int = 0,
-                 prune_after: int = 4) -> int:
-    """Search hyperparameters with Optuna (TPE sampler, median pruning on validation loss) over the `search:`
-    block of a training YAML; writes best.yaml, the trials table and PNG plots.
-
-    Args:
-        config: training YAML with a search: block (see configs/tune-quickstart.yaml).
-        trials: finished trials (complete or pruned) the study should hold; a resumed study runs only the rest.
-        study: study name inside the storage.
-        storage: Optuna storage URL (default: sqlite:///OUT/optuna.db).
-        workers: worker processes sharing the storage (each gets an equal share of the CPU threads).
-        timeout_s: stop starting new trials after this many seconds.
-        out: folder for trials, best.yaml and plots (default: the config's out_dir + "-tune").
-        seed: sampler seed (each worker and each resume derive their own from it).
-        prune_after: trials that always run to the end before the median pruner starts pruning.
-    """
-    import json
-    import subprocess
-
+def finish_study(config: str, study: str, url: str, out_dir: Path) -> dict:
+    """best.yaml, the plots and tune.json once the workers are done; returns tune.json's content plus "table"
+    and "notes"."""
     import optuna
 
-    _quiet_optuna()
-    base, space = load_train_yaml(config)
-    if not space:
-        raise ChatforgeError(f"{config}: no search: block (e.g. search: {{lr: {{low: 1e-4, high: 3e-3, log: true}}}})")
-    if base.val_fraction <= 0:
-        raise ChatforgeError(f"{config}: val_fraction must be > 0: trials are compared on validation loss")
-    for flag, value in (("trials", trials), ("workers", workers)):
-        if value < 1:
-            raise ChatforgeError(f"tune: --{flag} must be at least 1, got {value}")
-    out_dir = Path(out or f"{base.out_dir.rstrip('/')}-tune")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
-    st = optuna.create_study(study_name=study, storage=_storage(url), direction="minimize", load_if_exists=True)
-    done = len(finished(st))
-    remaining = trials - done
-    print(f"study {study!r} in {url}: {done} finished trials, {max(remaining, 0)} to run with {workers} worker(s)",
-          file=sys.stderr)
-    if remaining > 0:
-        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-        shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
-        args = [dict(config=config, study_name=study, storage_url=url, n_trials=n, out=str(out_dir), seed=seed,
-                     worker=i, prune_after=prune_after, threads=threads, timeout_s=timeout_s)
-                for i, n in enumerate(shares) if n]
-        if len(args) == 1:
-            run_worker(**args[0])
-        else:
-            code = "import sys; from chatforge.tools.tune import _worker_main; _worker_main(sys.argv[1:])"
-            procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(a)]) for a in args]
-            try:
-                codes = [p.wait() for p in procs]
-            finally:
-                for p in procs:  # Ctrl-C: stop the workers too; their running trials are marked failed later
-                    if p.poll() is None:
-                        p.terminate()
-            if any(codes):
-                raise ChatforgeError(f"tune: a worker failed (exit codes {codes}); see its messages above")
+    from chatforge.weights.folder import write_json
+
     st = optuna.load_study(study_name=study, storage=_storage(url))
     complete = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise ChatforgeError(f"tune: no trial completed in study {study!r} (see the messages above)")
     best_yaml = write_best(st, config, out_dir)
-    plots = write_plots(st, out_dir)
-    table = trials_table(st)
+    plots, notes = write_plots(st, out_dir)
     summary = {"study": study, "storage": url, "best_trial": st.best_trial.number, "best_value": st.best_value,
                "best_params": st.best_params, "best_yaml": str(best_yaml), "plots": plots,
                "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                            "user_attrs": t.user_attrs} for t in st.trials]}
-    from chatforge.weights.folder import write_json
-
     write_json(out_dir / "tune.json", summary)
-    print(table)
-    print(f"\nbest: trial {st.best_trial.number}, val loss {st.best_value:.4f}, {_fmt(st.best_params)}")
-    print(f"train it: chatforge train --config {best_yaml}")
-    return 0
+    return summary | {"table": trials_table(st), "notes": notes}

@@ -1,82 +1,31 @@
 """The one training loop: pretraining and SFT, from scratch or from a pretrained model, full or LoRA.
 
-The objective is a sum of cross-entropy over trained tokens (every token for pretraining, assistant replies and their
-closing end-of-turn for SFT) divided by the number of trained tokens in the whole optimizer step, so gradient
-accumulation gives exactly the gradient of one big batch. The learning rate is a linear warm-up times a cosine over
-the share of the budget used (steps, tokens or seconds, whichever runs out first). Checkpoints are atomic and carry
-everything a resumed run needs to continue bit for bit (train_state.py).
+It reads top to bottom: set_up (run folder, data, tokenizer, model, optimizer, resume), then per optimizer step
+train_step, evaluate and checkpoint, then finish (weights, plot, summary, samples). What a stage trains on and its
+loss come from loss.py's Stage; the schedule and optimizer from optim.py; the run folder's files from run.py; the
+resume state from state.py, which carries everything a resumed run needs to continue bit for bit. The loop prints
+nothing: it emits events (events.py) that the command layer shows.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from chatforge.config import TrainConfig, load_config
+from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
-
-LN2 = math.log(2.0)
-
-
-# ---------------------------------------------------------------- schedule and optimizer
-
-def lr_at(step: int, progress: float, lr: float, min_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over warmup_steps, times a cosine from lr to min_lr over progress in [0, 1]."""
-    p = min(max(progress, 0.0), 1.0)
-    cosine = min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * p))
-    if warmup_steps and step < warmup_steps:
-        return cosine * (step + 1) / warmup_steps
-    return cosine
-
-
-def budget_progress(cfg: TrainConfig, step: int, tokens: int, elapsed_s: float, clock: bool = True) -> float:
-    """Share of the budget used: the largest of steps, tokens and (with clock) seconds. The run stops at 1."""
-    shares = [0.0]
-    if cfg.max_steps:
-        shares.append(step / cfg.max_steps)
-    if cfg.max_tokens:
-        shares.append(tokens / cfg.max_tokens)
-    if cfg.max_time_s and clock:
-        shares.append(elapsed_s / cfg.max_time_s)
-    return max(shares)
-
-
-def schedule_progress(cfg: TrainConfig, step: int, tokens: int, elapsed_s: float) -> float:
-    """How far the learning-rate schedule is: steps and tokens, so that a seeded run trains the same model on a fast
-    or a busy machine; seconds only when max_time_s is the sole budget. A run whose max_time_s runs out first stops
-    before its cosine has decayed, and says so ("time limit")."""
-    return budget_progress(cfg, step, tokens, elapsed_s, clock=not (cfg.max_steps or cfg.max_tokens))
-
-
-def param_groups(model, weight_decay: float, no_decay: set[int] = frozenset()) -> list[dict]:
-    """Decay every matrix (embeddings included, as nanoGPT does: a tied embedding is the output layer too);
-    never decay norms and biases, which would only pull them towards zero without regularising anything.
-    no_decay: ids of further parameters to spare, e.g. frozen embeddings whose new rows alone get gradient."""
-    decay, spared = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in no_decay else spared).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": spared, "weight_decay": 0.0}]
-
-
-def make_optimizer(model, cfg: TrainConfig, device, core=None):
-    import torch
-
-    spare: set[int] = set()
-    if cfg.freeze_embeddings and core is not None:  # only new rows train; decay must not shrink the frozen ones
-        spare = {id(core.model.embed_tokens.weight), id(core.lm_head.weight)}
-    groups = [g for g in param_groups(model, cfg.weight_decay, spare) if g["params"]]
-    if not groups:
-        raise ChatforgeError("config: nothing to train (every parameter is frozen)")
-    fused = device.type in ("cpu", "cuda")  # 5x faster step on CPU than the foreach default (DESIGN.md)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+from chatforge.train.events import Evaluated, Note, Started, Stepped
+from chatforge.train.loss import STAGES, Stage, accumulate_gradients, evaluate_rows
+from chatforge.train.optim import budget_progress, lr_at, make_optimizer, schedule_progress, step_tokens, \
+    warmup_share
+from chatforge.train.run import open_run_folder, read_metrics, record_config, rewrite_metrics, plot_losses, \
+    save_weights, write_samples
+from chatforge.train.state import Progress
 
 
 # ---------------------------------------------------------------- model and tokenizer
@@ -125,7 +74,8 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
     """(model to train, the plain GPT inside it). Seeded, so a resumed run builds the same frozen weights."""
     import torch
 
-    from chatforge.model.gpt import ModelConfig, config_from_preset, GPT
+    from chatforge.model.gpt import GPT
+    from chatforge.model.shape import model_config
 
     torch.manual_seed(cfg.seed)
     if cfg.init:
@@ -141,22 +91,14 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
         core.new_token_ids = list(new_token_ids)  # lora.py trains these rows even when embeddings are frozen
         core.name_or_path = cfg.init  # recorded in a LoRA adapter as its base model
     else:
-        spec = dict(cfg.model)
-        preset = spec.pop("preset", None)
-        spec["vocab_size"] = tokenizer.vocab_size
-        if "max_seq_len" in spec and spec["max_seq_len"] < cfg.seq_len:
-            raise ChatforgeError(f"config: model.max_seq_len {spec['max_seq_len']} is shorter than seq_len {cfg.seq_len}")
-        base = config_from_preset(preset, **spec) if preset else ModelConfig(**spec)
-        if "max_seq_len" not in spec and base.max_seq_len < cfg.seq_len:
-            base.max_seq_len = cfg.seq_len
-        core = GPT(base)
+        core = GPT(model_config(cfg.model, tokenizer.vocab_size, cfg.seq_len))
     if cfg.dropout is not None:
         set_dropout(core, cfg.dropout)
     core.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora:
         from chatforge.weights.lora import apply_lora
 
-        return apply_lora(core, dict(cfg.lora), cfg.freeze_embeddings, cfg.freeze_blocks), core
+        return apply_lora(core, asdict(cfg.lora), cfg.freeze_embeddings, cfg.freeze_blocks), core
     if cfg.freeze_embeddings or cfg.freeze_blocks:
         from chatforge.weights.lora import freeze
 
@@ -164,203 +106,48 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
     return core, core
 
 
-def save_weights(model, core, tokenizer, folder: Path, lora: bool) -> None:
-    """A model folder (full training) or an adapter folder (LoRA)."""
-    if lora:
-        from chatforge.weights.lora import save_adapter
+# ---------------------------------------------------------------- set-up
 
-        save_adapter(model, str(folder), tokenizer=tokenizer)
-    else:
-        from chatforge.weights.folder import save_model
+@dataclass
+class Run:
+    """Everything set_up builds and the steps use."""
 
-        save_model(core, tokenizer, folder)
+    cfg: TrainConfig
+    out: Path
+    stage: Stage
+    device: object
+    dtype: object
+    tokenizer: object
+    model: object  # what trains: the GPT, or the peft model around it
+    core: object  # the plain GPT inside
+    optimizer: object
+    forward: object  # the model, compiled when cfg.compile
+    stream: object
+    val_rows: object
+    val_records: list
+    byte_table: np.ndarray
+    autocast: object
+    emit: object
+    last_saved: Path | None = None
+    started: float = field(default_factory=time.time)
 
-
-# ---------------------------------------------------------------- loss and evaluation
-
-def batch_loss(model, batch, autocast_ctx):
-    """(summed cross-entropy over trained targets, number of correct argmax predictions, predicted ids)."""
-    import torch.nn.functional as F
-
-    with autocast_ctx:
-        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-    picked = logits[batch.loss_mask].float()
-    targets = batch.targets[batch.loss_mask]
-    return F.cross_entropy(picked, targets, reduction="sum"), picked.argmax(-1), targets
-
-
-def accumulate_gradients(model, micro_batches, device, autocast_ctx) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step; returns (mean loss per trained token, trained tokens).
-
-    Each micro-batch's summed loss is divided by the trained tokens of the whole step, not by its own count, so the
-    accumulated gradient equals that of one batch holding all of them, however the tokens fall between micro-batches.
-    """
-    n_trained = sum(b.n_trained for b in micro_batches)
-    if n_trained == 0:
-        raise ChatforgeError("training: a step without trained tokens (every record in it was fully masked)")
-    loss_sum = 0.0
-    for b in micro_batches:
-        ce, _, _ = batch_loss(model, b.to(device), autocast_ctx)
-        (ce / n_trained).backward()
-        loss_sum += float(ce.detach())
-    return loss_sum / n_trained, n_trained
+    @property
+    def trainable(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def evaluate_rows(model, rows, batch_size: int, device, dtype, byte_table: np.ndarray,
-                  max_batches: int | None = None) -> dict:
-    """loss (nats per trained token), ppl, bpb (bits per UTF-8 byte of the trained tokens), acc, tokens."""
+def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple[Run, Progress]:
+    """The run folder, data, tokenizer, model and optimizer, in the order that makes a resumed run bit-identical;
+    then the saved progress when resuming."""
     import torch
 
-    from chatforge.data.pack import iter_batches
-    from chatforge.device import autocast
-
-    was_training = model.training
-    model.eval()
-    nats, correct, n, n_bytes = 0.0, 0, 0, 0
-    table = torch.from_numpy(byte_table.astype(np.int64))
-    with torch.no_grad():
-        for batch in iter_batches(rows, batch_size, max_batches):
-            n_bytes += int(table[batch.targets[batch.loss_mask]].sum())
-            batch = batch.to(device)
-            loss, pred, targets = batch_loss(model, batch, autocast(device, dtype))
-            nats += float(loss)
-            correct += int((pred == targets).sum())
-            n += int(targets.numel())
-    model.train(was_training)
-    if n == 0:
-        raise ChatforgeError("evaluation: no trained tokens in the evaluation records")
-    loss = nats / n
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": nats / LN2 / max(n_bytes, 1),
-            "acc": correct / n, "tokens": n, "bytes": n_bytes}
-
-
-def evaluate_loss(model, tokenizer, records, seq_len: int, batch_size: int, device="cpu", dtype="fp32",
-                  max_batches: int | None = None, target: str = "assistant") -> dict:
-    """Loss, perplexity, bits-per-byte and next-token accuracy of a model on records.
-
-    target: assistant (assistant replies + their end-of-turn; text records: every token), content (every turn's
-    content + end-of-turn, role headers excluded: the held-out dialog text), or all (every token).
-    Control tokens count 0 bytes in bits-per-byte, though their loss counts, so bpb never flatters the model.
-    """
-    import torch
-
-    from chatforge.data.pack import encode_records, pack, token_byte_lengths
-    from chatforge.device import pick_device, resolve_dtype
-
-    device = pick_device(device) if isinstance(device, str) else device
-    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
-    enc = encode_records(records, tokenizer, target, seq_len + 1, split_long=True)  # every byte is scored
-    if not enc.ids:
-        raise ChatforgeError("evaluation: no records with trained tokens")
-    rows = pack(enc, seq_len, tokenizer.pad_id)
-    out = evaluate_rows(model, rows, batch_size, device, dtype or torch.float32, token_byte_lengths(tokenizer),
-                        max_batches)
-    return out | {"records": enc.stats["records"], "split": enc.stats["split"]}
-
-
-# ---------------------------------------------------------------- samples and plots
-
-def sample_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
-    """Greedy replies to single-turn prompts, through the one engine."""
-    from chatforge.generation.bot import Bot
-
-    was_training = model.training
-    try:
-        bot = Bot(model, tokenizer)
-        n = min(max_new_tokens, bot.context_length // 2)
-        return bot.chat_batch([[{"role": "user", "content": p}] for p in prompts], max_new_tokens=n, temperature=0.0)
-    finally:
-        model.train(was_training)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    out = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    out.append(json.loads(line))
-    return out
-
-
-def plot_losses(metrics: list[dict], path: str | os.PathLike, title: str = "") -> None:
-    """loss.png: training loss per step and validation loss at each evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from chatforge.io import atomic_path
-
-    steps = [m["step"] for m in metrics if "loss" in m]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if steps:
-        losses = [m["loss"] for m in metrics if "loss" in m]
-        ax.plot(steps, losses, lw=0.8, alpha=0.5, label="train")
-        k = max(1, len(losses) // 50)
-        if k > 1:
-            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"train (mean of {k})")
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    if val:
-        ax.plot(*zip(*val), "o-", lw=1.5, label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------- the loop
-
-def _rewrite_metrics(path: Path, upto_step: int) -> None:
-    """A resumed run redoes the steps after its checkpoint; drop their old lines so each step appears once."""
-    from chatforge.io import atomic_write_text
-
-    if path.exists():
-        kept = [m for m in read_metrics(path) if m.get("step", 0) <= upto_step]
-        atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
-
-
-def train(cfg: TrainConfig, resume: bool = False, on_eval=None, progress: bool = True,
-          records: tuple | None = None) -> dict:
-    """Train as cfg says; returns {"out_dir","final_dir","best_dir","steps","tokens","val_loss","val_bpb",
-    "tokens_per_s","params","wall_s", ...}.
-
-    on_eval(step, metrics) runs after each validation (an exception from it, e.g. Optuna's pruning, stops the run).
-    records: (train, val, report) to use instead of loading cfg.data.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _train(cfg, resume, on_eval, progress, records)
-    finally:
-        torch.set_num_threads(threads)  # cfg.num_threads is for this run, not for the caller's process
-
-
-def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tuple | None) -> dict:
-    import torch
-
-    from chatforge.data.pack import BatchStream, encode_records, pack, token_byte_lengths
+    from chatforge.data.pack import token_byte_lengths
     from chatforge.device import autocast, pick_device, resolve_dtype
-    from chatforge.train.state import latest_state, load_state, save_state
+    from chatforge.weights.folder import write_json
 
-    t0 = time.time()
+    started = time.time()
     out = Path(cfg.out_dir)
-    state_dir = out / "state"
-    previous = latest_state(state_dir)
-    if previous is not None and not resume:
-        raise ChatforgeError(f"{out}: already holds a run (state/latest.json); pass --resume to continue it "
-                             "or choose another out_dir")
-    if resume and previous is None:
-        raise ChatforgeError(f"{out}: nothing to resume (no state/latest.json)")
-    out.mkdir(parents=True, exist_ok=True)
+    previous = open_run_folder(out, resume)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
@@ -368,194 +155,208 @@ def _train(cfg: TrainConfig, resume: bool, on_eval, progress: bool, records: tup
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-
-    # data, tokenizer, model
     if records is None:
         from chatforge.data import load_dataset
 
-        train_records, val_records, data_report = load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
-    else:
-        train_records, val_records, data_report = records
+        records = load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    train_records, val_records, data_report = records
     tokenizer, new_ids = build_tokenizer(cfg, train_records, out, resume)
     model, core = build_model(cfg, tokenizer, new_ids)
     model.to(device)
-    row_len = cfg.seq_len + 1
-    target = "all" if cfg.stage == "pretrain" else "assistant"
-    split = cfg.stage == "pretrain"
-    train_enc = encode_records(train_records, tokenizer, target, row_len, split)
-    val_enc = encode_records(val_records, tokenizer, target, row_len, split)
-    stream = BatchStream(train_enc, cfg.seq_len, cfg.batch_size, tokenizer.pad_id, cfg.seed)
-    val_rows = pack(val_enc, cfg.seq_len, tokenizer.pad_id) if val_enc.ids else None
+    stage = STAGES[cfg.stage]
+    train_enc = stage.encode(train_records, tokenizer, cfg.seq_len)
+    val_enc = stage.encode(val_records, tokenizer, cfg.seq_len)
+    stream = stage.batches(train_enc, cfg.seq_len, cfg.batch_size, tokenizer.pad_id, cfg.seed)
+    val_rows = stage.eval_rows(val_enc, cfg.seq_len, tokenizer.pad_id)
     byte_table = token_byte_lengths(tokenizer)
-    from chatforge.weights.folder import write_json
-
     write_json(out / "data_report.json", dict(data_report) | {"encoding": {"train": train_enc.stats,
                                                                            "val": val_enc.stats}})
-    if resume and (out / "config.yaml").exists():
-        old = load_config(str(out / "config.yaml"))
-        changed = [k for k, v in cfg.to_dict().items() if old.to_dict().get(k) != v]
-        if changed:
-            say(f"note: config differs from {out / 'config.yaml'} in: {', '.join(changed)} (using the new values)")
-    cfg.save(out / "config.yaml")
+    for note in record_config(cfg, out, resume):
+        emit(Note(note))
+    run = Run(cfg, out, stage, device, dtype, tokenizer, model, core, make_optimizer(model, cfg, device, core),
+              torch.compile(model) if cfg.compile else model, stream, val_rows, val_records, byte_table,
+              autocast(device, dtype), emit, started=started)
+    progress = _restore(run, previous) if resume else Progress()
+    if not resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    _announce(run, progress, train_enc.stats)
+    return run, progress
 
-    optimizer = make_optimizer(model, cfg, device, core)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_params = core.num_params()
-    n_trainable = sum(p.numel() for p in trainable)
-    fwd = torch.compile(model) if cfg.compile else model
-    step_tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    metrics_path = out / "metrics.jsonl"
 
-    step, tokens, trained_total, elapsed, compute_s = 0, 0, 0, 0.0, 0.0
-    best_val, best_step, bad_evals = math.inf, None, 0
-    last_val: dict | None = None
-    stop_reason = "budget"
-    if resume:
-        st = load_state(previous, model, optimizer)
-        step, tokens, trained_total = st["step"], st["tokens"], st["trained_tokens"]
-        elapsed, compute_s = st["elapsed_s"], st["compute_s"]
-        best_val = st["best_val"] if st["best_val"] is not None else math.inf
-        best_step, bad_evals, last_val = st["best_step"], st["bad_evals"], st.get("last_val")
-        stream.load_state(st["data"])
-        _rewrite_metrics(metrics_path, step)
-        say(f"resumed from {previous} (step {step})")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+def _restore(run: Run, previous: Path) -> Progress:
+    from chatforge.train.state import load_state
 
-    lora = bool(cfg.lora)
-    say(f"model: {n_params:,} parameters ({core.num_params(non_embedding=True):,} non-embedding), "
-        f"{n_trainable:,} trained; vocab {tokenizer.vocab_size}; device {device.type}, "
-        f"{str(dtype).removeprefix('torch.')}{' autocast' if dtype != torch.float32 else ''}")
-    s = train_enc.stats
-    say(f"data: {s['records']} train records -> {s['tokens']:,} tokens ({s['trained_tokens']:,} trained), "
-        f"{stream.rows_per_epoch()} rows of {cfg.seq_len} per epoch; {len(val_records)} val records; "
-        f"truncated {s['truncated']}, split {s['split']}, dropped {s['dropped_no_trained_tokens']} "
-        "with no trained tokens")
+    trainer = load_state(previous, run.model, run.optimizer)
+    progress = Progress.from_trainer(trainer)
+    run.stream.load_state(trainer["data"])
+    rewrite_metrics(run.out / "metrics.jsonl", progress.step)
+    run.last_saved = previous
+    run.emit(Note(f"resumed from {previous} (step {progress.step})"))
+    return progress
 
-    def eval_now() -> dict:
-        return evaluate_rows(model, val_rows, cfg.batch_size, device, dtype, byte_table, cfg.eval_batches)
 
-    def checkpoint_state() -> Path:
-        return save_state(state_dir, step, model, optimizer, {
-            "tokens": tokens, "trained_tokens": trained_total, "elapsed_s": elapsed, "compute_s": compute_s,
-            "best_val": None if math.isinf(best_val) else best_val, "best_step": best_step,
-            "bad_evals": bad_evals, "last_val": last_val, "data": stream.state()})
+def _announce(run: Run, progress: Progress, stats: dict) -> None:
+    """Started (what trains on what), and a warning when the warm-up eats most of the budget."""
+    import torch
 
-    from tqdm import tqdm
+    cfg = run.cfg
+    share = warmup_share(cfg)
+    if share is not None and share > 0.5:
+        run.emit(Note(f"warning: the warm-up ({cfg.warmup_steps} steps) takes {min(share, 1):.0%} of the training "
+                      "budget, leaving the cosine decay little or nothing; lower warmup_steps or raise the budget"))
+    total = cfg.max_steps or (math.ceil(cfg.max_tokens / step_tokens(cfg)) if cfg.max_tokens else None)
+    info = {"params": run.core.num_params(), "non_embedding": run.core.num_params(non_embedding=True),
+            "trainable": sum(p.numel() for p in run.trainable), "vocab": run.tokenizer.vocab_size,
+            "device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."),
+            "autocast": run.dtype != torch.float32, "data": stats, "rows_per_epoch": run.stream.rows_per_epoch(),
+            "seq_len": cfg.seq_len, "val_records": len(run.val_records)}
+    run.emit(Started(progress.step, total, info))
 
-    total = cfg.max_steps or (math.ceil(cfg.max_tokens / step_tokens) if cfg.max_tokens else None)
-    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
-    ctx_autocast = autocast(device, dtype)
-    model.train()
-    done = budget_progress(cfg, step, tokens, elapsed) >= 1.0
-    last_saved = latest_state(state_dir)
-    loop_start = time.time() - elapsed
-    recent_tok_s = 0.0
-    try:
-        with open(metrics_path, "a", encoding="utf-8") as mf:
-            while not done:
-                t_step = time.time()
-                lr = lr_at(step, schedule_progress(cfg, step, tokens, elapsed), cfg.lr, cfg.final_min_lr,
-                           cfg.warmup_steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss, n_trained = accumulate_gradients(fwd, [stream.next() for _ in range(cfg.grad_accum)],
-                                                       device, ctx_autocast)
-                gnorm = None
-                if cfg.grad_clip:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-                if not math.isfinite(loss) or (gnorm is not None and not math.isfinite(gnorm)):
-                    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
-                    good = last_saved if last_saved is not None else "none (no checkpoint was saved yet)"
-                    raise ChatforgeError(f"step {step + 1}: {what}; stopped without updating the weights. "
-                                         f"Last good checkpoint: {good} (try a lower lr or more warmup_steps)")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += step_tokens
-                trained_total += n_trained
-                dt = time.time() - t_step
-                compute_s += dt
-                recent_tok_s = step_tokens / dt if not recent_tok_s else 0.9 * recent_tok_s + 0.1 * step_tokens / dt
-                elapsed = time.time() - loop_start
-                done = budget_progress(cfg, step, tokens, elapsed) >= 1.0
-                if done and budget_progress(cfg, step, tokens, elapsed, clock=False) < 1.0:
-                    stop_reason = "time limit"
-                row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "trained_tokens": n_trained,
-                       "tok_s": round(step_tokens / dt, 1), "grad_norm": gnorm, "epoch": stream.epoch,
-                       "elapsed_s": round(elapsed, 3)}
-                if val_rows is not None and (step % cfg.eval_every == 0 or done):
-                    last_val = eval_now()
-                    row |= {"val_loss": last_val["loss"], "val_ppl": last_val["ppl"], "val_bpb": last_val["bpb"],
-                            "val_acc": last_val["acc"], "val_tokens": last_val["tokens"]}
-                    if last_val["loss"] < best_val:
-                        best_val, best_step, bad_evals = last_val["loss"], step, 0
-                        save_weights(model, core, tokenizer, out / "best", lora)
-                    else:
-                        bad_evals += 1
-                        if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
-                            done, stop_reason = True, "early stop"
-                    if progress:
-                        bar.write(f"step {step}: val loss {last_val['loss']:.4f}, bpb {last_val['bpb']:.4f}, "
-                                  f"acc {last_val['acc']:.3f}" + (" (best)" if best_step == step else ""))
-                    if on_eval is not None:
-                        on_eval(step, dict(row))
-                mf.write(json.dumps(row) + "\n")
-                mf.flush()
-                if step % cfg.save_every == 0 or done:
-                    last_saved = checkpoint_state()
-                elapsed = time.time() - loop_start
-                if step % cfg.log_every == 0 or done:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{recent_tok_s:,.0f}", refresh=False)
-                bar.update(1)
-    finally:
-        bar.close()
 
-    if val_rows is None:
-        save_weights(model, core, tokenizer, out / "best", lora)
-        best_step = step
-    save_weights(model, core, tokenizer, out / "final", lora)
-    metrics = read_metrics(metrics_path)
+# ---------------------------------------------------------------- one step, evaluation, checkpoint
+
+def current_lr(run: Run, p: Progress) -> float:
+    cfg = run.cfg
+    share = warmup_share(cfg)
+    progress = schedule_progress(cfg, p.step, p.tokens, p.elapsed_s)
+    if share is None:  # a time-only budget: the warm-up's share is what it took
+        if p.warmup_progress is None and p.step >= cfg.warmup_steps:
+            p.warmup_progress = progress
+        share = p.warmup_progress or 0.0
+    return lr_at(p.step, progress, cfg.lr, cfg.final_min_lr, cfg.warmup_steps, share)
+
+
+def train_step(run: Run, p: Progress) -> dict:
+    """One optimizer step over grad_accum micro-batches; returns its metrics row. A non-finite loss or gradient
+    stops the run before the weights change."""
+    import torch
+
+    cfg, started = run.cfg, time.time()
+    lr = current_lr(run, p)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    loss, n_trained = accumulate_gradients(run.forward, [run.stream.next() for _ in range(cfg.grad_accum)],
+                                           run.device, run.autocast, run.stage.loss)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)) if cfg.grad_clip else None
+    if not math.isfinite(loss) or (gnorm is not None and not math.isfinite(gnorm)):
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
+        good = run.last_saved if run.last_saved is not None else "none (no checkpoint was saved yet)"
+        raise ChatforgeError(f"step {p.step + 1}: {what}; stopped without updating the weights. "
+                             f"Last good checkpoint: {good} (try a lower lr or more warmup_steps)")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    dt = time.time() - started
+    p.step += 1
+    p.tokens += step_tokens(cfg)
+    p.trained_tokens += n_trained
+    p.compute_s += dt
+    return {"step": p.step, "loss": loss, "lr": lr, "tokens": p.tokens, "trained_tokens": n_trained,
+            "tok_s": round(step_tokens(cfg) / dt, 1), "grad_norm": gnorm, "epoch": run.stream.epoch}
+
+
+def stop_reason(cfg: TrainConfig, p: Progress) -> str | None:
+    """None while the budget lasts; "time limit" when max_time_s ran out before the step/token budget."""
+    if budget_progress(cfg, p.step, p.tokens, p.elapsed_s) < 1.0:
+        return None
+    return "budget" if budget_progress(cfg, p.step, p.tokens, p.elapsed_s, clock=False) >= 1.0 else "time limit"
+
+
+def evaluate(run: Run, p: Progress, row: dict) -> str | None:
+    """Validation into row; the best weights are saved; returns "early stop" when patience ran out."""
+    cfg = run.cfg
+    val = evaluate_rows(run.model, run.val_rows, cfg.batch_size, run.device, run.dtype, run.byte_table,
+                        cfg.eval_batches, run.stage.loss)
+    p.last_val = val
+    row |= {"val_loss": val["loss"], "val_ppl": val["ppl"], "val_bpb": val["bpb"], "val_acc": val["acc"],
+            "val_tokens": val["tokens"]}
+    reason = None
+    if val["loss"] < p.best_val:
+        p.best_val, p.best_step, p.bad_evals = val["loss"], p.step, 0
+        save_weights(run.model, run.core, run.tokenizer, run.out / "best", bool(cfg.lora))
+    else:
+        p.bad_evals += 1
+        if cfg.early_stop_patience and p.bad_evals >= cfg.early_stop_patience:
+            reason = "early stop"
+    run.emit(Evaluated(dict(row), best=p.best_step == p.step))
+    return reason
+
+
+def checkpoint(run: Run, p: Progress) -> None:
+    from chatforge.train.state import save_state
+
+    run.last_saved = save_state(run.out / "state", p.step, run.model, run.optimizer, p.trainer(run.stream.state()))
+
+
+def run_steps(run: Run, p: Progress) -> str:
+    """Steps until the budget, the time limit or early stopping ends the run; returns which."""
+    import json
+
+    cfg = run.cfg
+    reason = stop_reason(cfg, p) and "budget"  # a resumed run that had already finished
+    loop_start = time.time() - p.elapsed_s
+    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        while reason is None:
+            row = train_step(run, p)
+            p.elapsed_s = time.time() - loop_start
+            reason = stop_reason(cfg, p)
+            row["elapsed_s"] = round(p.elapsed_s, 3)
+            if run.val_rows is not None and (p.step % cfg.eval_every == 0 or reason):
+                reason = evaluate(run, p, row) or reason
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            if p.step % cfg.save_every == 0 or reason:
+                checkpoint(run, p)
+            p.elapsed_s = time.time() - loop_start
+            run.emit(Stepped(row, log=p.step % cfg.log_every == 0 or reason is not None))
+    return reason
+
+
+# ---------------------------------------------------------------- finish
+
+def finish(run: Run, p: Progress, reason: str) -> dict:
+    """Final (and, without validation, best) weights, loss.png, summary.json and samples.json."""
+    from chatforge.model.shape import flops_per_token
+    from chatforge.weights.folder import write_json
+
+    cfg, out, lora = run.cfg, run.out, bool(run.cfg.lora)
+    if run.val_rows is None:
+        save_weights(run.model, run.core, run.tokenizer, out / "best", lora)
+        p.best_step = p.step
+    save_weights(run.model, run.core, run.tokenizer, out / "final", lora)
+    metrics = read_metrics(out / "metrics.jsonl")
     plot_losses(metrics, out / "loss.png", title=f"{cfg.stage}: {out}")
-    from chatforge.tools.sizing import flops_per_token
-
+    per_s = (lambda x: x / p.compute_s) if p.compute_s else (lambda x: 0.0)
     summary = {
         "out_dir": str(out), "final_dir": str(out / "final"), "best_dir": str(out / "best"), "stage": cfg.stage,
-        "steps": step, "tokens": tokens, "trained_tokens": trained_total, "epochs": stream.epoch +
-        stream.row / max(stream.rows_per_epoch(), 1),
-        "val_loss": None if math.isinf(best_val) else best_val, "best_step": best_step,
-        "val_bpb": None, "val_ppl": None, "val_acc": None, "final_val_loss": last_val["loss"] if last_val else None,
-        "tokens_per_s": tokens / compute_s if compute_s else 0.0,
-        "model_gflops_per_s": flops_per_token(core.config, cfg.seq_len)["training"] * tokens / compute_s / 1e9 if compute_s else 0.0,
-        "params": n_params,
-        "trainable_params": n_trainable, "wall_s": time.time() - t0, "train_s": elapsed, "stop_reason": stop_reason,
+        "steps": p.step, "tokens": p.tokens, "trained_tokens": p.trained_tokens,
+        "epochs": run.stream.epoch + run.stream.row / max(run.stream.rows_per_epoch(), 1),
+        "val_loss": None if math.isinf(p.best_val) else p.best_val, "best_step": p.best_step,
+        "val_bpb": None, "val_ppl": None, "val_acc": None,
+        "final_val_loss": p.last_val["loss"] if p.last_val else None, "tokens_per_s": per_s(p.tokens),
+        "model_gflops_per_s": per_s(flops_per_token(run.core.config, cfg.seq_len)["training"] * p.tokens) / 1e9,
+        "params": run.core.num_params(), "trainable_params": sum(x.numel() for x in run.trainable),
+        "wall_s": time.time() - run.started, "train_s": p.elapsed_s, "stop_reason": reason,
     }
-    best_rows = [m for m in metrics if m.get("step") == best_step and "val_loss" in m]
+    best_rows = [m for m in metrics if m.get("step") == p.best_step and "val_loss" in m]
     if best_rows:
-        summary |= {"val_bpb": best_rows[-1]["val_bpb"], "val_ppl": best_rows[-1]["val_ppl"],
-                    "val_acc": best_rows[-1]["val_acc"]}
+        summary |= {k: best_rows[-1][k] for k in ("val_bpb", "val_ppl", "val_acc")}
     write_json(out / "summary.json", summary)
-    if cfg.sample_prompts and progress:
-        for p, r in zip(cfg.sample_prompts, sample_replies(core, tokenizer, cfg.sample_prompts)):
-            print(f"> {p}\n{r}\n")
+    summary["samples"] = write_samples(cfg, run.core, run.tokenizer, run.val_records, out)
     return summary
 
 
-def train_command(config: str | None = None, overrides: list[str] = (), resume: bool = False) -> int:
-    """Pretrain or fine-tune (full or LoRA) as a YAML config says, with key=value overrides.
+def train(cfg: TrainConfig, resume: bool = False, records: tuple | None = None, on_event=None) -> dict:
+    """Train as cfg says; returns {"out_dir","final_dir","best_dir","steps","tokens","val_loss","val_bpb",
+    "tokens_per_s","params","wall_s","stop_reason","samples", ...} (summary.json, plus the samples).
 
-    Args:
-        config: the YAML recipe (see configs/); without it, the defaults.
-        overrides: config changes such as lr=3e-4 model.n_layer=6 lora.r=8 max_steps=200.
-        resume: continue the run in out_dir from its last checkpoint (model, optimizer, schedule, RNG, data).
+    records: (train, val, report) to use instead of loading cfg.data. on_event(event) receives the events of
+    events.py as they happen (an exception from it, e.g. Optuna's pruning, stops the run).
     """
-    cfg = load_config(config, list(overrides))
-    s = train(cfg, resume=resume)
-    val = (f"best val loss {s['val_loss']:.4f} (bpb {s['val_bpb']:.4f}) at step {s['best_step']}"
-           if s["val_loss"] is not None else "no validation split")
-    print(f"done ({s['stop_reason']}): {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_s']:.0f} s "
-          f"({s['tokens_per_s']:,.0f} tokens/s, {s['model_gflops_per_s']:.1f} model GFLOP/s); {val}")
-    print(f"model: {s['final_dir']} (last), {s['best_dir']} (best); metrics: {Path(s['out_dir']) / 'metrics.jsonl'}")
-    print(f"chat with it: chatforge chat {s['best_dir']}")
-    return 0
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        run, progress = set_up(cfg, resume, records, on_event or (lambda event: None))
+        return finish(run, progress, run_steps(run, progress))
+    finally:
+        torch.set_num_threads(threads)  # cfg.num_threads is for this run, not for the caller's process

@@ -11,10 +11,12 @@ latest.json naming a complete folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +161,33 @@ def load_state(folder: str | os.PathLike, model: torch.nn.Module, optimizer: tor
     optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, trainer["optimizer"]))
     set_rng_state(rng_tensors, trainer["rng"])
     return trainer
+
+
+@dataclass
+class Progress:
+    """The counters of a run, saved in trainer.json with every resume state."""
+
+    step: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+    compute_s: float = 0.0
+    best_val: float = math.inf
+    best_step: int | None = None
+    bad_evals: int = 0
+    last_val: dict | None = None
+    warmup_progress: float | None = None  # share of a time-only budget the warm-up took (once it has run)
+
+    def trainer(self, data_state: dict) -> dict:
+        """trainer.json's fields (save_state adds the step, optimizer and RNG)."""
+        return {"tokens": self.tokens, "trained_tokens": self.trained_tokens, "elapsed_s": self.elapsed_s,
+                "compute_s": self.compute_s, "best_val": None if math.isinf(self.best_val) else self.best_val,
+                "best_step": self.best_step, "bad_evals": self.bad_evals, "last_val": self.last_val,
+                "warmup_progress": self.warmup_progress, "data": data_state}
+
+    @classmethod
+    def from_trainer(cls, st: dict) -> "Progress":
+        return cls(step=st["step"], tokens=st["tokens"], trained_tokens=st["trained_tokens"],
+                   elapsed_s=st["elapsed_s"], compute_s=st["compute_s"],
+                   best_val=math.inf if st["best_val"] is None else st["best_val"], best_step=st["best_step"],
+                   bad_evals=st["bad_evals"], last_val=st.get("last_val"), warmup_progress=st.get("warmup_progress"))

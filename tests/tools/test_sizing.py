@@ -9,10 +9,9 @@ import torch
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, PRESETS, KVCache, ModelConfig, config_from_preset
-from chatforge.tools.sizing import (
-    config_for_params, count_params, flops_per_token, kv_cache_bytes_per_token, mean_context, measure_training_peak,
-    parse_count, recommend, training_memory,
-)
+from chatforge.model.shape import count_params, flops_per_token, kv_cache_bytes_per_token, mean_context, \
+    training_memory
+from chatforge.tools.sizing import config_for_params, measure_training_peak, parse_count, recommend
 
 SHAPES = [config_from_preset(name) for name in PRESETS] + [
     config_from_preset("nano", n_kv_head=1),  # multi-query
@@ -160,4 +159,8 @@ def test_size_command_probe_and_data_recommendation(tmp_path, capsys):
     # a few thousand tokens cannot feed even nano compute-optimally: the smallest size, limited by data
     assert d["recommendation"]["preset"] == "nano"
     assert d["recommendation"]["max_tokens"] == 4 * d["data"]["tokens"]
-    assert "recommended: nano" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "recommended: nano" in printed
+    # the suggested command trains on the data it was sized for (it used to leave data= out: the built-in corpus)
+    assert (f"train it with: chatforge train --config {yaml} data=builtin:english/ai model.preset=nano "
+            f"max_steps=null max_time_s=null max_tokens={4 * d['data']['tokens']} (about 4.0 epochs)") in printed

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from chatforge.config import load_config
+from chatforge.commands.tools import tune_command
+from chatforge.config import SearchChoice, SearchRange, load_config, load_train_yaml
 from chatforge.errors import ChatforgeError
-from chatforge.tools.tune import load_train_yaml, tune_command
 
 TINY = """\
 search:
@@ -48,8 +48,8 @@ def test_search_block_is_stripped_and_errors_keep_their_line(tmp_path):
     path = write_config(tmp_path)
     cfg, space = load_train_yaml(str(path))
     assert cfg.model["d_model"] == 16 and cfg.max_steps == 4
-    assert space["lr"] == {"low": 1e-4, "high": 1e-2, "log": True, "step": None, "int": False}
-    assert space["warmup_steps"]["int"] and space["model.d_model"] == {"choices": [16, 32]}
+    assert space["lr"] == SearchRange(1e-4, 1e-2, log=True, step=None, integer=False)
+    assert space["warmup_steps"].integer and space["model.d_model"] == SearchChoice([16, 32])
     bad = tmp_path / "bad.yaml"
     bad.write_text(path.read_text().replace("batch_size: 4", "batch_size: four"))
     with pytest.raises(ChatforgeError, match=rf"{bad}:9: batch_size"):  # line 9 in the user's file
@@ -115,5 +115,5 @@ def test_a_trial_with_an_impossible_shape_fails_alone_with_one_line(tmp_path, ca
     with pytest.raises(ChatforgeError, match="no trial completed"):
         tune_command(str(path), trials=1, out=str(tmp_path / "o"))
     err = capsys.readouterr().err
-    assert "trial 0: failed: " in err and "d_model 17 is not divisible by n_head 2" in err
+    assert "trial 0: failed: value model.d_model=17: model: d_model 17 is not divisible by n_head 2" in err
     assert "Traceback" not in err

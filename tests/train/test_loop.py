@@ -16,13 +16,19 @@ import pytest
 import torch
 
 from chatforge.config import TrainConfig, load_config
+from chatforge.commands.train import TrainProgress
+from chatforge.data import load_dataset
 from chatforge.data.pack import Batch, encode_records, make_batch, pack
 from chatforge.device import autocast
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.tokenizer import IM_END, train_tokenizer
 from chatforge.weights.loader import resize_vocab
-from chatforge.train.loop import accumulate_gradients, budget_progress, lr_at, read_metrics, schedule_progress, train
+from chatforge.train.events import Note
+from chatforge.train.loop import train
+from chatforge.train.loss import accumulate_gradients
+from chatforge.train.optim import budget_progress, lr_at, schedule_progress, warmup_share
+from chatforge.train.run import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -114,16 +120,52 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 def test_lr_schedule_values():
     lr, low, warm = 1e-3, 1e-4, 10
-    assert lr_at(0, 0.0, lr, low, warm) == pytest.approx(1e-4)
-    assert lr_at(4, 0.0, lr, low, warm) == pytest.approx(5e-4)
-    assert lr_at(9, 0.0, lr, low, warm) == pytest.approx(1e-3)
-    assert lr_at(50, 0.5, lr, low, warm) == pytest.approx((lr + low) / 2)
-    assert lr_at(100, 1.0, lr, low, warm) == pytest.approx(low)
-    assert lr_at(100, 1.7, lr, low, warm) == pytest.approx(low)  # past the budget: stays at min_lr
+    assert lr_at(0, 0.0, lr, low, warm, 0.1) == pytest.approx(1e-4)
+    assert lr_at(4, 0.04, lr, low, warm, 0.1) == pytest.approx(5e-4)
+    assert lr_at(9, 0.09, lr, low, warm, 0.1) == pytest.approx(1e-3)  # the last warm-up step trains at the peak
+    assert lr_at(10, 0.1, lr, low, warm, 0.1) == pytest.approx(1e-3)  # the cosine starts at the peak
+    assert lr_at(55, 0.55, lr, low, warm, 0.1) == pytest.approx((lr + low) / 2)  # half-way through the decay
+    assert lr_at(100, 1.0, lr, low, warm, 0.1) == pytest.approx(low)
+    assert lr_at(100, 1.7, lr, low, warm, 0.1) == pytest.approx(low)  # past the budget: stays at min_lr
     assert lr_at(10, 0.25, lr, low, 0) == pytest.approx(low + 0.5 * (lr - low) * (1 + math.cos(math.pi / 4)))
-    values = [lr_at(s, s / 100, lr, low, warm) for s in range(100)]
+    values = [lr_at(s, s / 100, lr, low, warm, 0.1) for s in range(100)]
     assert max(values) == pytest.approx(values[9]) and values == sorted(values[:10]) + values[10:]
     assert all(a >= b for a, b in zip(values[9:], values[10:]))  # monotone decay after warm-up
+
+
+def test_a_long_warm_up_reaches_the_peak_and_warns():
+    """60 steps with 50 of warm-up: step 49 (and 50) train at the configured 3e-3; the old warm-up x whole-run
+    cosine peaked at ~1e-3. More than half of the budget in warm-up is worth a warning."""
+    cfg = TrainConfig(max_steps=60, warmup_steps=50, lr=3e-3, min_lr=1e-4)
+    w = warmup_share(cfg)
+    assert w == pytest.approx(50 / 60)
+    lrs = [lr_at(s, schedule_progress(cfg, s, 0, 0.0), cfg.lr, cfg.final_min_lr, 50, w) for s in range(60)]
+    assert lrs[49] == pytest.approx(3e-3) and lrs[50] == pytest.approx(3e-3) and max(lrs) == pytest.approx(3e-3)
+    assert lrs[59] == pytest.approx(1e-4 + 0.5 * (3e-3 - 1e-4) * (1 + math.cos(math.pi * 0.9)))
+    assert warmup_share(TrainConfig(max_steps=None, max_tokens=4096 * 100, batch_size=16, seq_len=256,
+                                    warmup_steps=25)) == pytest.approx(0.25)
+    assert warmup_share(TrainConfig(max_steps=None, max_time_s=60.0)) is None  # known only once it has run
+
+
+def test_the_warm_up_warning_reaches_the_user_through_the_command_layer(tmp_path, capsys):
+    data = write_dataset(tmp_path, n=30)
+    events = []
+    cfg = load_config(None, tiny_config(tmp_path, data, "warm", max_steps=8, warmup_steps=6, eval_every=8,
+                                        save_every=8, grad_accum=1, sample_val_prompts=2))
+    summary = train(cfg, on_event=events.append)
+    _, val, _ = load_dataset(str(data), 0.15, 3)  # the run's own split: the samples ask its first validation questions
+    assert [s["messages"] for s in summary["samples"]] == [r["messages"][:1] for r in val[:2]]
+    saved = json.loads((tmp_path / "warm" / "samples.json").read_text())
+    assert [s["reply"] for s in saved] == [s["reply"] for s in summary["samples"]]
+    warning = ("warning: the warm-up (6 steps) takes 75% of the training budget, leaving the cosine decay little or "
+               "nothing; lower warmup_steps or raise the budget")
+    assert [e.text for e in events if isinstance(e, Note)] == [warning]
+    assert capsys.readouterr().err == ""  # the library printed nothing
+    rows = read_metrics(tmp_path / "warm" / "metrics.jsonl")
+    assert rows[5]["lr"] == pytest.approx(3e-3) and summary["steps"] == 8
+    progress = TrainProgress()
+    progress(events[0])
+    assert capsys.readouterr().err == warning + "\n"
 
 
 def test_a_time_cap_stops_the_run_but_drives_the_schedule_only_as_the_sole_budget():
@@ -136,11 +178,20 @@ def test_a_time_cap_stops_the_run_but_drives_the_schedule_only_as_the_sole_budge
 
 def test_a_time_limit_stops_training_and_says_so_with_the_lr_of_a_step_budget(tmp_path, one_thread):
     data = write_dataset(tmp_path, n=30)
-    summary = train(load_config(None, tiny_config(tmp_path, data, "clock", max_time_s=0.5)), progress=False)
+    summary = train(load_config(None, tiny_config(tmp_path, data, "clock", max_time_s=0.5)))
     assert summary["stop_reason"] == "time limit" and 0 < summary["steps"] < 60
     rows = [m for m in read_metrics(tmp_path / "clock" / "metrics.jsonl") if "lr" in m]
-    assert [m["lr"] for m in rows] == pytest.approx([lr_at(m["step"] - 1, (m["step"] - 1) / 60, 3e-3, 3e-4, 5)
+    assert [m["lr"] for m in rows] == pytest.approx([lr_at(m["step"] - 1, (m["step"] - 1) / 60, 3e-3, 3e-4, 5, 5 / 60)
                                                      for m in rows])
+
+
+def test_an_out_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "taken").write_text("notes\n")
+    for out, why in ((tmp_path / "taken", "out_dir is an existing file, not a folder; choose another out_dir"),
+                     (tmp_path / "taken" / "run", "cannot create out_dir (Not a directory)")):
+        r = subprocess.run([sys.executable, "-m", "chatforge.cli", "train", f"out_dir={out}"], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert (r.returncode, r.stderr) == (2, f"error: {out}: {why}\n")
 
 
 def test_resize_vocab_keeps_old_logits():
@@ -154,37 +205,6 @@ def test_resize_vocab_keeps_old_logits():
         assert after.shape[-1] == 43 and model.config.vocab_size == 43
         torch.testing.assert_close(after[..., :40], before)
         assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
-
-
-# ---------------------------------------------------------------- configs
-
-def test_config_errors_name_the_file_line_and_field(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("stage: sft\nlr: 3e-4\nbatch_sise: 8\n")
-    with pytest.raises(ChatforgeError, match=r"run\.yaml:3: unknown config key 'batch_sise' \(did you mean 'batch_size'\?\)"):
-        load_config(str(path))
-    path.write_text("stage: sft\nmax_steps: lots\n")
-    with pytest.raises(ChatforgeError, match=r"run\.yaml:2: max_steps: expected an integer, got 'lots'"):
-        load_config(str(path))
-    path.write_text("model:\n  preset: nano\n  n_layers: 3\n")
-    with pytest.raises(ChatforgeError, match=r"run\.yaml:3: model\.n_layers: unknown model field \(did you mean 'n_layer'\?\)"):
-        load_config(str(path))
-    path.write_text("stage: finetune\n")
-    with pytest.raises(ChatforgeError, match=r"run\.yaml:1: stage: must be one of pretrain, sft"):
-        load_config(str(path))
-    with pytest.raises(ChatforgeError, match=r"override 'lrate=1': unknown config key 'lrate'"):
-        load_config(None, ["lrate=1"])
-    with pytest.raises(ChatforgeError, match=r"override 'lr=nan': lr: must be a finite"):
-        load_config(None, ["lr=nan"])
-    path.write_text("lr: 3e-4\nmodel:\n  preset: nano\n")  # YAML reads 3e-4 as a string; we take it as a number
-    cfg = load_config(str(path), ["model.n_layer=6", "lora.r=8", "max_tokens=1e6", "sample_prompts=[hi, 你好]"])
-    assert (cfg.lr, cfg.model, cfg.lora, cfg.max_tokens) == (3e-4, {"preset": "nano", "n_layer": 6}, {"r": 8}, 10**6)
-    assert cfg.sample_prompts == ["hi", "你好"]
-    cfg.save(tmp_path / "saved.yaml")
-    assert load_config(str(tmp_path / "saved.yaml")) == cfg
-    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "train", "--config", str(path), "max_step=5"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == "error: override 'max_step=5': unknown config key 'max_step' (did you mean 'max_steps'?)"
 
 
 # ---------------------------------------------------------------- runs
@@ -220,7 +240,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert 10 <= killed_at < 60
 
     # the uninterrupted reference, in this process
-    ref = train(load_config(None, tiny_config(tmp_path, data, "ref")), progress=False)
+    ref = train(load_config(None, tiny_config(tmp_path, data, "ref")))
     assert ref["steps"] == 60
 
     r = subprocess.run([sys.executable, "-m", "chatforge.cli", "train", *killed_args, "--resume"],
@@ -244,27 +264,28 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import chatforge.train.loop as train_mod
-    from chatforge.weights.folder import load_model
+    from dataclasses import replace
+
+    from chatforge.train.loss import STAGES, token_loss
     from chatforge.train.state import latest_state
+    from chatforge.weights.folder import load_model
 
     data = write_dataset(tmp_path, n=40)
     cfg = load_config(None, tiny_config(tmp_path, data, "nan", max_steps=12, save_every=4, eval_every=4,
                                         grad_accum=1))
-    real = train_mod.batch_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, ctx):  # the 7th training step's loss becomes NaN
-        loss, pred, targets = real(model, batch, ctx)
+        loss, pred, targets = token_loss(model, batch, ctx)
         if model.training:
             calls["n"] += 1
             if calls["n"] == 7:
                 loss = loss * float("nan")
         return loss, pred, targets
 
-    monkeypatch.setattr(train_mod, "batch_loss", poisoned)
+    monkeypatch.setitem(STAGES, "sft", replace(STAGES["sft"], loss=poisoned))  # a stage's loss is a plug-in
     with pytest.raises(ChatforgeError) as err:
-        train(cfg, progress=False)
+        train(cfg)
     state = tmp_path / "nan" / "state"
     assert str(err.value) == (f"step 7: loss is nan; stopped without updating the weights. Last good checkpoint: "
                               f"{state / 'step-0000004'} (try a lower lr or more warmup_steps)")
@@ -274,8 +295,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     steps = [json.loads(line)["step"] for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     # the run continues from the good checkpoint
-    monkeypatch.setattr(train_mod, "batch_loss", real)
-    summary = train(cfg, resume=True, progress=False)
+    monkeypatch.undo()
+    summary = train(cfg, resume=True)
     assert summary["steps"] == 12 and math.isfinite(summary["val_loss"])
 
 
@@ -312,7 +333,7 @@ def test_finetune_from_a_base_model_adds_chat_tokens(tmp_path, mode):
     if mode == "lora":
         over["lora.r"] = 4
     args = [a for a in tiny_config(tmp_path, data, mode, **over) if not a.startswith("model.")]
-    summary = train(load_config(None, args), progress=False)
+    summary = train(load_config(None, args))
     final = Path(summary["final_dir"])
     n_old = tok.vocab_size
     if mode == "full":

@@ -1,0 +1,135 @@
+"""Stages, their loss and the evaluation of a model on held-out rows.
+
+A stage is a small plug-in: which records it reads and how they become rows (its batch kind), and the loss of one
+batch. Pretraining and SFT share the token loss: cross-entropy summed over trained targets (every token for
+pretraining; assistant replies and their closing end-of-turn for SFT) and divided by the trained tokens of the whole
+optimizer step, so gradient accumulation gives exactly the gradient of one big batch. A preference stage (DPO, a
+reward model) adds its own encoding of pairs and its own loss here; the loop does not change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from chatforge.errors import ChatforgeError
+
+LN2 = math.log(2.0)
+
+
+def token_loss(model, batch, autocast_ctx):
+    """(summed cross-entropy over trained targets, argmax predictions there, the targets)."""
+    import torch.nn.functional as F
+
+    with autocast_ctx:
+        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+    picked = logits[batch.loss_mask].float()
+    targets = batch.targets[batch.loss_mask]
+    return F.cross_entropy(picked, targets, reduction="sum"), picked.argmax(-1), targets
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a stage trains on and how: `target` tokens carry the loss, long records are split into rows
+    (`split_long`) or truncated, and `loss(model, batch, autocast_ctx)` gives (summed loss, predictions, targets)."""
+
+    name: str
+    target: str
+    split_long: bool
+    loss: Callable = token_loss
+
+    def encode(self, records, tokenizer, seq_len: int):
+        from chatforge.data.pack import encode_records
+
+        return encode_records(records, tokenizer, self.target, seq_len + 1, self.split_long)
+
+    def batches(self, enc, seq_len: int, batch_size: int, pad_id: int, seed: int):
+        """The training batches: packed rows, reshuffled each epoch, with a resumable position."""
+        from chatforge.data.pack import BatchStream
+
+        return BatchStream(enc, seq_len, batch_size, pad_id, seed)
+
+    def eval_rows(self, enc, seq_len: int, pad_id: int):
+        from chatforge.data.pack import pack
+
+        return pack(enc, seq_len, pad_id) if enc.ids else None
+
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage("pretrain", target="all", split_long=True),
+    "sft": Stage("sft", target="assistant", split_long=False),
+}
+
+
+def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step; returns (mean loss per trained token, trained tokens).
+
+    Each micro-batch's summed loss is divided by the trained tokens of the whole step, not by its own count, so the
+    accumulated gradient equals that of one batch holding all of them, however the tokens fall between micro-batches.
+    """
+    loss = loss or token_loss
+    n_trained = sum(b.n_trained for b in micro_batches)
+    if n_trained == 0:
+        raise ChatforgeError("training: a step without trained tokens (every record in it was fully masked)")
+    loss_sum = 0.0
+    for b in micro_batches:
+        ce, _, _ = loss(model, b.to(device), autocast_ctx)
+        (ce / n_trained).backward()
+        loss_sum += float(ce.detach())
+    return loss_sum / n_trained, n_trained
+
+
+def evaluate_rows(model, rows, batch_size: int, device, dtype, byte_table: np.ndarray,
+                  max_batches: int | None = None, loss=None) -> dict:
+    """loss (nats per trained token), ppl, bpb (bits per UTF-8 byte of the trained tokens), acc, tokens."""
+    import torch
+
+    from chatforge.data.pack import iter_batches
+    from chatforge.device import autocast
+
+    loss = loss or token_loss
+    was_training = model.training
+    model.eval()
+    nats, correct, n, n_bytes = 0.0, 0, 0, 0
+    table = torch.from_numpy(byte_table.astype(np.int64))
+    with torch.no_grad():
+        for batch in iter_batches(rows, batch_size, max_batches):
+            n_bytes += int(table[batch.targets[batch.loss_mask]].sum())
+            batch = batch.to(device)
+            summed, pred, targets = loss(model, batch, autocast(device, dtype))
+            nats += float(summed)
+            correct += int((pred == targets).sum())
+            n += int(targets.numel())
+    model.train(was_training)
+    if n == 0:
+        raise ChatforgeError("evaluation: no trained tokens in the evaluation records")
+    mean = nats / n
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "bpb": nats / LN2 / max(n_bytes, 1),
+            "acc": correct / n, "tokens": n, "bytes": n_bytes}
+
+
+def evaluate_loss(model, tokenizer, records, seq_len: int, batch_size: int, device="cpu", dtype="fp32",
+                  max_batches: int | None = None, target: str = "assistant") -> dict:
+    """Loss, perplexity, bits-per-byte and next-token accuracy of a model on records, in rows of seq_len tokens.
+
+    target: assistant (assistant replies + their end-of-turn; text records: every token), content (every turn's
+    content + end-of-turn, role headers excluded: the held-out dialog text), or all (every token).
+    Control tokens count 0 bytes in bits-per-byte, though their loss counts, so bpb never flatters the model.
+    """
+    import torch
+
+    from chatforge.data.pack import encode_records, pack, token_byte_lengths
+    from chatforge.device import pick_device, resolve_dtype
+
+    device = pick_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    enc = encode_records(records, tokenizer, target, seq_len + 1, split_long=True)  # every byte is scored
+    if not enc.ids:
+        raise ChatforgeError("evaluation: no records with trained tokens")
+    rows = pack(enc, seq_len, tokenizer.pad_id)
+    out = evaluate_rows(model, rows, batch_size, device, dtype or torch.float32, token_byte_lengths(tokenizer),
+                        max_batches)
+    return out | {"records": enc.stats["records"], "split": enc.stats["split"]}
