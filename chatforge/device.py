@@ -33,15 +33,17 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+# The one dtype vocabulary of every command and config (transformers' "float32" names stay inside config.json).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bf16 where supported, else fp32; also accepts bf16, fp16, fp32."""
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    """"auto" -> bf16 where supported, else fp32; otherwise one of DTYPES."""
     if name == "auto":
         return torch.bfloat16 if bf16_supported(device) else torch.float32
-    if name not in table:
-        raise ChatforgeError(f"dtype: unknown dtype {name!r} (use auto, bf16, fp16 or fp32)")
-    return table[name]
+    if name not in DTYPES:
+        raise ChatforgeError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -1,8 +1,11 @@
-"""Files: atomic writes (a kill mid-write leaves the old file or the new one, never half of one), and the one
-reader of JSON files, whose errors name the file and line.
+"""Files: atomic writes (a kill mid-write leaves the old file or the new one, never half of one), the one atomic
+folder writer (model folders, adapters, GGUF conversions), and the one reader of JSON files, whose errors name the
+file and line.
 
-The temporary file lives in the target's folder (os.replace is only atomic within one file system), is fsynced
-before the rename, and the folder is fsynced after it so the rename itself survives a power cut.
+The temporary file or folder lives next to the target (os.replace is only atomic within one file system), is fsynced
+before the rename, and the parent is fsynced after it so the rename itself survives a power cut. What is written
+gets the usual permissions, 0666 for files and 0777 for folders minus the umask: a model trained by one user is
+readable by another user or a service account exactly when the umask says so.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
+from pathlib import Path
 from typing import Iterator
 
 from chatforge.errors import ChatforgeError
@@ -66,6 +71,58 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder to fill; on success it becomes `path`, on any error nothing is left behind.
+
+    The temporary folder is a hidden sibling (`.NAME.tmp-...`). On success every file in it gets 0666 minus the
+    umask (safetensors writes 0600, mkdtemp makes 0700) and is fsynced, then the folder is renamed into place. An
+    existing `path` is replaced when `replace` (moved aside first, so a reader sees the old folder or the new one);
+    without it an existing non-empty `path` is an error. An OSError (disk full, no permission) becomes a
+    ChatforgeError naming `path`.
+    """
+    target = Path(os.path.abspath(os.fspath(path)))
+    stem = f".{target.name}."
+    tmp = target.with_name(f"{stem}tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    old = target.with_name(f"{stem}old-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp, 0o777)  # mkdir applies the umask: its mode tells the file mode without touching the umask
+        dir_mode = os.stat(tmp).st_mode & 0o777
+        yield tmp
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), dir_mode)
+            for name in files:
+                os.chmod(os.path.join(root, name), dir_mode & 0o666)
+                fsync_path(os.path.join(root, name))
+            fsync_path(root)
+        if replace and target.exists():
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)  # onto an empty folder it succeeds; onto a non-empty one it fails
+        fsync_path(target.parent)
+    except OSError as e:
+        raise ChatforgeError(f"{target}: cannot write the folder ({e.strerror or e})") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone when it was renamed into place
+
+
+def check_new_folder(out: str | None, flag: str = "--out") -> None:
+    """Refuse an output folder that is missing or already holds something (commands that create a model folder)."""
+    if not out:
+        raise ChatforgeError(f"{flag}: required (the model folder to create)")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ChatforgeError(f"{out}: already exists and is not empty; choose another {flag} or remove it")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:

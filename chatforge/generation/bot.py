@@ -56,14 +56,14 @@ class Bot:
         dtype: fp32 (the default on CPU), bf16 or fp16; on a GPU the default is bf16 where supported.
         """
         from chatforge.device import pick_device, resolve_dtype
-        from chatforge.weights.loader import load_generation_config, load_pretrained
+        from chatforge.weights.loader import load
 
         dev = pick_device(device or "auto")
         torch_dtype = resolve_dtype(dtype or ("fp32" if dev.type == "cpu" else "auto"), dev)
-        # load_pretrained also takes LoRA adapter folders (merged onto their base) and transformers folders.
-        model, tokenizer, _ = load_pretrained(path_or_name, device=dev, dtype=torch_dtype)
+        loaded = load(path_or_name, device=dev, dtype=torch_dtype)  # the one loader: names, GGUF, folders, adapters
+        model, tokenizer = loaded.model, loaded.tokenizer
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-        return cls(model, tokenizer, engine, defaults_from_generation_config(load_generation_config(path_or_name)))
+        return cls(model, tokenizer, engine, defaults_from_generation_config(loaded.generation_config))
 
     @property
     def context_length(self) -> int:

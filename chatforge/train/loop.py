@@ -39,25 +39,20 @@ def set_dropout(model, p: float) -> None:
             m.p = p
 
 
-def _init_folder(init: str) -> str:
-    try:
-        from chatforge.weights.gguf import resolve_model
-    except ImportError:
-        return init
-    return str(resolve_model(init))
-
-
 def build_tokenizer(cfg: TrainConfig, train_records, out: Path, resume: bool):
     """(tokenizer, ids of tokens added for chat). The tokenizer is cfg.tokenizer, the init model's, or a new one
     trained on the train split (never on validation text, which would leak it into the vocabulary); a resumed run
-    reloads the one it trained. A tokenizer without chat tokens gets them, and the model grows to match."""
+    reloads the one it trained. A tokenizer without chat tokens gets them, and the model grows to match. The init
+    model's tokenizer comes through the one loader (an adapter's own, else its base's), before any weights."""
     from chatforge.tokenizer import Tokenizer, record_texts, train_tokenizer
 
     saved = out / "tokenizer"
     if cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
     elif cfg.init:
-        tok = Tokenizer.load(_init_folder(cfg.init))
+        from chatforge.weights.loader import load_tokenizer
+
+        tok = load_tokenizer(cfg.init)
     elif resume and (saved / "tokenizer.json").exists():
         tok = Tokenizer.load(str(saved))
     else:
@@ -71,25 +66,28 @@ def build_tokenizer(cfg: TrainConfig, train_records, out: Path, resume: bool):
 
 
 def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
-    """(model to train, the plain GPT inside it). Seeded, so a resumed run builds the same frozen weights."""
+    """(model to train, the plain GPT inside it). Seeded, so a resumed run builds the same frozen weights.
+
+    `init:` is loaded by the one loader (a known name, .gguf file, model folder or LoRA adapter folder), its
+    embeddings grown to `tokenizer`; the ids it never saw (new_token_ids, which build_tokenizer added, and any other
+    the loader finds) train even with frozen embeddings, and a LoRA adapter names the loader's source as its base.
+    """
     import torch
 
     from chatforge.model.gpt import GPT
     from chatforge.model.shape import model_config
 
     torch.manual_seed(cfg.seed)
+    new_ids, source = [], None  # a model trained from scratch has no old rows to keep
     if cfg.init:
-        from chatforge.weights.folder import load_model
-        from chatforge.weights.loader import resize_vocab
+        from chatforge.weights.loader import load
 
-        core = load_model(_init_folder(cfg.init))
-        if tokenizer.vocab_size > core.config.vocab_size:
-            resize_vocab(core, tokenizer.vocab_size)
+        loaded = load(cfg.init, tokenizer=tokenizer)
+        core = loaded.model
         if cfg.seq_len > core.config.max_seq_len:
             raise ChatforgeError(f"config: seq_len: {cfg.seq_len} is longer than the model's context "
                                  f"({core.config.max_seq_len})")
-        core.new_token_ids = list(new_token_ids)  # lora.py trains these rows even when embeddings are frozen
-        core.name_or_path = cfg.init  # recorded in a LoRA adapter as its base model
+        new_ids, source = sorted(set(new_token_ids) | set(loaded.new_token_ids)), loaded.source
     else:
         core = GPT(model_config(cfg.model, tokenizer.vocab_size, cfg.seq_len))
     if cfg.dropout is not None:
@@ -98,11 +96,11 @@ def build_model(cfg: TrainConfig, tokenizer, new_token_ids: list[int] = ()):
     if cfg.lora:
         from chatforge.weights.lora import apply_lora
 
-        return apply_lora(core, asdict(cfg.lora), cfg.freeze_embeddings, cfg.freeze_blocks), core
+        return apply_lora(core, asdict(cfg.lora), cfg.freeze_embeddings, cfg.freeze_blocks, new_ids, source), core
     if cfg.freeze_embeddings or cfg.freeze_blocks:
         from chatforge.weights.lora import freeze
 
-        freeze(core, cfg.freeze_embeddings, cfg.freeze_blocks)
+        freeze(core, cfg.freeze_embeddings, cfg.freeze_blocks, new_ids)
     return core, core
 
 

@@ -1,26 +1,31 @@
-"""Model folders: the one checkpoint format, readable by transformers.
+"""Model folders: the one model format, readable by transformers.
 
 A folder holds config.json, model.safetensors (transformers' parameter names), generation_config.json and the
 tokenizer files. Reading accepts what transformers writes too (sharded safetensors; pytorch_model.bin only through
-torch.load(weights_only=True)), so any GPT-2 / Llama / Mistral / Qwen2 / SmolLM2 folder works without a step.
+torch.load(weights_only=True); a tokenizer as vocab.json + merges.txt), so any GPT-2 / Llama / Mistral / Qwen2 /
+SmolLM2 folder works without a step. Writing goes through io.atomic_folder: a whole folder or none.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.io import atomic_write_text, fsync_path, read_json
+from chatforge.io import atomic_folder, atomic_write_text, read_json
 from chatforge.model.gpt import GPT, ModelConfig
 
+if TYPE_CHECKING:
+    from chatforge.tokenizer import Tokenizer
+
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# transformers' bookkeeping in generation_config.json; not generation settings
+_GENERATION_META = ("transformers_version", "_from_model_config")
 
 
 # ---------------------------------------------------------------- config.json <-> ModelConfig
@@ -238,13 +243,12 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
 
 def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_config: dict | None = None,
                dtype: torch.dtype = torch.float32) -> Path:
-    """Write a complete folder next to the target and rename it into place, so a kill never leaves half a folder."""
+    """Write a complete model folder (replacing one that is there) through io.atomic_folder: a kill never leaves
+    half a folder, and the files get the usual permissions."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         ids = {"bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": tokenizer.eos_id,
                "pad_token_id": tokenizer.pad_id} if tokenizer is not None else {}
         hf_config = config_to_hf(model.config, ids)
@@ -258,26 +262,47 @@ def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_conf
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save(str(tmp))
-        for f in tmp.iterdir():
-            fsync_path(f)
-        fsync_path(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        fsync_path(folder.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
-def read_generation_config(folder: str | os.PathLike) -> dict:
+def read_generation_config(folder: str | os.PathLike, tokenizer: Tokenizer | None = None) -> dict:
+    """The folder's generation settings ({} without generation_config.json), without transformers' bookkeeping;
+    with a tokenizer, eos_token_id lists its end-of-turn tokens too, so generation stops on every one of them."""
     path = Path(folder) / "generation_config.json"
-    return read_json(path) if path.exists() else {}
+    gen = {k: v for k, v in (read_json(path) if path.exists() else {}).items() if k not in _GENERATION_META}
+    return with_stop_ids(gen, tokenizer) if tokenizer is not None else gen
+
+
+def with_stop_ids(generation_config: dict, tokenizer: Tokenizer) -> dict:
+    """A copy whose eos_token_id lists the tokenizer's end-of-turn tokens as well as the config's own."""
+    eos = generation_config.get("eos_token_id")
+    stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | tokenizer.stop_ids
+    return generation_config | ({"eos_token_id": sorted(stops)} if stops else {})
+
+
+def read_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
+    """The folder's tokenizer; None when it ships none.
+
+    Folders written by transformers usually hold tokenizer.json; older ones only vocab.json + merges.txt, which
+    transformers converts into a fast tokenizer that chatforge then reads the same way.
+    """
+    from chatforge.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        return Tokenizer.load(str(folder))
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    except Exception as e:  # transformers raises many types for unreadable tokenizer files
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ChatforgeError(f"{folder}: cannot read the tokenizer ({reason})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        return Tokenizer.load(tmp)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -1,4 +1,4 @@
-"""GGUF file -> chatforge model folder (a transformers folder), and model names -> folders.
+"""GGUF file -> chatforge model folder (a transformers folder), known model names, and the cache of converted folders.
 
 llama.cpp's GGUF is how most small chat models are shipped; converting once to safetensors with transformers'
 names lets the one model implementation, transformers and every tool here read it. What llama.cpp's converter
@@ -19,13 +19,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from chatforge.errors import ChatforgeError
-from chatforge.io import fsync_path
+from chatforge.io import atomic_folder
 
 if TYPE_CHECKING:  # heavy; imported inside the functions that run
     import numpy as np
@@ -34,7 +33,6 @@ if TYPE_CHECKING:  # heavy; imported inside the functions that run
 
 FORMAT_VERSION = 1  # bump when the conversion changes, so cached folders are rebuilt
 SOURCE_FILE = "chatforge_source.json"  # provenance of a converted folder; also the cache's freshness check
-DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("gpt2", "llama", "qwen2")
 
 
@@ -229,7 +227,7 @@ def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensors(g: _Gguf, arch: str, config: dict[str, Any], dtype: str) -> dict[str, torch.Tensor]:
+def _tensors(g: _Gguf, arch: str, config: dict[str, Any], torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     import numpy as np
     import torch
 
@@ -243,7 +241,6 @@ def _tensors(g: _Gguf, arch: str, config: dict[str, Any], dtype: str) -> dict[st
     if missing:
         raise ChatforgeError(f"{g.path}: tensor for {missing[0]} is missing" +
                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    torch_dtype = getattr(torch, dtype)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in g.tensors.items():
         hf, leaf = _hf_name(arch, name), name.split(".")[-2]
@@ -401,15 +398,14 @@ def _stop_ids(g: _Gguf) -> list[int]:
 # ---------------------------------------------------------------- writing the folder
 
 
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
 def _write(g: _Gguf, folder: Path, dtype: str) -> None:
-    """Fill an empty folder with config, weights, tokenizer and generation config."""
+    """Fill an empty folder with config, weights, tokenizer and generation config; dtype is fp32, bf16 or fp16."""
+    import torch
     from safetensors.torch import save_file
+
+    from chatforge.device import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
 
     arch = _get(g, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -420,12 +416,12 @@ def _write(g: _Gguf, folder: Path, dtype: str) -> None:
     except (TypeError, ValueError) as e:  # a number stored as a string, a list where a count belongs, ...
         raise ChatforgeError(f"{g.path}: malformed {arch}.* metadata ({e})") from e
     tokenizer, tokenizer_config = _tokenizer(g, int(_get(g, f"{arch}.context_length")))
-    tensors = _tensors(g, arch, config, dtype)
+    tensors = _tensors(g, arch, config, torch_dtype)
     if arch == "gpt2" and "lm_head.weight" in tensors and tensors["lm_head.weight"].equal(
             tensors["transformer.wte.weight"]):
         del tensors["lm_head.weight"]  # llama.cpp writes GPT-2's tied head out as a copy
         config["tie_word_embeddings"] = True
-    config["dtype"] = dtype
+    config["dtype"] = str(torch_dtype).removeprefix("torch.")  # transformers' name in config.json
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     stop = _stop_ids(g)
@@ -440,46 +436,30 @@ def _write(g: _Gguf, folder: Path, dtype: str) -> None:
     for name, obj in files.items():
         (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tokenizer.save(str(folder / "tokenizer.json"))
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~_umask())  # safetensors writes 0600; a model folder is meant to be shared
-        fsync_path(f)
-    fsync_path(folder)
 
 
 def _convert_into(gguf_path: str, out: Path, dtype: str, replace: bool) -> Path:
-    """Convert in a hidden sibling folder and rename it into place: a kill leaves no half-written `out`."""
-    if dtype not in DTYPES:
-        raise ChatforgeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    """Convert through io.atomic_folder: a kill leaves no half-written `out`."""
+    import torch
+
+    from chatforge.device import resolve_dtype
+
+    resolve_dtype(dtype, torch.device("cpu"))  # a bad dtype is refused before the file is read
     g = _open(gguf_path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise ChatforgeError(f"{out}: cannot create the model folder ({e.strerror or e})") from e
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise stick to the published folder
+    with atomic_folder(out, replace=replace) as tmp:
         _write(g, tmp, dtype)
-        if replace and out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # fails if `out` appeared meanwhile and is not empty
-        fsync_path(out.parent)
-    except OSError as e:  # disk full, out appeared meanwhile, ...: the environment, not a bug
-        raise ChatforgeError(f"{out}: cannot write the model folder ({e.strerror or e})") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
     return out
 
 
-def gguf_to_folder(gguf_path: str, out: str, dtype: str = "float32") -> str:
-    """Convert a GGUF file into a model folder at `out` (created; must not hold anything yet)."""
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ChatforgeError(f"{out}: already exists and is not empty; choose another --out or remove it")
-    _convert_into(gguf_path, target, dtype, replace=False)
+def gguf_to_folder(gguf_path: str, out: str, dtype: str = "fp32") -> str:
+    """Convert a GGUF file into a model folder at `out` (created; must not hold anything yet).
+
+    dtype: fp32, bf16 or fp16 for the saved weights.
+    """
+    from chatforge.io import check_new_folder
+
+    check_new_folder(out)
+    _convert_into(gguf_path, Path(out), dtype, replace=False)
     return out
 
 
@@ -525,7 +505,12 @@ def _fresh(folder: Path, gguf_path: str) -> bool:
             and (folder / "config.json").is_file())
 
 
-def _cached(gguf_path: str, name: str) -> str:
+def cached_folder(gguf_path: str, name: str | None = None) -> str:
+    """The model folder converted from a .gguf file: converted once (fp32) into the cache, then reused until the
+    file changes. `name` names the cache entry (a known model's name); by default the file's stem and path hash."""
+    gguf_path = os.path.realpath(gguf_path)
+    if name is None:
+        name = f"{Path(gguf_path).stem}-{hashlib.sha256(gguf_path.encode()).hexdigest()[:12]}"
     root = cache_root()
     folder = root / name
     if _fresh(folder, gguf_path):
@@ -538,25 +523,8 @@ def _cached(gguf_path: str, name: str) -> str:
             except OSError:  # removed meanwhile by another process's sweep
                 pass
     try:
-        _convert_into(gguf_path, folder, "float32", replace=True)
+        _convert_into(gguf_path, folder, "fp32", replace=True)
     except ChatforgeError:
         if not _fresh(folder, gguf_path):  # else another process won the race with the same conversion
             raise
     return str(folder)
-
-
-def resolve_model(name_or_path: str) -> str:
-    """A model folder, a .gguf file or a known name -> a model folder path (GGUF converted once, cached)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ChatforgeError(f"{name_or_path}: not a model folder (no config.json)")
-        return str(path)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        real = os.path.realpath(path)
-        key = hashlib.sha256(real.encode()).hexdigest()[:12]
-        return _cached(real, f"{path.stem}-{key}")
-    if name_or_path in KNOWN_MODELS:
-        return _cached(find_packaged_gguf(name_or_path), name_or_path)
-    raise ChatforgeError(f"{name_or_path}: not a model folder, .gguf file or known model name "
-                         f"(known: {', '.join(sorted(KNOWN_MODELS))})")

@@ -9,6 +9,9 @@ so adapters are written in transformers' GPT-2 layout and split back on loading;
 When training added tokens (a base tokenizer given the chat tokens), the embeddings train too and the adapter
 carries the resized embedding and head, as peft's save_embedding_layers does, so a user resizes the transformers
 model to the adapter's tokenizer (`resize_token_embeddings(len(tokenizer))`) and loads it.
+
+Facts about the base model come in as arguments (the ids it never saw, the name an adapter records as its base),
+from the loader's result; nothing is read from attributes set on the module.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chatforge.errors import ChatforgeError
-from chatforge.io import read_json
+from chatforge.io import atomic_folder, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -50,11 +54,12 @@ def _mask_rows(weight: torch.nn.Parameter, rows: list[int]) -> None:
     weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
 
 
-def freeze(model: GPT, freeze_embeddings: bool = False, freeze_blocks: int = 0) -> None:
+def freeze(model: GPT, freeze_embeddings: bool = False, freeze_blocks: int = 0,
+           new_token_ids: Sequence[int] = ()) -> None:
     """Fine-tune less of a pretrained model: its input embeddings and/or its first `freeze_blocks` blocks.
 
-    Rows of tokens added for chat (model.new_token_ids) stay trainable with frozen embeddings, since they start
-    untrained. An untied output head is not an input embedding and stays trainable; a tied one is the embedding.
+    Rows of tokens the pretrained model never saw (new_token_ids, from the loader: chat tokens added, say) stay
+    trainable with frozen embeddings, since they start untrained. An untied output head is not an input embedding and stays trainable; a tied one is the embedding.
     Note: an optimizer that applies weight decay to the embedding would still shrink the frozen rows.
     """
     n = model.config.n_layer
@@ -66,9 +71,8 @@ def freeze(model: GPT, freeze_embeddings: bool = False, freeze_blocks: int = 0) 
         model.model.embed_tokens.requires_grad_(False)
         if hasattr(model.model, "embed_positions"):
             model.model.embed_positions.requires_grad_(False)
-        new_ids = list(getattr(model, "new_token_ids", []) or [])
-        if new_ids:
-            _mask_rows(model.model.embed_tokens.weight, new_ids)
+        if new_token_ids:
+            _mask_rows(model.model.embed_tokens.weight, list(new_token_ids))
 
 
 # ---------------------------------------------------------------- applying LoRA
@@ -110,20 +114,23 @@ def _lora_config(model: GPT, lora_cfg: dict, freeze_blocks: int):
                       bias="none", layers_to_transform=layers, layers_pattern="layers" if layers else None)
 
 
-def apply_lora(model: GPT, lora_cfg: dict, freeze_embeddings: bool = False, freeze_blocks: int = 0):
+def apply_lora(model: GPT, lora_cfg: dict, freeze_embeddings: bool = False, freeze_blocks: int = 0,
+               new_token_ids: Sequence[int] = (), base_name_or_path: str | None = None):
     """Wrap the model in peft LoRA adapters; only the adapters train, plus the embeddings when tokens were added.
 
     lora_cfg: {r, alpha, dropout, target_modules} (defaults: 8, 16, 0.05, q/k/v/o_proj; "all-linear" = every
     projection in the blocks). freeze_blocks leaves the first k blocks without adapters. The pretrained embeddings
-    stay frozen, unless model.new_token_ids lists added tokens: those start untrained, so the embedding (and an
-    untied head) then trains in full, as peft's modules_to_save would, and is saved with the adapter.
-    freeze_embeddings is then honoured by training only the new rows. Returns the peft model; call it like the GPT.
+    stay frozen, unless new_token_ids lists tokens the base never saw: those start untrained, so the embedding (and
+    an untied head) then trains in full, as peft's modules_to_save would, and is saved with the adapter.
+    freeze_embeddings is then honoured by training only the new rows. base_name_or_path (the loader's
+    Loaded.source) is what the saved adapter names as its base. Returns the peft model; call it like the GPT.
     """
     from peft import get_peft_model
 
     config = _lora_config(model, lora_cfg, freeze_blocks)
-    peft_model = get_peft_model(model, config)  # records model.name_or_path as base_model_name_or_path
-    new_ids = list(getattr(model, "new_token_ids", []) or [])
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name_or_path
+    new_ids = list(new_token_ids)
     if new_ids:
         heads = [model.model.embed_tokens.weight] + ([] if model.config.tie_embeddings else [model.lm_head.weight])
         for weight in heads:
@@ -256,21 +263,21 @@ def _gpt2_from_hf(sd: dict, config, d_model: int) -> tuple[dict, object]:
 
 def save_adapter(model, folder: str | os.PathLike, base_name_or_path: str | None = None,
                  tokenizer: Tokenizer | None = None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (+ the tokenizer) in peft's transformers layout.
+    """Write adapter_model.safetensors + adapter_config.json (+ the tokenizer) in peft's transformers layout, as one
+    folder through io.atomic_folder (replacing one that is there).
 
-    base_name_or_path defaults to what apply_lora recorded (the init model). Pass the tokenizer whenever chat tokens
-    were added, so the adapter folder says which vocabulary its resized embedding belongs to.
+    base_name_or_path defaults to what apply_lora recorded (the init model). When the embedding trains (apply_lora
+    was given tokens the base never saw), the whole embedding and head are carried; pass the tokenizer then, so the
+    adapter folder says which vocabulary its resized embedding belongs to.
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
-
-    from chatforge.io import atomic_path, atomic_write_text
 
     base = model.get_base_model()
     config = copy.deepcopy(model.peft_config["default"])
     sd = get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" would query the model hub
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    if getattr(base, "new_token_ids", None):  # resized or newly trained rows: carry the whole embedding and head
+    if base.model.embed_tokens.weight.requires_grad:  # new or resized rows trained: carry embedding and head
         if tokenizer is None:
             raise ValueError("save_adapter: the model has added tokens; pass the tokenizer that holds them")
         sd[_PREFIX + "model.embed_tokens.weight"] = base.model.embed_tokens.weight.detach().cpu().clone()
@@ -280,15 +287,14 @@ def save_adapter(model, folder: str | os.PathLike, base_name_or_path: str | None
     config.base_model_name_or_path = base_name_or_path or config.base_model_name_or_path
     config.task_type = "CAUSAL_LM"  # transformers' PeftModelForCausalLM / AutoPeftModelForCausalLM
     config.inference_mode = True
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        tokenizer.save(str(folder))
-    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-        save_file(sd, tmp, metadata={"format": "pt"})
     data = config.to_dict()
     data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
-    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(data, indent=2, sort_keys=True))
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        if tokenizer is not None:
+            tokenizer.save(str(tmp))
+        save_file(sd, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True))
     return folder
 
 
@@ -328,7 +334,7 @@ def load_adapter(model: GPT, folder: str | os.PathLike, merge: bool = False):
     import torch
     from peft import PeftModel, set_peft_model_state_dict
 
-    from chatforge.weights.loader import resize_vocab
+    from chatforge.model.vocab import resize_vocab
 
     folder = Path(folder)
     config, sd = _read_adapter(folder)
@@ -367,7 +373,11 @@ def load_adapter(model: GPT, folder: str | os.PathLike, merge: bool = False):
         raise ChatforgeError(f"{folder}: the adapter does not fit this base model (missing {missing[:2]}, "
                              f"unexpected {list(result.unexpected_keys)[:2]})")
     peft_model.eval()
-    return peft_model.merge_and_unload() if merge else peft_model
+    if not merge:
+        return peft_model
+    merged = peft_model.merge_and_unload()
+    merged.requires_grad_(True)  # peft froze the base while wrapping it; a plain model trains in full, as one loaded
+    return merged
 
 
 def resolve_adapter(path: str | os.PathLike) -> tuple[str, str] | None:
@@ -387,33 +397,3 @@ def resolve_adapter(path: str | os.PathLike) -> tuple[str, str] | None:
     if not Path(base).expanduser().exists() and (folder / base).exists():
         base = str(folder / base)
     return base, str(folder)
-
-
-def merge_command(base: str, adapter: str, out: str | None = None, dtype: str = "float32") -> None:
-    """Fold a LoRA adapter into its base model and save the result as a standalone model folder.
-
-    Args:
-        base: the base model: a model folder, .gguf file or known model name (smollm2-135m-instruct).
-        adapter: the adapter folder (adapter_config.json + adapter_model.safetensors), from chatforge or peft.
-        out: the model folder to create (required); it must not exist yet or be empty.
-        dtype: float32, bfloat16 or float16 for the saved weights.
-    """
-    import torch
-
-    from chatforge.weights.folder import save_model
-    from chatforge.weights.loader import DTYPES, _check_out, _generation_config, load_pretrained, load_tokenizer
-
-    if dtype not in DTYPES:
-        raise ChatforgeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not (Path(adapter) / ADAPTER_CONFIG).is_file():
-        raise ChatforgeError(f"{adapter}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
-    _check_out(out)
-    model, base_tokenizer, base_folder = load_pretrained(base)
-    merged = load_adapter(model, adapter, merge=True)
-    tokenizer = load_tokenizer(adapter) or base_tokenizer
-    if tokenizer.vocab_size > merged.config.vocab_size:
-        raise ChatforgeError(f"{adapter}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                             f"{merged.config.vocab_size} embeddings")
-    save_model(merged, tokenizer, out, _generation_config(Path(base_folder), tokenizer), dtype=getattr(torch, dtype))
-    print(f"merged {adapter} into {base}: {merged.num_params():,} parameters")
-    print(f"saved to {out}")

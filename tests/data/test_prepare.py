@@ -445,7 +445,6 @@ def test_bad_input_api(tmp_path, monkeypatch, files, args, expected):
     assert not os.path.exists("out")  # nothing half-written
 
 
-@pytest.mark.skipif(not (ROOT / "chatforge" / "cli.py").exists(), reason="chatforge/cli.py not written yet")
 @pytest.mark.parametrize("files,args,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_cli(tmp_path, files, args, expected):
     _setup(tmp_path, files)
@@ -462,7 +461,6 @@ def test_bad_input_cli(tmp_path, files, args, expected):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not (ROOT / "chatforge" / "cli.py").exists(), reason="chatforge/cli.py not written yet")
 def test_cli_skip_invalid_succeeds_and_reports(tmp_path):
     write(tmp_path, "d.jsonl", jsonl(conv("a", "b"), conv("c", "d")) + "{bad\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

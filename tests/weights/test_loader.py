@@ -128,21 +128,23 @@ def test_import_hf_folder_keeps_logits_tokenizer_and_template(tmp_path, family, 
 
 
 def test_hf_folder_is_usable_without_import(tmp_path):
-    from chatforge.weights.loader import load_pretrained
+    from chatforge.weights.loader import load
 
     src, hf = hf_folder(tmp_path, "qwen2")
-    model, tokenizer, folder = load_pretrained(str(src))
+    loaded = load(str(src))
     x = ids(20, hf.config.vocab_size)
     with torch.no_grad():
-        assert max_diff(model(x), hf(x).logits) <= 1e-4
-    assert tokenizer.has_chat_tokens() and model.new_token_ids == []
+        assert max_diff(loaded.model(x), hf(x).logits) <= 1e-4
+    assert loaded.tokenizer.has_chat_tokens() and loaded.new_token_ids == ()
+    assert (loaded.folder, loaded.source) == (str(src), str(src.resolve()))
+    assert not hasattr(loaded.model, "new_token_ids") and not hasattr(loaded.model, "name_or_path")
 
 
 def test_import_sharded_safetensors(tmp_path):
     src, hf = hf_folder(tmp_path, "llama", max_shard_size="40KB")
     shards = sorted(p.name for p in src.glob("model-*.safetensors"))
     assert len(shards) > 2 and (src / "model.safetensors.index.json").exists()
-    assert main(["import", str(src), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    assert main(["import", str(src), "--out", str(tmp_path / "out"), "--dtype", "bf16"]) == 0
     ours = load_model(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     x = ids(30, hf.config.vocab_size)
@@ -226,23 +228,28 @@ def test_import_refuses_to_overwrite_and_unknown_sources(tmp_path, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert main(["import", "no-such-model", "--out", str(tmp_path / "o")]) == 2
-    assert "not a known model name" in capsys.readouterr().err
+    assert "not a model folder, LoRA adapter folder, .gguf file or known model name" in capsys.readouterr().err
+    for command in (["import", str(src)], ["merge", str(src), str(src)]):  # one dtype vocabulary everywhere
+        assert main([*command, "--out", str(tmp_path / "o"), "--dtype", "float8"]) == 2
+        assert capsys.readouterr().err.strip() == "error: dtype: 'float8' is not one of fp32, bf16, fp16"
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------- chat tokens for a base tokenizer
 
 
 def test_base_tokenizer_gains_chat_tokens_and_model_keeps_its_predictions(tmp_path):
-    from chatforge.weights.loader import load_pretrained
+    from chatforge.weights.loader import load
 
     tok_folder = base_tokenizer_folder(tmp_path / "base-tok")
     base = Tokenizer.load(str(tok_folder))
     src, hf = hf_folder(tmp_path, "gpt2", tokenizer=base)
     assert not base.has_chat_tokens()
     v = base.vocab_size
-    model, tokenizer, _ = load_pretrained(str(src), chat_tokens=True)
+    loaded = load(str(src), chat_tokens=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert tokenizer.has_chat_tokens() and tokenizer.vocab_size == v + 3
-    assert model.new_token_ids == [v, v + 1, v + 2] and model.config.vocab_size == v + 3
+    assert loaded.new_token_ids == (v, v + 1, v + 2) and model.config.vocab_size == v + 3
     assert tokenizer.decode(tokenizer.render(CHAT[:2])[0]).startswith("<|im_start|>system\n")
     x = ids(20, v)
     with torch.no_grad():  # the pretrained model's own tokens predict as before
@@ -250,8 +257,9 @@ def test_base_tokenizer_gains_chat_tokens_and_model_keeps_its_predictions(tmp_pa
     # a chat model's tokenizer and template are kept as they are
     chat_src, _ = hf_folder(tmp_path, "llama")
     before = Tokenizer.load(str(chat_src))
-    model, tokenizer, _ = load_pretrained(str(chat_src), chat_tokens=True)
-    assert model.new_token_ids == [] and tokenizer.vocab_size == before.vocab_size
+    loaded = load(str(chat_src), chat_tokens=True)
+    tokenizer = loaded.tokenizer
+    assert loaded.new_token_ids == () and tokenizer.vocab_size == before.vocab_size
     assert tokenizer.chat_template == before.chat_template
 
 
@@ -275,9 +283,10 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_cache):
     from transformers import AutoModelForCausalLM
 
     from chatforge.weights.gguf import find_packaged_gguf
-    from chatforge.weights.loader import load_pretrained
+    from chatforge.weights.loader import load
 
-    model, tokenizer, folder = load_pretrained("smollm2-135m-instruct")
+    loaded = load("smollm2-135m-instruct")
+    model, tokenizer = loaded.model, loaded.tokenizer
     gguf = Path(find_packaged_gguf("smollm2-135m-instruct"))
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     prompt = tokenizer.render([{"role": "user", "content": "Write a haiku about a printer that never works, "
@@ -288,7 +297,7 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_cache):
     x = torch.tensor([prompt])
     with torch.no_grad():
         assert max_diff(model(x), hf(x).logits) <= 1e-3
-    assert model.name_or_path == "smollm2-135m-instruct"  # what an adapter trained on it names as its base
+    assert loaded.source == "smollm2-135m-instruct"  # what an adapter trained on it names as its base
 
 
 def test_smollm2_answers_by_name(smollm2_cache):
@@ -311,6 +320,6 @@ def test_scratch_trained_folder_loads_in_transformers(tmp_path):
                              "model.preset=nano", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
                              "model.n_kv_head=1", "seq_len=64", "batch_size=4", "max_steps=2", "eval_every=2",
                              "dtype=fp32"])
-    summary = train(cfg, progress=False)
+    summary = train(cfg)
     final = Path(summary["final_dir"])
     assert_transformers_agrees(final, load_model(final))

@@ -15,7 +15,7 @@ from chatforge.cli import main
 from chatforge.errors import ChatforgeError
 from chatforge.weights.lora import apply_lora, freeze, load_adapter, resolve_adapter, save_adapter
 from chatforge.model.gpt import GPT, ModelConfig
-from chatforge.weights.loader import load_pretrained
+from chatforge.weights.loader import load
 from test_loader import CHAT, assert_transformers_agrees, base_tokenizer_folder, chat_tokenizer, ids, max_diff
 
 FAMILIES = {
@@ -61,8 +61,10 @@ def train_a_little(peft_model, tokenizer, steps: int = 3, lr: float = 1e-2) -> N
 
 def trained_adapter(tmp_path: Path, family: str, freeze_blocks: int = 0):
     base = base_folder(tmp_path, family)
-    model, tokenizer, _ = load_pretrained(str(base), chat_tokens=True)
-    peft_model = apply_lora(model, LORA[family], freeze_blocks=freeze_blocks)
+    loaded = load(str(base), chat_tokens=True)
+    tokenizer = loaded.tokenizer
+    peft_model = apply_lora(loaded.model, LORA[family], freeze_blocks=freeze_blocks,
+                            new_token_ids=loaded.new_token_ids, base_name_or_path=loaded.source)
     train_a_little(peft_model, tokenizer)
     adapter = save_adapter(peft_model, tmp_path / f"{family}-adapter", tokenizer=tokenizer)
     return base, adapter, peft_model
@@ -93,7 +95,8 @@ def test_adapter_loads_in_peft_and_transformers_with_same_outputs(tmp_path, fami
 
 def test_lora_trains_only_adapters_and_skips_frozen_blocks(tmp_path):
     base = base_folder(tmp_path, "llama")
-    model, tokenizer, _ = load_pretrained(str(base))
+    loaded = load(str(base))
+    model, tokenizer = loaded.model, loaded.tokenizer
     before = {k: v.clone() for k, v in model.state_dict().items()}
     peft_model = apply_lora(model, {"r": 4, "target_modules": ["q_proj", "v_proj"]}, freeze_blocks=2)
     trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad)
@@ -117,9 +120,10 @@ def test_merge_command_equals_base_plus_adapter_and_loads_in_transformers(tmp_pa
     assert_transformers_agrees(out, merged)
     # an adapter folder is also a model to chatforge: its base comes from adapter_config.json
     assert resolve_adapter(adapter) == (str(base.resolve()), str(adapter))
-    model, tokenizer, _ = load_pretrained(str(adapter))
+    loaded = load(str(adapter))
+    assert (loaded.folder, loaded.source) == (str(adapter), str(adapter.resolve()))
     with torch.no_grad():
-        assert max_diff(model(x), peft_model(x)) <= 1e-4
+        assert max_diff(loaded.model(x), peft_model(x)) <= 1e-4
 
 
 def test_peft_adapter_from_transformers_loads_in_chatforge(tmp_path):
@@ -149,11 +153,11 @@ def test_added_chat_tokens_travel_with_the_adapter(tmp_path):
 
     base_tok = Tokenizer.load(str(base_tokenizer_folder(tmp_path / "tok")))
     base = base_folder(tmp_path, "gpt2", tokenizer=base_tok)
-    model, tokenizer, _ = load_pretrained(str(base), chat_tokens=True)
-    new = model.new_token_ids
+    loaded = load(str(base), chat_tokens=True)
+    model, tokenizer, new = loaded.model, loaded.tokenizer, list(loaded.new_token_ids)
     assert len(new) == 3
     original = load_model(base).model.embed_tokens.weight.detach().clone()
-    peft_model = apply_lora(model, {"r": 4, "alpha": 8})
+    peft_model = apply_lora(model, {"r": 4, "alpha": 8}, new_token_ids=new, base_name_or_path=loaded.source)
     train_a_little(peft_model, tokenizer)
     emb = model.model.embed_tokens.weight.detach()
     assert not torch.allclose(emb[new], emb[new[0] - 1:new[0]].expand(3, -1))  # the new rows learned
@@ -167,9 +171,10 @@ def test_added_chat_tokens_travel_with_the_adapter(tmp_path):
     with torch.no_grad():
         ours = peft_model(x)
         assert max_diff(hf(x).logits, ours) <= 1e-4
-        loaded, loaded_tok, _ = load_pretrained(str(adapter))
-        assert loaded_tok.vocab_size == tokenizer.vocab_size and loaded.config.vocab_size == len(original) + 3
-        assert max_diff(loaded(x), ours) <= 1e-4
+        again = load(str(adapter))
+        assert again.tokenizer.vocab_size == tokenizer.vocab_size
+        assert again.model.config.vocab_size == len(original) + 3
+        assert max_diff(again.model(x), ours) <= 1e-4
     assert main(["merge", str(base), str(adapter), "--out", str(tmp_path / "merged")]) == 0
     merged = load_model(tmp_path / "merged")
     with torch.no_grad():
@@ -181,10 +186,10 @@ def test_lora_with_frozen_embeddings_trains_only_the_new_token_rows(tmp_path):
     from chatforge.tokenizer import Tokenizer
 
     base_tok = Tokenizer.load(str(base_tokenizer_folder(tmp_path / "tok")))
-    model, tokenizer, _ = load_pretrained(str(base_folder(tmp_path, "llama", tokenizer=base_tok)), chat_tokens=True)
-    new = model.new_token_ids
+    loaded = load(str(base_folder(tmp_path, "llama", tokenizer=base_tok)), chat_tokens=True)
+    model, tokenizer, new = loaded.model, loaded.tokenizer, list(loaded.new_token_ids)
     before = {"embed": model.model.embed_tokens.weight.detach().clone(), "head": model.lm_head.weight.detach().clone()}
-    peft_model = apply_lora(model, {"r": 4}, freeze_embeddings=True)
+    peft_model = apply_lora(model, {"r": 4}, freeze_embeddings=True, new_token_ids=new)
     train_a_little(peft_model, tokenizer)
     old = [i for i in range(model.config.vocab_size) if i not in new]
     for name, weight in (("embed", model.model.embed_tokens.weight), ("head", model.lm_head.weight)):  # untied
@@ -197,12 +202,12 @@ def test_full_fine_tuning_freezes_embeddings_and_first_blocks_but_trains_new_tok
 
     base_tok = Tokenizer.load(str(base_tokenizer_folder(tmp_path / "tok")))
     base = base_folder(tmp_path, "gpt2", tokenizer=base_tok)
-    model, tokenizer, _ = load_pretrained(str(base), chat_tokens=True)
-    freeze(model, freeze_embeddings=True, freeze_blocks=1)
+    loaded = load(str(base), chat_tokens=True)
+    model, tokenizer, new = loaded.model, loaded.tokenizer, list(loaded.new_token_ids)
+    freeze(model, freeze_embeddings=True, freeze_blocks=1, new_token_ids=new)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_a_little(model, tokenizer)
     after = model.state_dict()
-    new = model.new_token_ids
     old_rows = [i for i in range(model.config.vocab_size) if i not in new]
     assert torch.equal(after["model.embed_tokens.weight"][old_rows], before["model.embed_tokens.weight"][old_rows])
     assert not torch.equal(after["model.embed_tokens.weight"][new], before["model.embed_tokens.weight"][new])
@@ -253,7 +258,7 @@ def test_chatforge_train_lora_adapter_loads_everywhere(tmp_path, tokenizer_kind)
     tokenizer = Tokenizer.load(str(adapter))
     assert tokenizer.has_chat_tokens()
     x = torch.tensor([tokenizer.render(CHAT, add_generation_prompt=True)[0]])
-    model, _, _ = load_pretrained(str(adapter))  # what chatforge chat/generate/serve load for an adapter folder
+    model = load(str(adapter)).model  # what chatforge chat/generate/serve load for an adapter folder
     hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     hf.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
     hf = PeftModel.from_pretrained(hf, adapter).eval()
@@ -265,3 +270,32 @@ def test_chatforge_train_lora_adapter_loads_everywhere(tmp_path, tokenizer_kind)
     with torch.no_grad():
         assert max_diff(merged(x), ours) <= 1e-4
     assert_transformers_agrees(tmp_path / "merged", merged, tokenizer_ids=x[0].tolist())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_train_from_an_adapter_folder_starts_from_the_adapter(tmp_path, mode):
+    """`init:` takes an adapter folder as chat does (the one loader): training starts from base + adapter. With a
+    learning rate too small to move anything, the result equals the adapter's model and not the base's; a LoRA run
+    on top names the adapter as its base, and loads back through both adapters."""
+    from chatforge.weights.loader import resolve
+
+    base, adapter, _ = trained_adapter(tmp_path, "llama")
+    run = tmp_path / "run"
+    args = ["train", f"init={adapter}", "data=builtin:english/tech_support", f"out_dir={run}", "seq_len=32",
+            "batch_size=2", "max_steps=1", "eval_every=1", "eval_batches=1", "lr=1e-9", "weight_decay=0",
+            "dropout=0", "dtype=fp32", "warmup_steps=0", "num_threads=1"] + (["lora.r=2"] if mode == "lora" else [])
+    assert main(args) == 0
+    final = run / "final"
+    if mode == "lora":
+        config = json.loads((final / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(adapter.resolve())
+        chain = resolve(str(final))
+        assert (chain.kind, chain.base.kind, chain.base.base.kind) == ("adapter", "adapter", "folder")
+    else:
+        assert resolve(str(final)).kind == "folder"
+    started_from = load(str(adapter))
+    x = torch.tensor([started_from.tokenizer.render(CHAT, add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        trained = load(str(final)).model(x)
+        assert max_diff(trained, started_from.model(x)) <= 1e-4
+        assert max_diff(trained, load_model(base)(x)) > 1e-2
