@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     from chatforge.config import load_config
     from chatforge.data import load_dataset
     from chatforge.weights.lora import load_adapter
-    from chatforge.weights.loader import load_pretrained
+    from chatforge.weights.loader import load
     from chatforge.train.loop import train
 
     cfg = load_config(str(CONFIG), argv)
@@ -71,7 +71,8 @@ def main(argv: list[str]) -> None:
     print(f"data: {cfg.data}: {report['read']} dialogs read, {report['kept']} distinct; "
           f"{len(train_records)} train, {len(val_records)} held out ({cfg.val_fraction:.0%})")
 
-    base, tokenizer, folder = load_pretrained(cfg.init)
+    loaded = load(cfg.init)
+    base, tokenizer, folder = loaded.model, loaded.tokenizer, loaded.folder
     loss_before = held_out_loss(base, tokenizer, val_records, cfg)
     replies_before, decode_before = replies_and_speed(base, tokenizer, questions)
     del base
