@@ -164,3 +164,18 @@ def test_size_command_probe_and_data_recommendation(tmp_path, capsys):
     # the suggested command trains on the data it was sized for (it used to leave data= out: the built-in corpus)
     assert (f"train it with: chatforge train --config {yaml} data=builtin:english/ai model.preset=nano "
             f"max_steps=null max_time_s=null max_tokens={4 * d['data']['tokens']} (about 4.0 epochs)") in printed
+
+
+def test_size_plans_exactly_the_model_that_training_builds(tmp_path):
+    """One model-shape rule (model/shape.py): `size` on a training config gives the ModelConfig train builds."""
+    from chatforge.config import load_config
+    from chatforge.tokenizer import Tokenizer, train_tokenizer
+    from chatforge.tools.sizing import model_config_from_train
+    from chatforge.train.loop import build_model
+
+    train_tokenizer(["hello there, how are you today?"] * 20, vocab_size=300).save(str(tmp_path / "tok"))
+    cfg = load_config(None, [f"tokenizer={tmp_path / 'tok'}", "model.n_layer=2", "model.d_model=64",
+                             "seq_len=600", "dropout=0.1"])  # longer than nano's 512: the context grows to fit
+    _, core = build_model(cfg, Tokenizer.load(str(tmp_path / "tok")))
+    planned = model_config_from_train(cfg)
+    assert planned == core.config and planned.max_seq_len == 600 and planned.dropout == 0.1

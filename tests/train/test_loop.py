@@ -23,7 +23,7 @@ from chatforge.device import autocast
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.tokenizer import IM_END, train_tokenizer
-from chatforge.model.vocab import resize_vocab
+from chatforge.weights.loader import resize_vocab
 from chatforge.train.events import Note
 from chatforge.train.loop import train
 from chatforge.train.loss import accumulate_gradients
@@ -246,7 +246,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     r = subprocess.run([sys.executable, "-m", "chatforge.cli", "train", *killed_args, "--resume"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from" in r.stderr
+    assert "resumed from" in r.stderr
     got, want = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
     assert [g[0] for g in got] == list(range(1, 61))  # each step once, the redone ones replaced
     for g, w in zip(got, want):
