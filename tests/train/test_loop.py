@@ -23,7 +23,7 @@ from chatforge.device import autocast
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.tokenizer import IM_END, train_tokenizer
-from chatforge.weights.loader import resize_vocab
+from chatforge.model.vocab import resize_vocab
 from chatforge.train.events import Note
 from chatforge.train.loop import train
 from chatforge.train.loss import accumulate_gradients
