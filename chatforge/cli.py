@@ -15,9 +15,9 @@ import typing
 
 # name -> (module:function, one-line summary shown by `chatforge --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("chatforge.data.prepare:prepare", "clean, de-duplicate and split conversations"),
-    "tokenizer": ("chatforge.tokenizer:train_command", "train a byte-level BPE tokenizer (tokenizer train ...)"),
-    "show-labels": ("chatforge.tokenizer:show_labels_command", "show which tokens of a conversation are trained"),
+    "prepare": ("chatforge.commands.data:prepare", "clean, de-duplicate and split conversations"),
+    "tokenizer": ("chatforge.commands.tokenizer:tokenizer_train", "train a byte-level BPE tokenizer (tokenizer train ...)"),
+    "show-labels": ("chatforge.commands.tokenizer:show_labels", "show which tokens of a conversation are trained"),
     "train": ("chatforge.commands.train:train_command", "pretrain or fine-tune (full or LoRA) from a YAML config"),
     "quickstart": ("chatforge.commands.tools:quickstart", "train a small chat model on the built-in corpus"),
     "generate": ("chatforge.generation.bot:generate_command", "generate replies to a prompt"),

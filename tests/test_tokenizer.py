@@ -496,11 +496,11 @@ def chat_jsonl(tmp_path) -> str:
 
 
 def test_train_command_reports_vocab_and_compression(chat_jsonl, tmp_path, capsys):
+    from chatforge.commands.tokenizer import tokenizer_train
     from chatforge.data import load_dataset
-    from chatforge.tokenizer import train_command
 
     out = str(tmp_path / "tok")
-    train_command(data=chat_jsonl, out=out, vocab_size=400, min_frequency=2, val_fraction=0.2, seed=1)
+    tokenizer_train(data=chat_jsonl, out=out, vocab_size=400, min_frequency=2, val_fraction=0.2, seed=1)
     printed = capsys.readouterr().out
     tok = Tokenizer.load(out)
     assert tok.vocab_size == 400 and tok.chat_template == CHATML_TEMPLATE
@@ -513,16 +513,48 @@ def test_train_command_reports_vocab_and_compression(chat_jsonl, tmp_path, capsy
 
 
 def test_show_labels_command(chat_jsonl, saved, capsys):
-    from chatforge.tokenizer import show_labels_command
+    from chatforge.commands.tokenizer import show_labels
 
-    show_labels_command(saved, chat_jsonl, index=2, color=False)
+    show_labels(saved, chat_jsonl, index=2, color=False)
     printed = capsys.readouterr().out
     assert printed.startswith(
         f"<|im_start|>user\n{ENGLISH[1]} #1 (2)<|im_end|>\n<|im_start|>assistant\n[[{CHINESE[1]} #1 [2]<|im_end|>]]\n"
     )
     assert "trained tokens: " in printed
     with pytest.raises(ChatforgeError, match="index 120 out of range \\(120 conversations\\)"):
-        show_labels_command(saved, chat_jsonl, index=120)
+        show_labels(saved, chat_jsonl, index=120)
+
+
+def test_show_labels_colours_only_a_terminal(chat_jsonl, saved):
+    """Piped into a file or another program, show-labels writes plain text; --color forces the ANSI codes."""
+    import subprocess
+    import sys
+
+    def run(*flags: str, **env: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "chatforge.cli", "show-labels", saved, "--data", chat_jsonl,
+                               *flags], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    piped = run()
+    assert "\033[" not in piped and "[[" in piped
+    assert "\033[32m" in run("--color") and "\033[" not in run("--no-color")
+
+
+def test_use_color_follows_the_terminal(monkeypatch):
+    import pty
+
+    from chatforge.commands.tokenizer import use_color
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    leader, follower = pty.openpty()
+    with open(follower, "w") as terminal, open(os.devnull, "w") as devnull:
+        assert use_color(None, terminal) is True and use_color(None, devnull) is False
+        assert use_color(True, devnull) is True and use_color(False, terminal) is False
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert use_color(None, terminal) is False
+    os.close(leader)
 
 
 def test_templates_with_generation_tags_render_like_transformers(tok, tmp_path):

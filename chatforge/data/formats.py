@@ -3,16 +3,19 @@
 A canonical record is {"messages": [{"role", "content"}, ...]} (a conversation) or {"text": str} (plain text for
 pretraining). Readers yield each raw record with its location ("file:line" or "file:record N") and never stop at a
 bad record: they yield an `Invalid` marker instead, so that `to_record` is the one place that turns any problem into
-ChatforgeError("<location>: <reason>") — which the caller either raises or, with --skip-invalid, counts.
+ChatforgeError("<location>: <reason>") — which the caller either raises or, with --skip-invalid, counts. A CSV reader
+also yields the header row it skipped as a `Header`, so the caller can report that decision.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from chatforge.errors import ChatforgeError
@@ -26,14 +29,30 @@ TEXT_EXTS = (".txt", ".text", ".md")
 SUPPORTED_EXTS = JSONL_EXTS + JSON_EXTS + YAML_EXTS + CSV_EXTS + TEXT_EXTS
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "chatgpt": "assistant",
+# The names other tools give the roles, accepted in every format (case and surrounding spaces do not matter).
+ROLE_ALIASES = {
     "system": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "model": "assistant",
 }
-# A first CSV row made only of these words is a header, not a conversation.
-CSV_HEADER_WORDS = {"prompt", "response", "question", "answer", "input", "output", "user", "assistant",
-                    "instruction", "query", "reply", "completion", "message", "text"}
+_ROLE_CHOICES = "system, user or assistant (or human, gpt, bot, chatgpt, model)"
+# Words that name a party or a field: a first CSV row whose every cell is made of them is a header.
+CSV_HEADER_WORDS = {
+    "prompt", "response", "question", "answer", "input", "output", "user", "assistant", "instruction", "query",
+    "reply", "completion", "message", "text", "customer", "agent", "client", "human", "bot", "chatbot", "support",
+    "staff", "speaker", "system", "context", "utterance", "request", "q", "a", "from", "to", "role", "content",
+    "conversation", "dialog", "dialogue", "turn", "id", "source", "target", "src", "tgt", "label", "model", "ai",
+    "visitor", "operator", "representative", "rep", "employee", "service", "buyer", "seller", "shopper", "person",
+    "patient", "doctor", "student", "teacher", "tutor", "learner", "interviewer", "interviewee", "caller", "reply",
+    "inquiry", "enquiry", "ask", "asker", "answerer", "sender", "recipient", "gpt", "prompts", "responses",
+    "questions", "answers", "inputs", "outputs", "messages", "replies", "and", "of", "the",
+    # other fields a CSV export carries beside the two texts
+    "score", "rating", "category", "topic", "intent", "language", "lang", "date", "time", "timestamp", "name",
+    "title", "tag", "tags", "index", "no", "number", "num", "type", "kind", "note", "notes", "comment", "count",
+    "status", "session", "thread", "channel", "subject", "uuid", "key",
+    "问题", "回答", "答案", "问", "答", "用户", "客户", "顾客", "客服", "助手", "机器人", "提问", "回复", "输入", "输出",
+    "对话", "内容", "角色", "用户问题", "客服回答", "用户输入", "助手回答", "系统",
+}
 
 _BOM = "\ufeff"
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under errors="surrogateescape"
@@ -43,6 +62,22 @@ class Invalid(NamedTuple):
     """A record the reader could not parse; `to_record` raises it as an error."""
 
     reason: str
+
+
+class Skip(NamedTuple):
+    """A raw record a reader drops by a rule of its source (not an error): counted under `reason`, never fatal."""
+
+    reason: str
+    detail: str
+
+
+class Item(NamedTuple):
+    """A canonical record and where it came from, as it flows through prepare's steps (so drops can be named)."""
+
+    source: str  # the source's name, as in the report
+    location: str  # "file:line" or "file:record N"
+    record: dict
+    canonical: bytes | None = None  # the record's canonical JSON, once de-duplication has computed it
 
 
 def _ext(path: str) -> str:
@@ -97,22 +132,48 @@ def _read_bytes(path: str, name: str) -> bytes:
         raise ChatforgeError(f"{name}: cannot read ({e.strerror})") from None
 
 
-def _utf8_error(data: bytes, err: UnicodeDecodeError) -> tuple[int, str]:
-    """(line, reason) for the first byte that is not UTF-8."""
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name ("utf-8", "gbk", ...), or a one-line error for an unknown one."""
+    try:
+        return codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise ChatforgeError(f"unknown encoding {_show(encoding)}; expected a Python codec name such as "
+                             "utf-8, gbk, gb18030, big5, shift_jis or cp1252") from None
+
+
+def _not_decodable(encoding: str, detail: str = "") -> str:
+    """The reason for text that does not decode; for UTF-8 it says how to read a file in another encoding."""
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        return (f"not valid UTF-8{detail}; if the file is in another encoding, pass it with --encoding "
+                "(e.g. --encoding gbk for Simplified Chinese from Windows)")
+    return f"not valid {encoding}{detail}"
+
+
+def _decode_error(data: bytes, err: UnicodeDecodeError, encoding: str) -> tuple[int, str]:
+    """(line, reason) for the first byte that does not decode."""
     line_start = data.rfind(b"\n", 0, err.start) + 1
-    column = len(data[line_start:err.start].decode("utf-8", "replace")) + 1
+    column = len(data[line_start:err.start].decode(encoding, "replace")) + 1
     line = data.count(b"\n", 0, err.start) + 1
-    return line, f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column})"
+    return line, _not_decodable(encoding, f" (byte 0x{data[err.start]:02x} at column {column})")
 
 
-def _decode_strict(data: bytes, name: str) -> str | tuple[str, Invalid]:
+def _decode_strict(data: bytes, name: str, encoding: str = "utf-8") -> str | tuple[str, Invalid]:
     """The text, or (location, Invalid) for the first undecodable byte."""
     try:
-        text = data.decode("utf-8")
+        text = data.decode(encoding)
     except UnicodeDecodeError as e:
-        line, reason = _utf8_error(data, e)
+        line, reason = _decode_error(data, e, encoding)
         return f"{name}:{line}", Invalid(reason)
     return text[1:] if text.startswith(_BOM) else text
+
+
+def _ascii_compatible(encoding: str) -> bool:
+    """Newlines are single 0x0a bytes (UTF-8, GBK, Big5, Shift-JIS, cp125x; not UTF-16): a file splits into lines
+    before decoding."""
+    try:
+        return "\n a".encode(encoding) == b"\n a"
+    except (UnicodeError, LookupError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,14 +255,16 @@ def detect_format(path: str, name: str | None = None) -> str:
 # Readers: (location, raw record), bad records as Invalid
 
 
-def _jsonl_records(lines: Iterable[tuple[int, bytes | str]], name: str) -> Iterator[tuple[str, Any]]:
+def _jsonl_records(
+    lines: Iterable[tuple[int, bytes | str]], name: str, encoding: str = "utf-8"
+) -> Iterator[tuple[str, Any]]:
     for lineno, raw in lines:
         loc = f"{name}:{lineno}"
         if isinstance(raw, bytes):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(encoding)
             except UnicodeDecodeError as e:
-                yield loc, Invalid(_utf8_error(raw, e)[1])
+                yield loc, Invalid(_decode_error(raw, e, encoding)[1])
                 continue
         else:
             line = raw
@@ -215,18 +278,25 @@ def _jsonl_records(lines: Iterable[tuple[int, bytes | str]], name: str) -> Itera
             yield loc, Invalid(f"invalid JSON ({e.msg})")
 
 
-def _read_jsonl(path: str, name: str) -> Iterator[tuple[str, Any]]:
+def _read_jsonl(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
     check_readable(path, name)
+    if not _ascii_compatible(encoding):  # UTF-16 and the like: decode first, then split
+        text = _decode_strict(_read_bytes(path, name), name, encoding)
+        if isinstance(text, tuple):
+            yield text
+        else:
+            yield from _jsonl_records(enumerate(text.split("\n"), 1), name)
+        return
     try:
         with open(path, "rb") as f:
-            yield from _jsonl_records(enumerate(f, 1), name)
+            yield from _jsonl_records(enumerate(f, 1), name, encoding)
     except OSError as e:
         raise ChatforgeError(f"{name}: cannot read ({e.strerror})") from None
 
 
-def _read_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
+def _read_json(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
     """A JSON array of records, a single record, or JSONL that happens to be named .json."""
-    text = _decode_strict(_read_bytes(path, name), name)
+    text = _decode_strict(_read_bytes(path, name), name, encoding)
     if isinstance(text, tuple):
         yield text
         return
@@ -247,14 +317,14 @@ def _read_json(path: str, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name}:record 1", doc
 
 
-def _read_yaml(path: str, name: str) -> Iterator[tuple[str, Any]]:
+def _read_yaml(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
     """chatterbot-corpus YAML: `conversations: [[prompt, reply, ...], ...]`.
 
     Read with the base loader, which keeps every scalar a string: `- 1984` stays "1984", `- yes` stays "yes".
     """
     import yaml
 
-    text = _decode_strict(_read_bytes(path, name), name)
+    text = _decode_strict(_read_bytes(path, name), name, encoding)
     if isinstance(text, tuple):
         yield text
         return
@@ -281,41 +351,166 @@ def _read_yaml(path: str, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name}:record {i}", conversation
 
 
-def _decode_lenient(data: bytes) -> str:
+def _decode_lenient(data: bytes, encoding: str = "utf-8") -> str:
     """Decode keeping bad bytes as surrogate escapes, so one bad record does not hide the rest of the file."""
-    text = data.decode("utf-8", "surrogateescape")
+    text = data.decode(encoding, "surrogateescape")
     return text[1:] if text.startswith(_BOM) else text
 
 
-def _read_csv(path: str, name: str, delimiter: str) -> Iterator[tuple[str, Any]]:
-    reader = csv.reader(io.StringIO(_decode_lenient(_read_bytes(path, name)), newline=""), delimiter=delimiter)
-    first = True
+@dataclass(frozen=True)
+class CsvOptions:
+    """How a CSV file is read. Every field has an automatic default, and each can be set when the guess is wrong.
+
+    delimiter: None = tab for .tsv, else sniffed among , ; tab |.
+    header: "auto" (a first row that names the columns is a header), "yes" or "no".
+    columns: the (user, assistant) columns, by header name or 1-based number; None = a file of exactly two columns.
+    """
+
+    delimiter: str | None = None
+    header: str = "auto"
+    columns: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        delimiter = {"tab": "\t", "\\t": "\t"}.get(self.delimiter, self.delimiter) if self.delimiter else None
+        if delimiter is not None and len(delimiter) != 1:
+            raise ChatforgeError(f"csv_delimiter: expected one character (or 'tab'), got {_show(self.delimiter)}")
+        object.__setattr__(self, "delimiter", delimiter)
+        if self.header not in ("auto", "yes", "no"):
+            raise ChatforgeError(f"csv_header: expected auto, yes or no, got {_show(self.header)}")
+        columns = self.columns
+        if isinstance(columns, str):
+            columns = tuple(c.strip() for c in columns.split(","))
+        if columns is not None:
+            columns = tuple(str(c).strip() for c in columns)
+            if len(columns) != 2 or not all(columns) or columns[0].lower() == columns[1].lower():
+                raise ChatforgeError(f"csv_columns: expected two different columns USER,ASSISTANT (names from the "
+                                     f"header or 1-based numbers), got {_show(self.columns)}")
+            if self.header == "no" and not all(c.isdigit() for c in columns):
+                raise ChatforgeError("csv_columns: column names need a header; pass numbers with --csv-header no")
+            if any(c.isdigit() and int(c) < 1 for c in columns):
+                raise ChatforgeError(f"csv_columns: column numbers start at 1, got {_show(self.columns)}")
+        object.__setattr__(self, "columns", columns)
+
+
+class Header(NamedTuple):
+    """What the CSV reader decided about a first row, for the report: the user sees every guess."""
+
+    cells: list[str]
+    decision: str  # "given" (the user said it is a header), "detected" (skipped as a header), or "doubt" (read as
+    # a conversation, though it looks like a header)
+
+
+_WORD_SEPARATORS = re.compile(r"[\W_]+")
+_TITLE = re.compile(r"[^\W\d_][\w '/&()-]{0,39}")
+
+
+def _is_header_cell(cell: str) -> bool:
+    """Made of header words only: "Customer", "user_message", "Question / Answer", "回答" (not "q10")."""
+    words = [w for w in _WORD_SEPARATORS.split(cell.lower()) if w]
+    return bool(words) and all(w in CSV_HEADER_WORDS for w in words)
+
+
+def _title_like(cell: str) -> bool:
+    """Short words naming a column ("Kunde", "Customer question"), not a sentence."""
+    cell = cell.strip()
+    return bool(_TITLE.fullmatch(cell)) and len(cell.split()) <= 3
+
+
+def looks_like_header(first: list[str], rows: list[list[str]]) -> str | None:
+    """Is the first CSV row a header? "yes" when every cell names a party or a field (Customer, Agent, question,
+    回答); "maybe" when, in csv.Sniffer's manner, the row differs in kind from the rows below it (short titles
+    above columns of sentences: "Kunde,Mitarbeiter", but also "Hi,Hello"); else None. Only "yes" is skipped:
+    a "maybe" is read as data and reported, since guessing wrong would silently lose a real first exchange."""
+    if not first or not all(c.strip() for c in first):
+        return None
+    if all(_is_header_cell(c) for c in first):
+        return "yes"
+    if not rows or not all(_title_like(c) for c in first):
+        return None
+    for i in range(len(first)):
+        below = [r[i] for r in rows if len(r) > i]
+        if not below or sum(map(_title_like, below)) * 2 >= len(below):
+            return None
+    return "maybe"
+
+
+def sniff_delimiter(sample: str) -> str:
+    """The delimiter of a CSV sample among , ; tab | (csv.Sniffer); "," when it cannot tell."""
+    sample = sample[: sample.rfind("\n") + 1] or sample  # whole lines only
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
+def _csv_rows(text: str, delimiter: str, name: str) -> Iterator[tuple[int, list[str] | Invalid]]:
+    """(starting line, cells) for every non-empty row; a quoted cell may span lines."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     while True:
-        start = reader.line_num + 1  # a quoted cell may span lines: report where the row starts
+        start = reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            yield f"{name}:{start}", Invalid(f"invalid CSV ({e})")
+            yield start, Invalid(f"invalid CSV ({e})")
             continue
-        if not row:
-            continue
-        is_header = first and len(row) == 2 and all(c.strip().lower() in CSV_HEADER_WORDS for c in row)
-        first = False
-        if is_header:
-            continue
-        if any(_SURROGATE_ESCAPE.search(c) for c in row):
-            yield f"{name}:{start}", Invalid("not valid UTF-8")
-            continue
-        yield f"{name}:{start}", row
+        if row:
+            yield start, row
 
 
-def _read_text(path: str, name: str) -> Iterator[tuple[str, Any]]:
+def _column_index(column: str, header: list[str] | None, name: str) -> int:
+    if column.isdigit():
+        return int(column) - 1
+    names = [c.strip().lower() for c in header or []]
+    if column.lower() not in names:
+        shown = ", ".join(c.strip() for c in header or []) or "none"
+        raise ChatforgeError(f"{name}:1: no column named {_show(column)} in the header (columns: {shown})")
+    return names.index(column.lower())
+
+
+def _read_csv(path: str, name: str, encoding: str, options: CsvOptions) -> Iterator[tuple[str, Any]]:
+    text = _decode_lenient(_read_bytes(path, name), encoding)
+    delimiter = options.delimiter or ("\t" if _ext(path) == ".tsv" else sniff_delimiter(text[: 1 << 16]))
+    rows = _csv_rows(text, delimiter, name)
+    head = [next(rows, None) for _ in range(51)]  # the first row and a sample to judge it by
+    head = [r for r in head if r is not None]
+    header: list[str] | None = None
+    if head and not isinstance(head[0][1], Invalid):
+        first = head[0][1]
+        sample = [r for _, r in head[1:] if not isinstance(r, Invalid)]
+        named = options.columns is not None and not all(c.isdigit() for c in options.columns)
+        guess = looks_like_header(first, sample) if options.header == "auto" and not named else None
+        if options.header == "yes" or named or guess == "yes":
+            header = first
+            head = head[1:]
+            yield f"{name}:1", Header(first, "detected" if guess else "given")
+        elif guess == "maybe":
+            yield f"{name}:1", Header(first, "doubt")
+    picks = None
+    if options.columns is not None:
+        picks = [_column_index(c, header, name) for c in options.columns]
+    needed = 2 if picks is None else max(picks) + 1
+    for start, row in (*head, *rows):
+        loc = f"{name}:{start}"
+        if isinstance(row, Invalid):
+            yield loc, row
+        elif any(_SURROGATE_ESCAPE.search(c) for c in row):
+            yield loc, Invalid(_not_decodable(encoding))
+        elif len(row) < needed or (picks is None and len(row) > 2):
+            expected = "2 columns (prompt, response)" if picks is None else f"at least {needed} columns"
+            advice = ("choose two with --csv-columns USER,ASSISTANT" if len(row) > needed
+                      else "if the file uses another delimiter, pass --csv-delimiter")
+            yield loc, Invalid(f"expected {expected}, got {len(row)} (delimiter {_show(delimiter)}); {advice}")
+        else:
+            yield loc, row if picks is None else [row[picks[0]], row[picks[1]]]
+
+
+def _read_text(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
     """Plain text: each block of lines separated by a blank line is one record (a paragraph or document)."""
     block: list[str] = []
     start = 0
-    lines = _decode_lenient(_read_bytes(path, name)).split("\n")
+    lines = _decode_lenient(_read_bytes(path, name), encoding).split("\n")
     for lineno, line in enumerate(lines + [""], 1):
         line = line.rstrip("\r")
         if line.strip():
@@ -327,35 +522,40 @@ def _read_text(path: str, name: str) -> Iterator[tuple[str, Any]]:
             text = "\n".join(block)
             block = []
             if _SURROGATE_ESCAPE.search(text):
-                yield f"{name}:{start}", Invalid("not valid UTF-8")
+                yield f"{name}:{start}", Invalid(_not_decodable(encoding))
             else:
                 yield f"{name}:{start}", text
 
 
-def read_records(path: str, fmt: str | None = None, *, name: str | None = None) -> Iterator[tuple[str, Any]]:
+def read_records(
+    path: str, fmt: str | None = None, *, name: str | None = None, encoding: str = "utf-8",
+    csv_options: CsvOptions | None = None,
+) -> Iterator[tuple[str, Any]]:
     """Yield (location, raw record) for every record of one file; `name` is how the file is shown in locations.
 
     The container follows the format and the extension: chatterbot is YAML (or JSON), csv is CSV (tab-separated
-    for .tsv), text is blank-line-separated blocks unless the file is JSON/JSONL ({"text": ...} records); the
-    conversation formats read .jsonl/.ndjson line by line and anything else as JSON (falling back to JSONL).
+    for .tsv, else the sniffed delimiter; a header row is yielded as `Header`), text is blank-line-separated blocks
+    unless the file is JSON/JSONL ({"text": ...} records); the conversation formats read .jsonl/.ndjson line by
+    line and anything else as JSON (falling back to JSONL).
     """
     name = name or path
     check_format(fmt)
+    check_encoding(encoding)
     check_readable(path, name)
     fmt = fmt or detect_format(path, name)
     ext = _ext(path)
-    if fmt == "chatterbot":
-        yield from _read_yaml(path, name)
+    if fmt == "chatterbot":  # YAML, or JSON (which YAML reads too)
+        yield from _read_yaml(path, name, encoding)
     elif fmt == "csv":
-        yield from _read_csv(path, name, "\t" if ext == ".tsv" else ",")
+        yield from _read_csv(path, name, encoding, csv_options or CsvOptions())
     elif fmt == "text" and ext not in JSON_EXTS + JSONL_EXTS:
-        yield from _read_text(path, name)
+        yield from _read_text(path, name, encoding)
     elif ext in YAML_EXTS:
         raise ChatforgeError(f"{name}: format '{fmt}' is read from JSON or JSONL files, not YAML")
     elif ext in JSONL_EXTS:
-        yield from _read_jsonl(path, name)
+        yield from _read_jsonl(path, name, encoding)
     else:
-        yield from _read_json(path, name)
+        yield from _read_json(path, name, encoding)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,6 +621,14 @@ def check_roles(messages: list[dict], location: str, first_number: int = 1) -> N
         _fail(location, "no assistant message; a conversation needs at least one user -> assistant exchange")
 
 
+def _role(value: Any, n: int, field: str, location: str) -> str:
+    """The canonical role of a message's role/from value, accepting the same aliases in every format."""
+    role = ROLE_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
+    if role is None:
+        _fail(location, f"message {n} has {field} {_show(value)}; expected {_ROLE_CHOICES}")
+    return role
+
+
 def _from_messages(raw: Any, location: str) -> dict:
     obj = _object(raw, location)
     if "messages" not in obj:
@@ -437,10 +645,7 @@ def _from_messages(raw: Any, location: str) -> dict:
         for key in ("role", "content"):
             if key not in m:
                 _fail(location, f"message {n} missing field '{key}'")
-        role = m["role"]
-        if role not in ROLES:
-            expected = "system, user or assistant" if n == 1 else "user or assistant"
-            _fail(location, f"message {n} has role {_show(role)}; expected {expected}")
+        role = _role(m["role"], n, "role", location)
         out.append({"role": role, "content": _content(m["content"], n, location)})
     check_roles(out, location)
     return {"messages": out}
@@ -466,9 +671,7 @@ def _from_sharegpt(raw: Any, location: str) -> dict:
             _fail(location, f"message {n} missing field 'from'")
         if "value" not in turn and "content" not in turn:
             _fail(location, f"message {n} missing field 'value'")
-        role = SHAREGPT_ROLES.get(sender.strip().lower()) if isinstance(sender, str) else None
-        if role is None:
-            _fail(location, f"message {n} has from {_show(sender)}; expected human, gpt or system")
+        role = _role(sender, n, "from", location)
         if not isinstance(value, str):
             _fail(location, f"message {n} value must be a string, got {_kind(value)}")
         out.append({"role": role, "content": value})
@@ -503,7 +706,7 @@ def _from_chatterbot(raw: Any, location: str) -> dict:
 
 
 def _from_csv(raw: Any, location: str) -> dict:
-    if not isinstance(raw, list) or len(raw) != 2:
+    if not isinstance(raw, list) or len(raw) != 2:  # the reader checks the columns; this guards other callers
         got = len(raw) if isinstance(raw, list) else _kind(raw)
         _fail(location, f"expected 2 columns (prompt, response), got {got}")
     return {"messages": [{"role": "user", "content": raw[0]}, {"role": "assistant", "content": raw[1]}]}

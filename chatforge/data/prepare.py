@@ -1,31 +1,61 @@
 """From raw inputs to a prepared folder (train.jsonl, val.jsonl, report.json), and the in-memory equivalent.
 
-`prepare` (the CLI command) and `load_dataset` (what training and evaluation call) share one path:
-resolve inputs -> read + validate -> clean + de-duplicate -> split, so a dataset means the same thing either way.
+`prepare` (what `chatforge prepare` calls) and `load_dataset` (what training and evaluation call) share one pipeline,
+so a dataset means the same thing either way. It is a sequence of steps; each passes Items (a record and its
+location) to the next and counts what it drops in the Report:
+
+    resolve inputs -> read + validate -> clean -> de-duplicate -> split -> report
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, NamedTuple
+from dataclasses import asdict, dataclass, replace
 
-from chatforge.data.builtin import builtin_files, is_builtin_spec
-from chatforge.data.clean import INVALID, Report, clean_records, split
+from chatforge.data.builtin import builtin_sources, is_builtin_spec
+from chatforge.data.clean import NORMAL_FORMS, clean, dedup, split
 from chatforge.data.formats import (
-    SUPPORTED_EXTS, check_format, check_readable, detect_format, read_records, to_record,
+    SUPPORTED_EXTS, TEXT_EXTS, CsvOptions, check_encoding, check_format, check_readable, detect_format,
+    read_records, to_record,
 )
+from chatforge.data.report import Report
+from chatforge.data.sources import Source, read_sources
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_write_text
 
 PREPARED_FILES = ("train.jsonl", "val.jsonl")
+PLAIN_TEXT_IGNORED = "plain text beside conversation files (pass --include-text to train on it)"
 
 
-class Source(NamedTuple):
-    name: str  # as shown in locations and the report
-    path: str
-    format: str
-    builtin: bool  # the corpus ships a few malformed entries: always skipped and counted, never fatal
+@dataclass
+class PrepareOptions:
+    """Every setting of the pipeline, checked when made (so a bad one fails before anything is read)."""
+
+    format: str | None = None  # None: detected per file
+    skip_invalid: bool = False
+    include_text: bool = False  # read .txt/.md files found beside conversation files in a folder
+    encoding: str = "utf-8"  # of the user's files (the built-in corpora are UTF-8)
+    csv_delimiter: str | None = None
+    csv_header: str = "auto"
+    csv_columns: str | tuple[str, str] | None = None
+    normalize: str = "nfc"
+    fullwidth_ascii: bool = False
+    max_turn_chars: int = 4000
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_format(self.format)
+        check_encoding(self.encoding)
+        if self.normalize not in NORMAL_FORMS:
+            raise ChatforgeError(f"normalize: expected {' or '.join(NORMAL_FORMS)}, got {self.normalize!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ChatforgeError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_turn_chars < 1:
+            raise ChatforgeError(f"max_turn_chars must be at least 1, got {self.max_turn_chars}")
+        self.csv = CsvOptions(self.csv_delimiter, self.csv_header, self.csv_columns)
+        self.csv_columns = self.csv.columns
 
 
 def is_prepared(path: str) -> bool:
@@ -33,11 +63,15 @@ def is_prepared(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "train.jsonl"))
 
 
-def _folder_files(folder: str, report: Report | None, exclude: str | None = None) -> list[str]:
+def _folder_files(folder: str, report: Report, exclude: str | None, include_text: bool) -> list[str]:
+    """The files of a folder to read. Plain text (.txt, .md) is read only when asked or when the folder holds
+    nothing else: a README or notes beside the conversations are not training data. Everything not read is listed
+    in the report with the reason."""
     if is_prepared(folder):
         return [os.path.join(folder, f) for f in PREPARED_FILES if os.path.isfile(os.path.join(folder, f))]
     skip = os.path.realpath(exclude) if exclude else None
     files: list[str] = []
+    texts: list[str] = []
     for root, dirs, names in os.walk(folder):
         # Hidden folders, and the output folder of this very run (`prepare data --out data/prepared` twice).
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != skip)
@@ -45,76 +79,79 @@ def _folder_files(folder: str, report: Report | None, exclude: str | None = None
             if name.startswith("."):
                 continue
             path = os.path.join(root, name)
-            if os.path.splitext(name)[1].lower() in SUPPORTED_EXTS:
+            ext = os.path.splitext(name)[1].lower()
+            if ext in TEXT_EXTS:
+                texts.append(path)
+            elif ext in SUPPORTED_EXTS:
                 files.append(path)
-            elif report is not None:
-                report.ignored_files.append(path)
+            else:
+                report.ignore(path, "unsupported file type")
+    if include_text or not files:
+        files += texts
+    else:
+        for path in texts:
+            report.ignore(path, PLAIN_TEXT_IGNORED)
     if not files:
         raise ChatforgeError(f"{folder}: no supported files in this folder (expected {', '.join(SUPPORTED_EXTS)})")
     return sorted(files)
 
 
 def resolve_inputs(
-    inputs: list[str], fmt: str | None = None, report: Report | None = None, exclude: str | None = None
+    inputs: list[str], options: PrepareOptions, report: Report, exclude: str | None = None
 ) -> list[Source]:
-    """Every file behind the inputs (files, folders, builtin specs), with its format, in a stable order."""
-    check_format(fmt)
+    """The resolve step: every file behind the inputs (files, folders, builtin specs), with its format, in a stable
+    order. With --skip-invalid a file whose format cannot be told is skipped and listed, like any stray file."""
     if isinstance(inputs, str):
         inputs = [inputs]
     if not inputs:
-        raise ChatforgeError("no inputs given; expected files, folders or builtin[:LANGUAGE]")
+        raise ChatforgeError("no inputs given; expected files, folders or builtin[:CORPUS]")
     sources: list[Source] = []
     for spec in inputs:
         if is_builtin_spec(spec):
-            sources += [Source(name, str(path), "chatterbot", True) for name, path in builtin_files(spec)]
+            sources += builtin_sources(spec)
             continue
         if not os.path.exists(spec):
             raise ChatforgeError(f"{spec}: file not found")
-        for path in _folder_files(spec, report, exclude) if os.path.isdir(spec) else [spec]:
+        in_folder = os.path.isdir(spec)
+        include_text = options.include_text or options.format == "text"
+        for path in _folder_files(spec, report, exclude, include_text) if in_folder else [spec]:
             check_readable(path)
-            sources.append(Source(path, path, fmt or detect_format(path), False))
+            try:
+                fmt = options.format or detect_format(path)
+            except ChatforgeError as e:
+                if options.skip_invalid:
+                    report.ignore(path, str(e).removeprefix(f"{path}: "))
+                    continue
+                raise ChatforgeError(f"{e} (or --skip-invalid to skip such files)" if in_folder else str(e)) from None
+            sources.append(Source(path, fmt, path))
     return sources
 
 
-def read_inputs(
-    inputs: list[str], fmt: str | None = None, skip_invalid: bool = False, report: Report | None = None,
-    exclude: str | None = None,
-) -> Iterator[tuple[str, dict]]:
-    """Yield (source name, canonical record) for every valid record; a bad one raises unless skipped (and counted)."""
-    report = report if report is not None else Report()
-    for source in resolve_inputs(inputs, fmt, report, exclude):
-        report.source(source.name, source.format)
-        for location, raw in read_records(source.path, source.format, name=source.name):
-            try:
-                record = to_record(raw, source.format, location)
-            except ChatforgeError as e:
-                if not (skip_invalid or source.builtin):
-                    raise
-                report.count_read(source.name)
-                report.count_dropped(source.name, INVALID, str(e))
-                continue
-            yield source.name, record
-
-
-def _build(
-    inputs: list[str], fmt: str | None, skip_invalid: bool, val_fraction: float, seed: int, max_turn_chars: int,
-    exclude: str | None = None,
+def build(
+    inputs: list[str], options: PrepareOptions | None = None, exclude: str | None = None
 ) -> tuple[list[dict], list[dict], Report]:
-    if not 0 <= val_fraction < 1:
-        raise ChatforgeError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if max_turn_chars < 1:
-        raise ChatforgeError(f"max_turn_chars must be at least 1, got {max_turn_chars}")
+    """The pipeline: (train records, validation records, report)."""
+    options = options or PrepareOptions()
     report = Report()
-    report.settings = {"inputs": list(inputs), "format": fmt, "skip_invalid": skip_invalid,
-                       "val_fraction": val_fraction, "seed": seed, "max_turn_chars": max_turn_chars}
-    records = clean_records(read_inputs(inputs, fmt, skip_invalid, report, exclude), report, max_turn_chars)
+    report.settings = {"inputs": list(inputs), **asdict(options)}
+    sources = resolve_inputs(inputs, options, report, exclude)
+    items = read_sources(sources, report, options.skip_invalid, options.encoding, options.csv)
+    items = clean(items, report, options.max_turn_chars, options.normalize, options.fullwidth_ascii)
+    # A PII scrub step goes here: after cleaning (it sees normalised text) and before de-duplication (so copies that
+    # differ only in a scrubbed name or number collapse into one).
+    items = dedup(items, report)
+    records, canonical = [], []
+    for item in items:
+        report.count_kept(item.source, item.record)
+        records.append(item.record)
+        canonical.append(item.canonical)
     if not records:
         dropped = ", ".join(f"{r} {n}" for r, n in sorted(report.dropped.items()))
         raise ChatforgeError(
             f"{', '.join(inputs)}: no records left to use (read {report.read}"
             + (f"; dropped: {dropped})" if dropped else ")")
         )
-    train, val = split(records, val_fraction, seed)
+    train, val = split(records, options.val_fraction, options.seed, canonical)
     report.train, report.val = len(train), len(val)
     return train, val, report
 
@@ -123,33 +160,18 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def prepare(
-    inputs: list[str],
-    out: str | None = None,
-    format: str | None = None,
-    skip_invalid: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    max_turn_chars: int = 4000,
-) -> dict:
-    """Clean, de-duplicate and split conversations into train/val JSONL files with a report of what was dropped.
+def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None = None, **settings) -> dict:
+    """Run the pipeline and write out/train.jsonl, out/val.jsonl and out/report.json; returns the report.
 
-    Args:
-        inputs: files, folders (all supported files inside) or builtin corpus specs
-            (builtin, builtin:english, builtin:chinese, builtin:english/ai)
-        out: output folder for train.jsonl, val.jsonl and report.json (required)
-        format: input format instead of detecting it: messages, sharegpt, alpaca, chatterbot, csv or text
-        skip_invalid: skip bad records and count them in the report instead of stopping at the first one
-        val_fraction: share of conversations held out for validation, chosen by a hash of their content
-        seed: seed of the train/validation split
-        max_turn_chars: turns longer than this many characters (after cleaning) are dropped
+    `settings` are PrepareOptions fields (e.g. val_fraction=0.2), applied over `options`.
     """
     if not out:  # a flag rather than a second positional, so `prepare a.jsonl b.jsonl --out DIR` reads clearly
         raise ChatforgeError("prepare: no output folder given; pass --out DIR")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ChatforgeError(f"{out}: exists and is not a folder")
+    options = replace(options, **settings) if options is not None else PrepareOptions(**settings)
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    train, val, report = _build(inputs, format, skip_invalid, val_fraction, seed, max_turn_chars, exclude=out)
+    train, val, report = build(inputs, options, exclude=out)
     report_path = os.path.join(out, "report.json")
     try:
         os.makedirs(out, exist_ok=True)
@@ -160,10 +182,9 @@ def prepare(
     atomic_write_text(os.path.join(out, "train.jsonl"), _jsonl(train))
     atomic_write_text(os.path.join(out, "val.jsonl"), _jsonl(val))
     # Each file is replaced atomically; the report goes last, so its presence says the three belong together.
-    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    print(report.summary())
-    print(f"wrote {os.path.join(out, 'train.jsonl')} and {os.path.join(out, 'val.jsonl')}")
-    return report.to_dict()
+    result = report.to_dict()
+    atomic_write_text(report_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
 
 
 def _read_prepared(folder: str) -> tuple[list[dict], list[dict], dict]:
@@ -204,5 +225,5 @@ def load_dataset(
     specs = [spec] if isinstance(spec, str) else list(spec)
     if len(specs) == 1 and is_prepared(specs[0]):
         return _read_prepared(specs[0])
-    train, val, report = _build(specs, None, False, val_fraction, seed, 4000)
+    train, val, report = build(specs, PrepareOptions(val_fraction=val_fraction, seed=seed))
     return train, val, report.to_dict()
