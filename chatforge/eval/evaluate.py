@@ -236,7 +236,8 @@ def mc_eval(model, tokenizer, path: str, device, max_samples: int | None = None,
 
 # ---------------------------------------------------------------- the evaluation
 
-def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None, split: str = "val",
+def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None, facts: str | None = None,
+             split: str = "val",
              max_samples: int | None = 200, max_new_tokens: int = 64, batch_size: int = 8, seq_len: int | None = None,
              seed: int = 0, device: str = "auto", dtype: str = "fp32", val_fraction: float = 0.1,
              generate: bool = True, n_examples: int = 5) -> dict:
@@ -273,6 +274,10 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
             result["generation"], result["examples"] = _generation(bot, records, max_new_tokens, seed, n_examples)
     if mc:
         result["mc"] = mc_eval(model, tok, mc, dev, max_samples, seed)
+    if facts:
+        from chatforge.eval.facts import fact_check
+
+        result["facts"] = fact_check(bot, facts, max_new_tokens, seed)
     return result
 
 
@@ -315,6 +320,7 @@ ROWS = [  # (label, section, key, format)
     ("end-of-turn rate", "generation", "eot_rate", "{:.3f}"), ("replies", "generation", "replies", "{:,}"),
     ("MC acc", "mc", "acc", "{:.3f}"), ("MC acc_norm", "mc", "acc_norm", "{:.3f}"),
     ("MC questions (chance acc)", "mc", None, None),
+    ("fact accuracy", "facts", "accuracy", "{:.3f}"),
 ]
 
 
@@ -335,14 +341,22 @@ def markdown_table(results: list[dict]) -> str:
                 cells.append("-")
             elif key is None:
                 cells.append(f"{s['questions']} ({s['chance']:.3f})")
+            elif section == "facts":
+                cells.append(f"{s['accuracy']:.3f} ({s['correct']}/{s['total']})")
             else:
                 cells.append(fmt.format(s[key]) if s.get(key) is not None else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if section == "facts":  # one row per language: a model may learn the facts in English and not in Chinese
+            for lang in sorted({k for r in results for k in r.get("facts", {}).get("by_lang", {})}):
+                by = [r.get("facts", {}).get("by_lang", {}).get(lang) for r in results]
+                lines.append(f"| fact accuracy, {lang} | " + " | ".join(
+                    f"{b['accuracy']:.3f} ({b['correct']}/{b['total']})" if b else "-" for b in by) + " |")
     return "\n".join(lines)
 
 
 def eval_command(model: str, data: str = "builtin", compare: str | None = None, mc: str | None = None,
+                 facts: str | None = None,
                  split: str = "val", max_samples: int = 200, max_new_tokens: int = 64, batch_size: int = 8,
                  seq_len: int | None = None, out: str | None = None, seed: int = 0, device: str = "auto",
                  dtype: str = "fp32", val_fraction: float = 0.1, generate: bool = True) -> int:
@@ -354,6 +368,8 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
         data: conversations (as for train); the validation split of the same val_fraction and seed is used.
         compare: a second model evaluated on exactly the same samples, side by side.
         mc: a JSONL of {question, choices, answer} scored by log-likelihood (acc and acc_norm).
+        facts: a JSONL of {messages, expect} held-out questions: a greedy reply is right when it contains every
+            expected string (full/half-width and case ignored); accuracy per language (eval/facts.py).
         split: which split of data to evaluate: val, train, or all (a file kept apart for evaluation).
         max_samples: conversations (and questions) evaluated, a seeded subset when there are more.
         max_new_tokens: longest generated reply.
@@ -366,7 +382,7 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
         val_fraction: validation share used to split data (as in training).
         generate: also generate replies and score them (off: loss and MC only).
     """
-    results = [evaluate(m, data, mc=mc, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens,
+    results = [evaluate(m, data, mc=mc, facts=facts, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, dtype=dtype,
                         val_fraction=val_fraction, generate=generate)
                for m in ([model] + ([compare] if compare else []))]
