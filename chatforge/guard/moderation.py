@@ -255,10 +255,13 @@ class ModerationModel:
 
         from chatforge.io import atomic_path, atomic_write_text
 
-        tensors = {"flagged.weight": torch.from_numpy(np.asarray(self.flag_w, dtype=np.float16)),
+        def tensor(a, dtype):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+
+        tensors = {"flagged.weight": tensor(self.flag_w, np.float16),
                    "flagged.bias": torch.tensor([self.flag_b], dtype=torch.float32),
-                   "category.weight": torch.from_numpy(np.asarray(self.cat_w, dtype=np.float16)),
-                   "category.bias": torch.from_numpy(np.asarray(self.cat_b, dtype=np.float32))}
+                   "category.weight": tensor(self.cat_w, np.float16),
+                   "category.bias": tensor(self.cat_b, np.float32)}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp)
         body = {"categories": list(self.categories), "threshold": self.threshold,

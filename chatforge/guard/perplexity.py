@@ -127,17 +127,21 @@ def calibrate(filt: PerplexityFilter, clean: dict[str, list[str]], quantile: flo
     The quantile sets the false-positive rate on text like the calibration set; the margin covers the gap between
     calibration and deployment text.
     """
-    thresholds: dict[str, dict[str, float]] = {}
     for language, texts in clean.items():
         if len(texts) < 20:
             raise ChatforgeError(f"calibrate: {len(texts)} clean {language} texts; need at least 20")
-        scored = filt.scores(texts)
-        thresholds[language] = {}
-        for k in SCORES:
-            values = sorted(s[k] for s in scored)
-            at = min(len(values) - 1, int(math.ceil(quantile * len(values))) - 1)
-            thresholds[language][k] = round(values[at] + margin, 4)
-    return thresholds
+    return {language: thresholds_from_scores(filt.scores(texts), quantile, margin) for language, texts in clean.items()}
+
+
+def thresholds_from_scores(scores: list[dict[str, float]], quantile: float = 0.999,
+                           margin: float = 0.25) -> dict[str, float]:
+    """One language's thresholds from the window scores of its clean texts (see calibrate)."""
+    limits = {}
+    for k in SCORES:
+        values = sorted(s[k] for s in scores)
+        at = min(len(values) - 1, max(0, int(math.ceil(quantile * len(values))) - 1))
+        limits[k] = round(values[at] + margin, 4)
+    return limits
 
 
 def read_thresholds(path: str | os.PathLike) -> dict[str, dict[str, float]]:
