@@ -22,7 +22,7 @@ from chatforge.errors import ChatforgeError
 
 VARIANTS = ("mha", "gqa", "mqa", "swa")
 # The base run when no config is given: the nano preset pretrained on the built-in dialogs.
-BASE = ["stage=pretrain", "data=builtin", "vocab_size=2048", "model={preset: nano}", "seq_len=256", "batch_size=16",
+BASE = ["stage=pretrain", "data=builtin:chatterbot", "vocab_size=2048", "model={preset: nano}", "seq_len=256", "batch_size=16",
         "lr=3.0e-3", "min_lr=1.0e-4", "warmup_steps=30", "weight_decay=0.1", "dropout=0.0", "eval_batches=null",
         "dtype=auto"]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from chatforge.errors import ChatforgeError
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"  # shipped in the package; configs/ at the root links here
+CORPUS = "builtin:chatterbot"  # English + Chinese dialogs; plain "builtin" adds the much larger chitchat set
 PROMPTS = ["Hello, how are you?", "What is your name?", "Tell me a joke.", "你好", "你会说中文吗？"]
 DEV_FRACTION = 0.08
 RESERVE_S = 40.0  # held back for the final evaluation, samples and report
@@ -72,7 +73,7 @@ def raw_protocol_test(seed: int) -> tuple[list[dict], int]:
 
     from chatforge.data.builtin import load_builtin
 
-    raw = load_builtin("builtin")
+    raw = load_builtin(CORPUS)
     order = np.random.default_rng(seed).permutation(len(raw))
     n = len(raw) // 10
     test, rest = [raw[i] for i in order[:n]], [raw[i] for i in order[n:]]
@@ -162,7 +163,7 @@ def _data_and_tokenizer(root: Path, pre_cfg, seed: int, emit) -> tuple:
     from chatforge.data import load_dataset
     from chatforge.tokenizer import record_texts, train_tokenizer
 
-    train_all, test, report = load_dataset("builtin", 0.1, seed)
+    train_all, test, report = load_dataset(CORPUS, 0.1, seed)
     train_set, dev = split_dev(train_all, DEV_FRACTION, seed)
     report = dict(report) | {"quickstart_split": {"train": len(train_set), "dev": len(dev), "test": len(test)}}
     dropped = ", ".join(f"{n:,} {why}" for why, n in report.get("dropped", {}).items()) or "none"

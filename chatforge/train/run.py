@@ -126,14 +126,14 @@ def sample_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 4
 
 def val_prompts(records: list[dict], n: int) -> list[list[dict]]:
     """The first n validation conversations up to their first user turn (its system prompt included)."""
-    out = []
+    out: list[list[dict]] = []
     for r in records:
+        if len(out) >= n:
+            break
         messages = r.get("messages") or []
         first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
         if first is not None:
             out.append(messages[: first + 1])
-        if len(out) == n:
-            break
     return out
 
 

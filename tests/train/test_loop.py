@@ -185,6 +185,18 @@ def test_a_time_limit_stops_training_and_says_so_with_the_lr_of_a_step_budget(tm
                                                      for m in rows])
 
 
+def test_validation_prompts_stop_at_the_first_user_turn():
+    from chatforge.train.run import val_prompts
+
+    records = [{"text": "plain"}, {"messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Hi"},
+                                                {"role": "assistant", "content": "Hello"}]},
+               {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]}]
+    assert val_prompts(records, 0) == []
+    assert val_prompts(records, 1) == [records[1]["messages"][:2]]
+    assert val_prompts(records, 5) == [records[1]["messages"][:2], records[2]["messages"][:1]]
+
+
 def test_an_out_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "taken").write_text("notes\n")
     for out, why in ((tmp_path / "taken", "out_dir is an existing file, not a folder; choose another out_dir"),
