@@ -1,4 +1,7 @@
-"""Bot: a model folder you can chat with from Python, and the `generate` and `chat` commands built on it.
+"""Bot: a model folder you can chat with from Python (the `generate` and `chat` commands are in commands/chat.py).
+
+Sampling defaults: a keyword argument left unset takes the model folder's generation_config.json value
+(Bot.defaults), else SamplingParams' built-in default; the CLI and the server follow the same rule.
 
 History policy (Bot.prompt): the prompt must leave room for the reply, `reserve` = min(max_new_tokens, half the
 context window) tokens. A conversation longer than that loses its oldest whole exchanges first (a user message and
@@ -10,21 +13,17 @@ context window has left, whichever is less (finish_reason "length" when it runs 
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import replace
 
-from chatforge.generation.engine import Completion, Engine, SamplingParams
 from chatforge.errors import ChatforgeError
+from chatforge.generation.engine import Completion, Engine, SamplingParams, reply_budget
 
-# Used when neither the caller nor the model's generation_config.json says otherwise.
-CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256}
 _FROM_GENERATION_CONFIG = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
 def defaults_from_generation_config(gc: dict) -> dict:
-    """Sampling defaults a model folder ships: transformers' do_sample=false means greedy whatever the temperature."""
+    """The sampling defaults a model folder ships (the first step of the sampling-defaults rule); transformers'
+    do_sample=false means greedy whatever the temperature."""
     out = {k: gc[k] for k in _FROM_GENERATION_CONFIG if gc.get(k) is not None}
     if gc.get("do_sample") is False:
         out["temperature"] = 0.0
@@ -34,18 +33,30 @@ def defaults_from_generation_config(gc: dict) -> dict:
     return out
 
 
+def check_messages(messages) -> None:
+    """A conversation is a list of {"role", "content"} dicts; say so instead of failing deep inside."""
+    if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        return
+    got = type(messages).__name__ if not isinstance(messages, list) else \
+        f"a list holding {type(next(m for m in messages if not isinstance(m, dict))).__name__}"
+    text = repr(messages)
+    raise ChatforgeError(f'messages: expected a list of {{"role", "content"}} dicts, e.g. [{{"role": "user", '
+                         f'"content": "Hello"}}], got {got} {text if len(text) <= 40 else text[:37] + "..."}')
+
+
 class Bot:
     """A model, its tokenizer and an engine: `chat(messages) -> str`, `stream(messages) -> Iterator[str]`.
 
     `bot.model` is the torch module (input ids -> logits) and `bot.tokenizer` the tokenizer. Sampling keyword
-    arguments are SamplingParams fields; unset ones come from the folder's generation_config.json, then CHAT_DEFAULTS.
+    arguments are SamplingParams fields; unset ones come from `defaults` (the folder's generation_config.json), then
+    SamplingParams' built-in defaults.
     """
 
     def __init__(self, model, tokenizer, engine: Engine | None = None, defaults: dict | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, tokenizer)
-        self.defaults = CHAT_DEFAULTS | (defaults or {})
+        self.defaults = dict(defaults or {})
         self.last_dropped = 0  # messages the last call dropped to fit the context (see the module docstring)
 
     @classmethod
@@ -70,7 +81,7 @@ class Bot:
         return self.engine.context_length
 
     def sampling(self, **kwargs) -> SamplingParams:
-        """SamplingParams from the defaults overridden by kwargs (an unknown name is a TypeError).
+        """SamplingParams from kwargs, then the defaults, then the built-in ones (an unknown name is a TypeError).
 
         json_schema= (a dict), regex= or choices= (a list of strings) constrain the reply to that grammar
         (generation/constraint.py); constraint= takes a ready Constraint.
@@ -86,14 +97,11 @@ class Bot:
 
     def reply_budget(self, prompt_ids: list[int], max_new_tokens: int | None) -> int:
         """New tokens a reply may take after this prompt: max_new_tokens, capped by what the context has left."""
-        room = self.context_length - len(prompt_ids)
-        if room < 1:
-            raise ChatforgeError(f"prompt: {len(prompt_ids)} tokens leave no room in the context window of "
-                                 f"{self.context_length} tokens")
-        return room if max_new_tokens is None else min(max_new_tokens, room)
+        return reply_budget(len(prompt_ids), max_new_tokens, self.context_length, clamp=True)
 
     def prompt(self, messages: list[dict], max_new_tokens: int | None) -> list[int]:
         """Prompt ids for `messages` with a generation prompt, trimmed to fit (policy in the module docstring)."""
+        check_messages(messages)
         half = self.context_length // 2
         budget = self.context_length - (half if max_new_tokens is None else min(max_new_tokens, half))
         n_system = 0
@@ -117,25 +125,32 @@ class Bot:
 
     def stream(self, messages: list[dict], **sampling) -> Iterator[str]:
         """The reply as it is generated, in pieces that never split a character or leak part of a stop string."""
+        return _texts(self.engine.generate(*self.request(messages, **sampling)))
+
+    def request(self, messages: list[dict], **sampling) -> tuple[list[int], SamplingParams]:
+        """(prompt ids, sampling params) for a conversation: the history trimmed and the reply budgeted to fit."""
         params = self.sampling(**sampling)
         ids = self.prompt(messages, params.max_new_tokens)
         params.max_new_tokens = self.reply_budget(ids, params.max_new_tokens)
-        return _texts(self.engine.generate(ids, params))
+        return ids, params
 
-    def chat_batch(self, conversations: list[list[dict]], **sampling) -> list[str]:
-        """Replies to many conversations, decoded together."""
-        params = self.sampling(**sampling)
-        prompts = [self.prompt(m, params.max_new_tokens) for m in conversations]
-        plist = [replace(params, max_new_tokens=self.reply_budget(p, params.max_new_tokens)) for p in prompts]
-        return [c.text for c in self.engine.generate_batch(prompts, plist)]
-
-    def complete(self, text: str, **sampling) -> Completion:
-        """Plain continuation of `text`, without the chat template (what a base model is for)."""
+    def request_text(self, text: str, **sampling) -> tuple[list[int], SamplingParams]:
+        """(prompt ids, sampling params) to continue plain text, without the chat template."""
         params = self.sampling(**sampling)
         ids = self.tokenizer.encode(text)
         if self.tokenizer.bos_id is not None:
             ids = [self.tokenizer.bos_id] + ids
         params.max_new_tokens = self.reply_budget(ids, params.max_new_tokens)
+        return ids, params
+
+    def chat_batch(self, conversations: list[list[dict]], **sampling) -> list[str]:
+        """Replies to many conversations, decoded together."""
+        prompts, plist = zip(*[self.request(m, **sampling) for m in conversations]) if conversations else ((), ())
+        return [c.text for c in self.engine.generate_batch(list(prompts), list(plist))]
+
+    def complete(self, text: str, **sampling) -> Completion:
+        """Plain continuation of `text`, without the chat template (what a base model is for)."""
+        ids, params = self.request_text(text, **sampling)
         return self.engine.generate_batch([ids], params)[0]
 
 
@@ -146,146 +161,3 @@ def _texts(deltas: Iterator) -> Iterator[str]:
                 yield d.text
     finally:
         deltas.close()  # a consumer that stops early aborts the request and frees its slot
-
-
-# ---------------------------------------------------------------- the `generate` and `chat` commands
-
-def _out(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
-def _err(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def generate_command(model: str, prompt: list[str] | None = None, system: str | None = None, raw: bool = False,
-                     max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     repetition_penalty: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
-                     n: int = 1, device: str = "auto", dtype: str | None = None) -> None:
-    """Generate a reply to one prompt: streamed when n is 1, else n numbered samples decoded as one batch.
-
-    Args:
-        model: model folder, .gguf file or known model name (e.g. smollm2-135m-instruct).
-        prompt: the user message (several words are joined with spaces).
-        system: system prompt put before the user message.
-        raw: continue the prompt as plain text instead of answering it as a chat message (for base models).
-        max_new_tokens: most tokens to generate per sample.
-        temperature: sampling temperature; 0 is greedy.
-        top_k: sample among the k most likely tokens only (0: off).
-        top_p: sample among the most likely tokens holding this much probability (1: off).
-        repetition_penalty: CTRL-style penalty on tokens already in the prompt or reply (1: off).
-        stop: stop strings; generation ends before the first one, which is not printed.
-        seed: random seed (sample i of n uses seed+i), for reproducible sampling.
-        n: number of samples.
-        device: auto, cpu, cuda, cuda:N or mps.
-        dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
-    """
-    if not prompt:
-        raise ChatforgeError("--prompt: required (the text to answer)")
-    if n < 1:
-        raise ChatforgeError(f"--n: must be >= 1, got {n}")
-    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=min(n, 8))
-    text = " ".join(prompt)
-    if raw:
-        ids = bot.tokenizer.encode(text)
-        ids = ([bot.tokenizer.bos_id] if bot.tokenizer.bos_id is not None else []) + ids
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids = bot.prompt(messages, max_new_tokens)
-    kw = dict(max_new_tokens=bot.reply_budget(ids, max_new_tokens), temperature=temperature, top_k=top_k,
-              top_p=top_p, repetition_penalty=repetition_penalty, stop=list(stop or []))
-    t0 = time.perf_counter()
-    if n == 1:
-        finish, count = None, 0
-        for delta in bot.engine.generate(ids, bot.sampling(**kw, seed=seed)):
-            _out(delta.text)
-            finish, count = delta.finish_reason, count + len(delta.token_ids)
-        _out("\n")
-        completions = [(count, finish)]
-    else:
-        params = [bot.sampling(**kw, seed=None if seed is None else seed + i) for i in range(n)]
-        results = bot.engine.generate_batch([ids] * n, params)
-        for i, c in enumerate(results, 1):
-            _out(f"[{i}] {c.text}\n")
-        completions = [(c.completion_tokens, c.finish_reason) for c in results]
-    wall = time.perf_counter() - t0
-    tokens = sum(c for c, _ in completions)
-    finishes = ", ".join(sorted({f for _, f in completions}))
-    _err(f"({len(ids)} prompt tokens, {tokens} generated in {wall:.2f} s, {tokens / max(wall, 1e-9):.1f} tokens/s; "
-         f"finish: {finishes})")
-
-
-HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits"
-
-
-def chat_command(model: str, system: str | None = None, temperature: float = 0.7, top_k: int = 0,
-                 top_p: float = 0.9, repetition_penalty: float = 1.0, max_new_tokens: int = 256,
-                 seed: int | None = None, device: str = "auto", dtype: str | None = None) -> None:
-    """Chat in the terminal: replies stream as they are generated; the history is kept until /reset.
-
-    When the history outgrows the context window, the oldest exchanges are dropped (the system prompt stays) and a
-    note says how many messages went. Reads stdin line by line, so a pipe works too.
-
-    Args:
-        model: model folder, .gguf file or known model name (e.g. smollm2-135m-instruct).
-        system: system prompt (change it in the chat with /system TEXT).
-        temperature: sampling temperature; 0 is greedy.
-        top_k: sample among the k most likely tokens only (0: off).
-        top_p: sample among the most likely tokens holding this much probability (1: off).
-        repetition_penalty: CTRL-style penalty on tokens already in the conversation (1: off).
-        max_new_tokens: most tokens per reply.
-        seed: random seed, for reproducible replies.
-        device: auto, cpu, cuda, cuda:N or mps.
-        dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
-    """
-    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=1)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-              max_new_tokens=max_new_tokens, seed=seed)
-    bot.sampling(**kw)  # a bad flag fails now, not after the first message
-    interactive = sys.stdin.isatty()
-    _err(f"chatting with {model} (context window {bot.context_length} tokens). {HELP}")
-    history: list[dict] = []
-    while True:
-        try:
-            line = input("you> ") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
-            break
-        if not interactive and not line:
-            break  # end of the piped input
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            command, _, arg = line.partition(" ")
-            if command in ("/exit", "/quit"):
-                break
-            if command == "/reset":
-                history = []
-                _err("(history cleared)")
-            elif command == "/system":
-                system = arg.strip() or None
-                _err(f"(system prompt {'set' if system else 'cleared'})")
-            else:
-                _err(f"unknown command {command}; {HELP}")
-            continue
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        messages.append({"role": "user", "content": line})
-        try:
-            pieces = bot.stream(messages, **kw)
-        except ChatforgeError as e:
-            _err(f"error: {e}")
-            continue
-        if bot.last_dropped:
-            history = history[bot.last_dropped:]
-            _err(f"(dropped the {bot.last_dropped} oldest messages to fit the context window)")
-        reply = []
-        try:
-            for piece in pieces:
-                reply.append(piece)
-                _out(piece)
-        except KeyboardInterrupt:
-            pieces.close()
-            _err("\n(interrupted)")
-        _out("\n")
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]

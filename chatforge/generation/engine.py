@@ -34,10 +34,14 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing logits by 1e
 
 @dataclass
 class SamplingParams:
+    """How one request samples. The sampling-defaults rule, the same for the CLI, Python and the server: a field
+    the caller leaves unset takes the model folder's generation_config.json value (Bot.defaults), else the default
+    written here, the one built-in default. Explicit flags, keyword arguments and request fields always win."""
+
     max_new_tokens: int | None = 256  # None: until the context window is full
-    temperature: float = 1.0  # 0 -> greedy
+    temperature: float = 0.7  # 0 -> greedy
     top_k: int = 0  # 0 -> off
-    top_p: float = 1.0
+    top_p: float = 0.9
     repetition_penalty: float = 1.0  # CTRL-style, on prompt+generated ids
     presence_penalty: float = 0.0  # OpenAI semantics, on generated ids
     frequency_penalty: float = 0.0
@@ -73,6 +77,29 @@ class SamplingParams:
             raise bad("logprobs", f"must be None or an integer 0..{MAX_LOGPROBS}")
         if self.constraint is not None and not isinstance(self.constraint, Constraint):
             raise bad("constraint", "must be None or a generation.constraint.Constraint")
+
+
+class ContextLengthError(ChatforgeError):
+    """A prompt, with the reply asked for, that does not fit the context window (the server's
+    context_length_exceeded)."""
+
+
+def reply_budget(prompt_tokens: int, max_new_tokens: int | None, context: int, *, clamp: bool = False) -> int:
+    """The one prompt-budget check (engine, Bot, server): new tokens a reply may take after a prompt.
+
+    max_new_tokens None means whatever the context window has left. Asking for more than is left is a
+    ContextLengthError, or with clamp (the Bot's policy) just what is left. A prompt that leaves no room is always
+    an error.
+    """
+    room = context - prompt_tokens
+    if max_new_tokens is not None and max_new_tokens > room and not clamp:
+        raise ContextLengthError(f"prompt: {prompt_tokens} tokens + {max_new_tokens} new tokens = "
+                                 f"{prompt_tokens + max_new_tokens} exceed the context window of {context} tokens; "
+                                 f"shorten the prompt or ask for fewer new tokens")
+    if room < 1:
+        raise ContextLengthError(f"prompt: {prompt_tokens} tokens leave no room for a reply in the context window of "
+                                 f"{context} tokens; shorten the prompt")
+    return room if max_new_tokens is None else min(max_new_tokens, room)
 
 
 @dataclass
@@ -255,7 +282,7 @@ class Engine:
         return bool(self._waiting or self._running)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
-        """Queue a prompt; raises ChatforgeError if it is empty or prompt + max_new_tokens exceeds the context."""
+        """Queue a prompt; ChatforgeError if it is empty, ContextLengthError if it does not fit (reply_budget)."""
         params = params if params is not None else SamplingParams()
         params.validate()
         prompt_ids = [int(i) for i in prompt_ids]
@@ -265,14 +292,7 @@ class Engine:
         bad = [i for i in prompt_ids if not 0 <= i < n_vocab]
         if bad:
             raise ChatforgeError(f"prompt: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
-        room = self._context - len(prompt_ids)
-        if params.max_new_tokens is None and room < 1:
-            raise ChatforgeError(f"prompt: {len(prompt_ids)} tokens leave no room in the context window of "
-                                 f"{self._context} tokens")
-        if params.max_new_tokens is not None and params.max_new_tokens > room:
-            raise ChatforgeError(f"prompt: {len(prompt_ids)} prompt tokens + max_new_tokens {params.max_new_tokens} "
-                                 f"exceed the context window of {self._context} tokens")
-        limit = params.max_new_tokens if params.max_new_tokens is not None else room
+        limit = reply_budget(len(prompt_ids), params.max_new_tokens, self._context)
         req = Request(next(self._ids), prompt_ids, params, limit, self._vocab)
         req._matcher = params.constraint.matcher(self.tokenizer) if params.constraint is not None else None
         self._waiting.append(req)

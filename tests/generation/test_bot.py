@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,102 @@ def test_chat_command_with_piped_stdin(folder):
     assert "(system prompt set)" in r.stderr and "(history cleared)" in r.stderr
     assert "unknown command /bogus" in r.stderr
     assert "error: messages: the system prompt and the last user exchange take" in r.stderr  # and the chat goes on
+
+
+def test_a_conversation_must_be_a_list_of_messages(bot):
+    with pytest.raises(ChatforgeError, match=r'^messages: expected a list of \{"role", "content"\} dicts, e\.g\. '
+                                             r'\[\{"role": "user", "content": "Hello"\}\], got str \'Hello\'$'):
+        bot.chat("Hello")
+    with pytest.raises(ChatforgeError, match=r"got dict \{'role': 'user', 'content': 'hello'\}$"):
+        bot.chat_batch(HELLO)  # one conversation where a list of them belongs
+
+
+def test_one_prompt_budget_check_and_message(bot):
+    """Engine, Bot and server (tests/serve) refuse a prompt that does not fit with the same words."""
+    from chatforge.generation.engine import ContextLengthError, reply_budget
+
+    assert reply_budget(100, 28, 128) == 28 and reply_budget(100, None, 128) == 28
+    assert reply_budget(100, 50, 128, clamp=True) == 28  # the Bot's policy: what the context has left
+    exceed = "prompt: 100 tokens + 29 new tokens = 129 exceed the context window of 128 tokens; shorten the " \
+             "prompt or ask for fewer new tokens"
+    no_room = "prompt: 128 tokens leave no room for a reply in the context window of 128 tokens; shorten the prompt"
+    for call, message in [(lambda: reply_budget(100, 29, 128), exceed), (lambda: reply_budget(128, None, 128), no_room),
+                          (lambda: reply_budget(128, 5, 128, clamp=True), no_room),
+                          (lambda: bot.engine.add_request([5] * 100, bot.sampling(max_new_tokens=29)), exceed),
+                          (lambda: bot.complete("hello " * 200), None)]:
+        with pytest.raises(ContextLengthError) as e:
+            call()
+        assert message is None or str(e.value) == message
+    assert str(e.value).endswith("leave no room for a reply in the context window of 128 tokens; shorten the prompt")
+
+
+def test_generate_n_prints_each_sample_with_its_own_finish(folder):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "generate", folder, "--prompt", "count", "--n", "3",
+                        "--stop", "three", "--max-new-tokens", "20"], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, env=env, timeout=120)  # as a terminal shows both
+    assert r.returncode == 0, r.stdout
+    sample = r"\[{}\] one two \n    \(\d+ tokens, finish: stop\)\n"
+    stats = r"\n\(\d+ prompt tokens, 3 samples, \d+ tokens generated in [\d.]+ s, [\d.]+ tokens/s\)\n"
+    assert re.fullmatch("".join(sample.format(i) for i in (1, 2, 3)) + stats, r.stdout), r.stdout
+
+
+def test_chat_reads_a_multiline_block_as_one_message(folder):
+    script = '"""\ncount\n\ncount"""\n"""count"""\n'
+    r = run_cli("chat", folder, "--max-new-tokens", "8", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 2  # two messages, two replies
+
+
+def _chat_in_a_terminal(folder: str, keys: list[bytes]) -> str:
+    """Run `chatforge chat` on a pseudo-terminal, as a user does, typing/pasting `keys`; what the terminal shows."""
+    import pty
+    import select
+    import threading
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TERM="xterm")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat, on the terminal
+        os.execve(sys.executable, [sys.executable, "-m", "chatforge.cli", "chat", folder, "--max-new-tokens", "8"],
+                  env)
+    shown, done = bytearray(), threading.Event()
+
+    def drain():  # the terminal's screen: read everything, or the chat blocks on a full pty
+        while not done.is_set():
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    shown.extend(os.read(fd, 1 << 16))
+                except OSError:
+                    return
+
+    def wait_for(text: bytes, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while shown.count(text) < count:
+            assert time.monotonic() < deadline, bytes(shown[-500:])
+            time.sleep(0.05)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        for i, key in enumerate(keys, 1):
+            wait_for(b"you> ", i)
+            for start in range(0, len(key), 1024):
+                os.write(fd, key[start:start + 1024])
+        wait_for(b"you> ", len(keys) + 1)
+        os.write(fd, b"\x04")  # Ctrl-D ends the chat
+        os.waitpid(pid, 0)
+    finally:
+        done.set()
+    return shown.decode("utf-8", errors="replace")
+
+
+def test_chat_in_a_terminal_reads_a_long_paste_whole(folder, bot):
+    """A terminal without readline hands over 4095 bytes of a line and drops the rest; the chat sees all of it."""
+    long = "count " * 7000  # 42,000 characters
+    paste = b"\x1b[200~%s\x1b[201~\r"  # how a terminal delivers a paste (bracketed paste)
+    screen = _chat_in_a_terminal(folder, [paste % long.encode(), paste % b"count\ncount", b"count\r"])
+    whole = len(bot.tokenizer.render([{"role": "user", "content": long.strip()}], add_generation_prompt=True)[0])
+    assert f"error: messages: the system prompt and the last user exchange take {whole} tokens" in screen
+    assert f"(your message: {len(long.strip()):,} characters)" in screen
+    # a pasted block of two lines is one message (one prompt each for the three inputs, then one for Ctrl-D)
+    assert screen.count("you> ") == 4 and screen.count("error:") == 1

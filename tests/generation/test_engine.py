@@ -156,18 +156,19 @@ def test_process_logits_exact_math():
     logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 1.0])
     seen = torch.tensor([True, True, False, False, False, False])
     counts = torch.tensor([0.0, 0.0, 2.0, 1.0, 0.0, 0.0])
-
-    p = SamplingParams(temperature=1.0, repetition_penalty=2.0)
+    # top_p=1.0 turns off the built-in nucleus default (0.9), so each case tests its own filter alone
+    p = SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=2.0)
     assert process_logits(logits, p, seen).tolist() == [1.0, -2.0, 0.5, 3.0, -2.0, 1.0]
 
-    p = SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25)
+    p = SamplingParams(temperature=1.0, top_p=1.0, presence_penalty=0.5, frequency_penalty=0.25)
     assert process_logits(logits, p, None, counts).tolist() == [2.0, -1.0, 0.5 - 0.5 - 0.5, 3.0 - 0.5 - 0.25, -2.0, 1.0]
 
-    p = SamplingParams(temperature=0.5, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    p = SamplingParams(temperature=0.5, top_p=1.0, repetition_penalty=2.0, presence_penalty=0.5,
+                       frequency_penalty=0.25)
     want = torch.tensor([1.0, -2.0, -0.5, 2.25, -2.0, 1.0]) / 0.5  # penalties first, then temperature
     assert torch.equal(process_logits(logits, p, seen, counts), want)
 
-    p = SamplingParams(temperature=1.0, top_k=2)
+    p = SamplingParams(temperature=1.0, top_p=1.0, top_k=2)
     assert process_logits(logits, p).tolist() == [2.0, -math.inf, -math.inf, 3.0, -math.inf, -math.inf]
 
     # top-p: probabilities sorted are ~[.60 (id 3), .22 (id 0), .08 (id 5), .05 (id 2), ...]

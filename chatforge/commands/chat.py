@@ -1,0 +1,245 @@
+"""`chatforge generate` and `chatforge chat`: flags -> Bot -> printed replies (the interactive REPL lives here).
+
+Sampling flags left unset follow the sampling-defaults rule (SamplingParams): the model folder's
+generation_config.json, else the built-in default; so the CLI samples as Python's Bot and the server do.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from chatforge.errors import ChatforgeError
+from chatforge.generation.bot import Bot
+
+# A terminal in canonical mode (no readline) cuts a line at this many bytes: Linux's N_TTY_BUF_SIZE minus the newline.
+TTY_LINE_LIMIT = 4095
+BLOCK = '"""'  # a line starting with it opens a multi-line message, one ending with it closes it
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _set(**flags) -> dict:
+    """The flags the user gave: the unset (None) ones are left to the model's defaults."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def generate_command(model: str, prompt: list[str] | None = None, system: str | None = None, raw: bool = False,
+                     max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                     top_p: float | None = None, repetition_penalty: float | None = None,
+                     stop: list[str] | None = None, seed: int | None = None, n: int = 1, device: str = "auto",
+                     dtype: str | None = None, json_schema: str | None = None) -> None:
+    """Generate a reply to one prompt: streamed when n is 1, else n numbered samples decoded as one batch.
+
+    Sampling flags left unset take the model folder's generation_config.json values, else the built-in defaults
+    (as in Python and the server).
+
+    Args:
+        model: model folder, .gguf file or known model name (e.g. smollm2-135m-instruct).
+        prompt: the user message (several words are joined with spaces).
+        system: system prompt put before the user message.
+        raw: continue the prompt as plain text instead of answering it as a chat message (for base models).
+        max_new_tokens: most tokens to generate per sample (unset: the model's default).
+        temperature: sampling temperature; 0 is greedy (unset: the model's default).
+        top_k: sample among the k most likely tokens only; 0 is off (unset: the model's default).
+        top_p: sample among the most likely tokens holding this much probability; 1 is off (unset: the model's
+            default).
+        repetition_penalty: CTRL-style penalty on tokens already in the prompt or reply; 1 is off (unset: the
+            model's default).
+        stop: stop strings; generation ends before the first one, which is not printed.
+        seed: random seed (sample i of n uses seed+i), for reproducible sampling.
+        n: number of samples.
+        device: auto, cpu, cuda, cuda:N or mps.
+        dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
+        json_schema: a JSON schema file; the reply is a JSON value valid under it (constrained decoding).
+    """
+    from chatforge.generation.constraint import Constraint
+    from chatforge.io import read_json
+
+    if not prompt:
+        raise ChatforgeError("--prompt: required (the text to answer)")
+    constraint = Constraint.json_schema(read_json(json_schema), where=json_schema) if json_schema else None
+    if n < 1:
+        raise ChatforgeError(f"--n: must be >= 1, got {n}")
+    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=min(n, 8))
+    text = " ".join(prompt)
+    kw = _set(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              repetition_penalty=repetition_penalty, stop=list(stop) if stop else None, seed=seed,
+              constraint=constraint)
+    if raw:
+        ids, params = bot.request_text(text, **kw)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids, params = bot.request(messages, **kw)
+    t0 = time.perf_counter()
+    if n == 1:
+        finish, count = None, 0
+        for delta in bot.engine.generate(ids, params):
+            _out(delta.text)
+            finish, count = delta.finish_reason, count + len(delta.token_ids)
+        _out("\n")
+        tokens, wall = count, time.perf_counter() - t0
+        _err(f"({len(ids)} prompt tokens, {tokens} generated in {wall:.2f} s, {tokens / max(wall, 1e-9):.1f} "
+             f"tokens/s; finish: {finish})")
+        return
+    plist = [replace(params, seed=None if seed is None else seed + i) for i in range(n)]
+    results = bot.engine.generate_batch([ids] * n, plist)
+    wall = time.perf_counter() - t0
+    for i, c in enumerate(results, 1):  # each sample, then its own finish line; the statistics apart at the end
+        _out(f"[{i}] {c.text}" + ("" if c.text.endswith("\n") else "\n"))
+        _err(f"    ({c.completion_tokens} tokens, finish: {c.finish_reason})")
+    tokens = sum(c.completion_tokens for c in results)
+    _err(f"\n({len(ids)} prompt tokens, {n} samples, {tokens} tokens generated in {wall:.2f} s, "
+         f"{tokens / max(wall, 1e-9):.1f} tokens/s)")
+
+
+# ---------------------------------------------------------------- the interactive chat
+
+HELP = (f"commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits; "
+        f"a line starting with {BLOCK} starts a multi-line message that a line ending with {BLOCK} ends")
+
+
+class LineReader:
+    """Lines from the terminal through readline (editing, arrow keys, history, whole pastes), or from a pipe.
+
+    Without readline a terminal hands over at most TTY_LINE_LIMIT bytes of a line and drops the rest unseen;
+    `maybe_cut` says when a line read that way is that long, so the chat can warn instead of answering half a paste.
+    """
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.readline = False
+        if interactive:
+            try:
+                import readline  # noqa: F401 - importing it is what makes input() use it
+
+                self.readline = True
+            except ImportError:  # Python built without it: plain input(), cut at the terminal's limit
+                pass
+
+    def __call__(self, prompt: str) -> str | None:
+        """One line without its line ending (a pasted block may hold several lines); None at the end of input."""
+        if self.interactive:
+            try:
+                return input(prompt)
+            except EOFError:
+                _out("\n")
+                return None
+        line = sys.stdin.readline()
+        return line.removesuffix("\n").removesuffix("\r") if line else None
+
+    def maybe_cut(self, line: str) -> bool:
+        return self.interactive and not self.readline and len(line.encode("utf-8")) >= TTY_LINE_LIMIT
+
+
+def read_message(read: Callable[[str], str | None]) -> str | None:
+    """One message: a line, or the lines from one starting with \"\"\" to one ending with it; None at the end."""
+    line = read("you> ")
+    if line is None:
+        return None
+    if not line.lstrip().startswith(BLOCK):
+        return line
+    body = line.lstrip()[len(BLOCK):]
+    if body.rstrip().endswith(BLOCK):  # """all on one line"""
+        return body.rstrip()[:-len(BLOCK)]
+    lines = [body] if body else []
+    while (line := read("... ")) is not None:
+        if line.rstrip().endswith(BLOCK):
+            lines.append(line.rstrip()[:-len(BLOCK)])
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def chat_command(model: str, system: str | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 max_new_tokens: int | None = None, seed: int | None = None, device: str = "auto",
+                 dtype: str | None = None) -> None:
+    """Chat in the terminal: replies stream as they are generated; the history is kept until /reset.
+
+    Lines are edited with readline (arrow keys, history); a paste arrives whole, several lines included. When the
+    history outgrows the context window, the oldest exchanges are dropped (the system prompt stays) and a note says
+    how many messages went; a message that cannot fit at all is refused with its size. Reads stdin line by line, so
+    a pipe works too. Sampling flags left unset take the model's defaults, as in generate.
+
+    Args:
+        model: model folder, .gguf file or known model name (e.g. smollm2-135m-instruct).
+        system: system prompt (change it in the chat with /system TEXT).
+        temperature: sampling temperature; 0 is greedy (unset: the model's default).
+        top_k: sample among the k most likely tokens only; 0 is off (unset: the model's default).
+        top_p: sample among the most likely tokens holding this much probability; 1 is off (unset: the model's
+            default).
+        repetition_penalty: CTRL-style penalty on tokens already in the conversation; 1 is off (unset: the model's
+            default).
+        max_new_tokens: most tokens per reply (unset: the model's default).
+        seed: random seed, for reproducible replies.
+        device: auto, cpu, cuda, cuda:N or mps.
+        dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
+    """
+    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=1)
+    kw = _set(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+              max_new_tokens=max_new_tokens, seed=seed)
+    bot.sampling(**kw)  # a bad flag fails now, not after the first message
+    read = LineReader(sys.stdin.isatty())
+    _err(f"chatting with {model} (context window {bot.context_length} tokens). {HELP}")
+    history: list[dict] = []
+    while True:
+        try:
+            text = read_message(read)
+        except KeyboardInterrupt:
+            break
+        if text is None:
+            break  # end of input (Ctrl-D, or the end of a pipe)
+        if not text.strip():
+            continue
+        if "\n" not in text and text.strip().startswith("/"):
+            command, _, arg = text.strip().partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history = []
+                _err("(history cleared)")
+            elif command == "/system":
+                system = arg.strip() or None
+                _err(f"(system prompt {'set' if system else 'cleared'})")
+            else:
+                _err(f"unknown command {command}; {HELP}")
+            continue
+        if read.maybe_cut(text):
+            _err(f"(this line is {TTY_LINE_LIMIT} bytes, the terminal's limit without readline: the rest of it was "
+                 f"probably cut off; not sent. Paste long text into a file and pipe it in.)")
+            continue
+        history = _reply(bot, system, history, text.strip(), kw)
+
+
+def _reply(bot: Bot, system: str | None, history: list[dict], text: str, kw: dict) -> list[dict]:
+    """Stream the reply to one message; the history after it (trimmed as the Bot had to)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + history
+    messages.append({"role": "user", "content": text})
+    try:
+        pieces = bot.stream(messages, **kw)
+    except ChatforgeError as e:
+        _err(f"error: {e} (your message: {len(text):,} characters)")
+        return history
+    if bot.last_dropped:
+        history = history[bot.last_dropped:]
+        _err(f"(dropped the {bot.last_dropped} oldest messages to fit the context window)")
+    reply = []
+    try:
+        for piece in pieces:
+            reply.append(piece)
+            _out(piece)
+    except KeyboardInterrupt:
+        pieces.close()
+        _err("\n(interrupted)")
+    _out("\n")
+    return history + [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
