@@ -24,13 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("chatforge.commands.chat:chat_command", "chat with a model in the terminal"),
     "import": ("chatforge.commands.weights:import_command", "convert a pretrained checkpoint (HF folder, GGUF) to a model folder"),
     "merge": ("chatforge.commands.weights:merge_command", "fold a LoRA adapter into a standalone model folder"),
-    "serve": ("chatforge.serve.app:serve_command", "serve an OpenAI-compatible API and a chat page"),
+    "serve": ("chatforge.commands.serve:serve_command", "serve an OpenAI-compatible API and a chat page"),
     "guard": ("chatforge.commands.guard:guard_command", "safety guard: calibrate MODEL's perplexity filter | train-moderation"),
     "eval": ("chatforge.eval.evaluate:eval_command", "evaluate a model on held-out conversations"),
     "tune": ("chatforge.commands.tools:tune_command", "search hyperparameters with Optuna"),
     "size": ("chatforge.commands.tools:size_command", "plan a model size: parameters, FLOPs, memory, time"),
     "ablate": ("chatforge.commands.tools:ablate_command", "compare attention variants at the same token budget"),
     "report": ("chatforge.commands.tools:report_command", "write report.md and report.html for a run"),
+    "encrypt": ("chatforge.commands.privacy:encrypt_command", "encrypt a file, model folder or dataset at rest"),
+    "decrypt": ("chatforge.commands.privacy:decrypt_command", "decrypt what `chatforge encrypt` made"),
+    "keygen": ("chatforge.commands.privacy:keygen_command", "write a new encryption key file (mode 0600)"),
 }
 # Subcommands with a sub-verb: `chatforge tokenizer train ...`.
 VERBS = {"tokenizer": "train"}
