@@ -1,5 +1,8 @@
 """The API's request and response shapes, as OpenAI defines them, and OpenAI-style errors for invalid requests.
 
+Each shape is defined once: the models below document the API (the OpenAPI schema) and the server builds every
+response from them (`to_json`), so what is documented is what is sent.
+
 Requests are validated strictly (JSON types as written, unknown fields refused) so that the published OpenAPI schema
 is exactly what the server accepts. Parameters OpenAI defines but this server cannot honour (tools, JSON-schema
 response formats, logit bias, audio...) are declared as "null only": the schema documents them, and a request that
@@ -9,9 +12,10 @@ schema too, so request models are built per app.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 # Parameters OpenAI defines that this server refuses (unless absent/null/neutral), and why.
 UNSUPPORTED: dict[str, str] = {
@@ -36,6 +40,7 @@ UNSUPPORTED: dict[str, str] = {
 MAX_STOP = 4  # as OpenAI
 MAX_STOP_CHARS = 256
 INT64 = 2**63
+LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for log(0): JSON has no -Infinity
 
 
 def _valid_unicode(s: str) -> str:
@@ -87,7 +92,7 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
     class Sampling(Strict):
         """The generation parameters both endpoints take."""
 
-        model: Text
+        model: Text | None = None  # optional, as with Ollama and llama.cpp: this server has one model
         max_tokens: MaxTokens = None
         temperature: Temperature = None
         top_p: TopP = None
@@ -137,12 +142,26 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
     return ChatCompletionRequest, CompletionRequest
 
 
-# -------------------------------------------------------------------------------- responses (for the schema)
+# -------------------------------------------------------------------------------- responses
+
+def to_json(model: BaseModel) -> bytes:
+    """A response body: compact UTF-8 JSON of the model."""
+    return model.__pydantic_serializer__.to_json(model)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
+
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
 class TopLogprob(BaseModel):
@@ -154,10 +173,21 @@ class TopLogprob(BaseModel):
 class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
+    @classmethod
+    def from_engine(cls, entry: dict) -> TokenLogprob:
+        """An engine logprob entry as OpenAI writes it (finite numbers only)."""
+        return cls(token=entry["token"], logprob=_finite(entry["logprob"]), bytes=entry.get("bytes"),
+                   top_logprobs=[TopLogprob(token=t["token"], logprob=_finite(t["logprob"]), bytes=t.get("bytes"))
+                                 for t in entry.get("top_logprobs", [])])
+
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
     refusal: None = None
+
+    @classmethod
+    def from_engine(cls, entries: list[dict]) -> ChoiceLogprobs:
+        return cls(content=[TokenLogprob.from_engine(e) for e in entries])
 
 
 class AssistantMessage(BaseModel):
@@ -184,9 +214,26 @@ class ChatCompletion(BaseModel):
 
 
 class ChunkDelta(BaseModel):
+    """Only the fields a chunk sets are sent: the first carries the role, the next ones content, the last nothing."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+class _UsageWhenAsked(BaseModel):
+    """A chunk carries `usage` (null until the last) only when the client asked for it with include_usage."""
+
+    @model_serializer(mode="wrap")
+    def _usage_when_set(self, handler):
+        data = handler(self)
+        if "usage" not in self.model_fields_set:
+            data.pop("usage", None)
+        return data
 
 
 class ChatChunkChoice(BaseModel):
@@ -196,7 +243,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_UsageWhenAsked):
     """One server-sent event of a streamed chat completion; the last (with include_usage) has choices [] and usage."""
 
     id: str
@@ -213,6 +260,14 @@ class CompletionLogprobs(BaseModel):
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]] | None
     text_offset: list[int]
+
+    @classmethod
+    def from_engine(cls, entries: list[dict], offsets: list[int], with_top: bool) -> CompletionLogprobs:
+        """The /v1/completions shape; offsets: where each token's text starts (in prompt + reply)."""
+        entries = [TokenLogprob.from_engine(e) for e in entries]
+        return cls(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                   top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries] if with_top else None,
+                   text_offset=list(offsets))
 
 
 class CompletionChoice(BaseModel):
@@ -239,7 +294,7 @@ class CompletionChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_UsageWhenAsked):
     id: str
     object: Literal["text_completion"]
     created: int
@@ -275,6 +330,15 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+    @classmethod
+    def of(cls, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> ErrorResponse:
+        return cls(error=ErrorBody(message=message, type=type_, param=param, code=code))
+
+    def to_json(self) -> bytes:
+        # ASCII-escaped: an error may quote user input (even a lone surrogate), which must never make it fail to encode
+        return json.dumps(self.model_dump()).encode()
 
 
 def event_stream_schema(chunk: str) -> dict:
@@ -314,8 +378,9 @@ _BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
 def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
     """(message, param) for the most telling error in a pydantic ValidationError."""
     errors = err.errors(include_url=False)
-    # Of a union's failed branches, the one that got furthest names the real problem (content[0].type, not content).
-    e = max(errors, key=lambda x: len(x["loc"]))
+    # Of a union's failed branches, the one that got furthest names the real problem (content[0].type, not content);
+    # of equally far ones, the branch of the type that was sent (five stop strings: a too-long list, not "a string").
+    e = max(errors, key=lambda x: (len(x["loc"]), not x["type"].endswith("_type")))
     kind, loc = e["type"], tuple(e["loc"])
     param = _param(loc) or None
     top = loc[0] if loc and isinstance(loc[0], str) else None
@@ -333,5 +398,9 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
     if kind == "literal_error" and param and param.endswith(".type") and ".content[" in param:
         return (f"Invalid value for '{param}': only text content parts are supported, got "
                 f"{_short(e.get('input'))}."), param
+    if kind == "too_long" and "max_length" in e.get("ctx", {}):
+        what = "stop strings" if top == "stop" else "items"
+        return f"Invalid value for '{param}': at most {e['ctx']['max_length']} {what}, got " \
+               f"{e['ctx'].get('actual_length', 'more')}.", param
     msg = e["msg"].removeprefix("Value error, ")
     return f"Invalid value for '{param}': {msg}.", param

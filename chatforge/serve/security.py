@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 
 from chatforge.errors import ChatforgeError
 
 # Reachable without a key: the health probe and the chat page's own files (the page asks for the key itself).
 PUBLIC_PATHS = frozenset({"/health", "/"})
 PUBLIC_PREFIXES = ("/static/",)
-
-
-def error_payload(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
-    # ensure_ascii: an error may quote user input, which must never make the error itself fail to encode.
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
 def is_loopback(host: str) -> bool:
@@ -48,7 +42,9 @@ class Guard:
         self.max_body_bytes = max_body_bytes
 
     async def _reject(self, send, status: int, message: str, type_: str, code: str, headers=()) -> None:
-        body = error_payload(status, message, type_, None, code)
+        from chatforge.serve.schemas import ErrorResponse
+
+        body = ErrorResponse.of(message, type_, None, code).to_json()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 *headers]})

@@ -205,7 +205,7 @@ BAD_REQUESTS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"model": None}, "model"),
+    ({"model": 5}, "model"),
 ]
 
 
@@ -242,9 +242,14 @@ def test_prompt_longer_than_context_is_400_with_numbers(chat_server):
     r = post(chat_server, ask("hello " * 300, max_tokens=10))
     error = r.json()["error"]
     assert r.status_code == 400 and error["code"] == "context_length_exceeded"
-    assert "256 tokens" in error["message"] and "10 in the completion" in error["message"]
+    n = error["message"].split()[1]  # the one prompt-budget message, as the CLI and Python give it
+    assert error["message"] == f"prompt: {n} tokens + 10 new tokens = {int(n) + 10} exceed the context window of " \
+                               f"256 tokens; shorten the prompt or ask for fewer new tokens"
+    assert error["param"] == "messages"
     r = post(chat_server, ask("hello " * 300))  # without max_tokens: the prompt alone does not fit
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["message"] == f"prompt: {n} tokens leave no room for a reply in the context window " \
+                                           f"of 256 tokens; shorten the prompt"
 
 
 def test_body_size_cap(models):
@@ -447,3 +452,38 @@ def test_page_is_self_contained_and_locked_down(chat_server):
     assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write|\blocation\b|\beval\(", js)
     for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/index.html", "/static/..%2fschemas.py"):
         assert httpx.get(chat_server.url + path).status_code == 404, path
+
+
+# ------------------------------------------------------------------------------------------------ names and messages
+
+def test_model_is_optional_with_one_served_model(chat_server):
+    body = ask("hello", max_tokens=100)
+    del body["model"]
+    r = post(chat_server, body)
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    assert r.json()["choices"][0]["message"]["content"] == REPLIES["hello"]
+    r = post(chat_server, {"prompt": "Hello", "max_tokens": 3}, "/v1/completions")
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    assert post(chat_server, ask("hello") | {"model": "other"}).status_code == 404  # a wrong name is still wrong
+
+
+def test_five_stop_strings_say_at_most_four(chat_server):
+    error = post(chat_server, ask("hello", stop=["a", "b", "c", "d", "e"])).json()["error"]
+    assert (error["message"], error["param"]) == ("Invalid value for 'stop': at most 4 stop strings, got 5.", "stop")
+
+
+def test_served_name_comes_from_the_run(tmp_path):
+    from chatforge.serve.app import served_name
+
+    for folder in ("shop/final", "shop/best", "imported"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert served_name(str(tmp_path / "shop" / "final")) == "shop"
+    assert served_name(str(tmp_path / "shop" / "final") + "/") == "shop"
+    assert served_name(str(tmp_path / "shop" / "best")) == "shop-best"
+    assert served_name(str(tmp_path / "imported")) == "imported"
+    assert served_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert served_name("models/SmolLM2-135M.Q4_1.gguf") == "SmolLM2-135M.Q4_1"
+
+
+def test_page_title_names_the_served_model(chat_server):
+    assert "<title>tiny · chatforge</title>" in httpx.get(chat_server.url + "/").text

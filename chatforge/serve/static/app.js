@@ -188,9 +188,10 @@ async function send() {
   messages.push(...history);
   const request = {
     model: modelId, messages, stream: true,
-    temperature: numberFrom(els.temperature, 0.7, 0, 2),
     max_tokens: Math.round(numberFrom(els.maxTokens, 256, 1, 1e6)),
   };
+  // An empty temperature is left to the model's default (its generation_config.json, else the server's built-in).
+  if (els.temperature.value.trim() !== "") request.temperature = numberFrom(els.temperature, 0.7, 0, 2);
   controller = new AbortController();
   setBusy(true);
   setStatus("");
@@ -267,6 +268,7 @@ async function connect() {
   const models = await response.json();
   modelId = models.data[0].id;
   els.modelName.textContent = modelId;
+  document.title = modelId + " · chatforge";
   const context = models.data[0].context_length;
   if (context > 1) {  // leave room for the conversation in a small model's context
     els.maxTokens.max = String(context - 1);

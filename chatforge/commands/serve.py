@@ -1,0 +1,64 @@
+"""`chatforge serve`: flags -> a checked bind, a loaded Bot, the app (chatforge/serve/) run by uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+from chatforge.errors import ChatforgeError
+
+
+def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                  allow_insecure_public: bool = False, max_batch_size: int = 8, max_queue: int = 64,
+                  max_tokens_cap: int = 4096, max_prompt_tokens: int = 0, max_n: int = 8,
+                  max_body_bytes: int = 1_000_000, served_model_name: str | None = None,
+                  cors_origin: list[str] | None = None, device: str = "auto", dtype: str | None = None) -> int:
+    """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions) and a chat page at /.
+
+    Requests that arrive together are decoded together (continuous batching). Without an API key the server only
+    listens on loopback.
+
+    Args:
+        model: model folder, .gguf file or known model name.
+        host: address to listen on; anything but loopback needs an API key (or --allow-insecure-public).
+        port: TCP port.
+        api_key: require 'Authorization: Bearer KEY' on every endpoint but /health and the page's files; prefer the
+            CHATFORGE_API_KEY environment variable (a command line is visible to other users of the machine).
+        allow_insecure_public: listen on a non-loopback address without an API key (anyone who can reach it can use it).
+        max_batch_size: sequences decoded together.
+        max_queue: sequences that may wait for a slot beyond the batch; more are refused with 429.
+        max_tokens_cap: the most tokens one reply may ask for (max_tokens).
+        max_prompt_tokens: the most prompt tokens a request may send (0: the model's context length).
+        max_n: the most choices (n) one request may ask for.
+        max_body_bytes: the largest request body accepted (413 beyond).
+        served_model_name: the model id clients send and the page's title; unset: the run's name for a training
+            run's final/ or best/ folder, else the folder's (or file's, or known model's) name.
+        cors_origin: browser origins allowed to call the API from other sites (CORS is off without it).
+        device: auto, cpu, cuda, cuda:N or mps.
+        dtype: fp32, bf16 or fp16; unset: fp32 on CPU, bf16 on a GPU that supports it.
+    """
+    from chatforge.serve.app import check_limits, served_name
+    from chatforge.serve.security import check_bind
+
+    key = api_key or os.environ.get("CHATFORGE_API_KEY") or None
+    check_bind(host, key, allow_insecure_public)  # before anything slow: a refusal should be instant
+    if not 0 <= port <= 65535:
+        raise ChatforgeError(f"serve: --port must be 0..65535, got {port}")
+    check_limits(max_batch_size=max_batch_size, max_queue=max_queue, max_tokens_cap=max_tokens_cap, max_n=max_n,
+                  max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens)
+
+    import uvicorn
+
+    from chatforge.generation.bot import Bot
+    from chatforge.serve.app import create_app
+
+    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
+    name = served_model_name or served_name(model)
+    app = create_app(bot, model_name=name, api_key=key, max_queue=max_queue, max_tokens_cap=max_tokens_cap,
+                     max_prompt_tokens=max_prompt_tokens, max_n=max_n, max_body_bytes=max_body_bytes,
+                     cors_origin=cors_origin)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name!r} on http://{shown}:{port}/ (chat page at /, API at /v1; "
+          f"API key {'required' if key else 'off'}; batch {max_batch_size}, queue {max_queue})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False, server_header=False,
+                timeout_graceful_shutdown=5)
+    return 0
