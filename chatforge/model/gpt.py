@@ -357,8 +357,12 @@ class GPT(nn.Module):
             kv_len = int(position_ids.max()) + 1
         x = self.model.embed_tokens(input_ids)
         if c.positions == "learned":
-            if (kv_len or T) > c.max_seq_len:
-                raise ChatforgeError(f"model: position {(kv_len or T) - 1} is beyond max_seq_len {c.max_seq_len}")
+            # Packed rows (position_ids, no cache) restart positions per record: their bound is the largest position,
+            # not the row length (one device read, skipped under compile where the lookup itself bounds-checks).
+            bound = kv_len if kv_len is not None else \
+                0 if torch.compiler.is_compiling() else int(position_ids.max()) + 1
+            if bound > c.max_seq_len:
+                raise ChatforgeError(f"model: position {bound - 1} is beyond max_seq_len {c.max_seq_len}")
             x = x + self.model.embed_positions(position_ids)
             rope = None
         else:
