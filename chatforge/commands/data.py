@@ -51,6 +51,8 @@ def format_report(report: dict) -> str:
     if report.get("cleaning"):
         lines.append("cleaning changed (texts per rule): "
                      + ", ".join(f"{rule} {n:,}" for rule, n in report["cleaning"].items()))
+    if report.get("pii"):
+        lines.append("personal data replaced: " + ", ".join(f"{t} {n:,}" for t, n in report["pii"].items()))
     for source, header in report.get("csv_headers", {}).items():
         columns = ", ".join(header["columns"])
         lines.append({
@@ -93,6 +95,7 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 0,
     max_turn_chars: int = 4000,
+    scrub_pii: str | None = None,
 ) -> dict:
     """Clean, de-duplicate and split conversations into train/val JSONL files with a report of what was dropped.
 
@@ -115,6 +118,8 @@ def prepare(
         val_fraction: share of conversations held out for validation, chosen by a hash of their content
         seed: seed of the train/validation split
         max_turn_chars: a turn longer than this many characters (after cleaning) cuts its conversation there
+        scrub_pii: replace e-mails, phones, resident IDs, cards, IBANs and IPs: placeholder (<EMAIL>) or pseudonym
+            (<EMAIL_1a2b3c4d5e>, keyed by CHATFORGE_PII_KEY, else by a key drawn for this run)
     """
     from chatforge.data.prepare import PrepareOptions
     from chatforge.data.prepare import prepare as prepare_data
@@ -123,6 +128,7 @@ def prepare(
         format=format, skip_invalid=skip_invalid, include_text=include_text, encoding=encoding,
         csv_delimiter=csv_delimiter, csv_header=csv_header, csv_columns=csv_columns, normalize=normalize,
         fullwidth_ascii=fullwidth_ascii, max_turn_chars=max_turn_chars, val_fraction=val_fraction, seed=seed,
+        scrub_pii=scrub_pii,
     )
     report = prepare_data(inputs, out, options)
     print(format_report(report))

@@ -23,6 +23,8 @@ from chatforge.data.report import Report
 from chatforge.data.sources import Source, read_sources
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_write_text
+from chatforge.privacy.pii import MODES as PII_MODES
+from chatforge.privacy.pii import Scrubber, pseudonym_key
 
 PREPARED_FILES = ("train.jsonl", "val.jsonl")
 PLAIN_TEXT_IGNORED = "plain text beside conversation files (pass --include-text to train on it)"
@@ -44,6 +46,7 @@ class PrepareOptions:
     max_turn_chars: int = 4000
     val_fraction: float = 0.1
     seed: int = 0
+    scrub_pii: str | None = None  # placeholder | pseudonym: personal data replaced (chatforge.privacy.pii)
 
     def __post_init__(self) -> None:
         check_format(self.format)
@@ -56,6 +59,8 @@ class PrepareOptions:
             raise ChatforgeError(f"max_turn_chars must be at least 1, got {self.max_turn_chars}")
         self.csv = CsvOptions(self.csv_delimiter, self.csv_header, self.csv_columns)
         self.csv_columns = self.csv.columns
+        if self.scrub_pii is not None and self.scrub_pii not in PII_MODES:
+            raise ChatforgeError(f"scrub_pii: expected {' or '.join(PII_MODES)}, got {self.scrub_pii!r}")
 
 
 def is_prepared(path: str) -> bool:
@@ -127,6 +132,15 @@ def resolve_inputs(
     return sources
 
 
+def scrub_pii(items, report: Report, mode: str):
+    """The scrub step: personal data in every text replaced by placeholders, or by pseudonyms keyed by
+    CHATFORGE_PII_KEY (else a key drawn for this run, never stored); what was replaced is counted per type."""
+    scrubber = Scrubber(mode, pseudonym_key())
+    scrubber.counts = report.pii
+    for item in items:
+        yield item._replace(record=scrubber.scrub_record(item.record))
+
+
 def build(
     inputs: list[str], options: PrepareOptions | None = None, exclude: str | None = None
 ) -> tuple[list[dict], list[dict], Report]:
@@ -137,8 +151,9 @@ def build(
     sources = resolve_inputs(inputs, options, report, exclude)
     items = read_sources(sources, report, options.skip_invalid, options.encoding, options.csv)
     items = clean(items, report, options.max_turn_chars, options.normalize, options.fullwidth_ascii)
-    # A PII scrub step goes here: after cleaning (it sees normalised text) and before de-duplication (so copies that
-    # differ only in a scrubbed name or number collapse into one).
+    # After cleaning (it sees normalised text), before de-duplication (copies that differ only in a number collapse).
+    if options.scrub_pii:
+        items = scrub_pii(items, report, options.scrub_pii)
     items = dedup(items, report)
     records, canonical = [], []
     for item in items:

@@ -50,6 +50,7 @@ class Report:
         self.sources: dict[str, dict] = {}
         self.languages: dict[str, dict] = {}
         self.cleaning: Counter[str] = Counter()  # texts each cleaning rule changed
+        self.pii: Counter[str] = Counter()  # personal data replaced, per type (prepare --scrub-pii)
         self.dropped_examples: dict[str, list[str]] = {}
         self.turns_dropped_examples: dict[str, list[str]] = {}
         self.csv_headers: dict[str, dict] = {}
@@ -117,6 +118,7 @@ class Report:
             },
             "languages": {k: dict(v) for k, v in sorted(self.languages.items())},
             "cleaning": dict(sorted(self.cleaning.items())),
+            "pii": dict(sorted(self.pii.items())),
             "dropped_examples": {k: list(v) for k, v in sorted(self.dropped_examples.items()) if v},
             "turns_dropped_examples": {k: list(v) for k, v in sorted(self.turns_dropped_examples.items()) if v},
             "csv_headers": dict(self.csv_headers),

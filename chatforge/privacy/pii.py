@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 
 TYPES = ("EMAIL", "PHONE", "CN_ID", "CARD", "IBAN", "IP")
 MODES = ("placeholder", "pseudonym")
+PII_KEY_ENV = "CHATFORGE_PII_KEY"  # base64; keeps pseudonyms the same across runs
 # When two matches overlap the longer wins; at equal length, the earlier type in this list.
 _PRIORITY = {t: i for i, t in enumerate(("CN_ID", "CARD", "IBAN", "EMAIL", "IP", "PHONE"))}
 
@@ -375,6 +376,37 @@ class Scrubber:
         if not _SEED.search(text):
             return text
         return self._replace(text, _entities_in(text, _SEGMENT.finditer(text), self.types))
+
+    def scrub_record(self, record):
+        """A conversation record (or any JSON value) with every string scrubbed but roles and keys."""
+        if isinstance(record, str):
+            return self.scrub(record)
+        if isinstance(record, list):
+            return [self.scrub_record(v) for v in record]
+        if isinstance(record, dict):
+            return {k: v if k == "role" else self.scrub_record(v) for k, v in record.items()}
+        return record
+
+
+def pseudonym_key(var: str = PII_KEY_ENV) -> bytes | None:
+    """The pseudonym key in environment variable `var` (base64, at least 16 bytes), or None when it is unset:
+    set it to keep pseudonyms the same across runs; unset, each run draws its own."""
+    import base64
+    import binascii
+    import os
+
+    from chatforge.errors import ChatforgeError
+
+    value = os.environ.get(var)
+    if not value:
+        return None
+    try:
+        key = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ChatforgeError(f"environment variable {var}: not base64") from None
+    if len(key) < 16:
+        raise ChatforgeError(f"environment variable {var}: a pseudonym key must be at least 16 bytes")
+    return key
 
 
 class Redactor:
