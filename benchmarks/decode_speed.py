@@ -1,0 +1,209 @@
+"""Decode speed of SmolLM2-135M-Instruct per lever, beside transformers and llama.cpp, in one run.
+
+A ~170-token chat prompt, 128 greedy tokens. For each row: first-token latency (prefill + first token), decode
+tokens/s at batch 1 and at batch 8 (aggregate, after the prefills), and peak RSS. Each row runs in its own process
+(one after another, same threads), so peak RSS is that row's alone; the machine is shared and noisy, so compare
+rows of the same run only, as ratios. chatforge rows go through the engine (sampling and streaming included):
+fp32, bf16, int8 weight-only and int8 dynamic (torchao), each eager or compiled (decode.compile_decode, frozen).
+transformers runs the same weights (the folder chatforge converted from the packaged GGUF); llama.cpp
+(llama-cpp-python, the `bench` extra) runs the packaged Q4_1 GGUF itself, at batch 1 only.
+
+    python benchmarks/decode_speed.py                       # every row
+    python benchmarks/decode_speed.py --rows bf16,int8-dyn+compile,llama.cpp --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+MODEL = "smollm2-135m-instruct"
+ROWS = ["transformers-fp32", "transformers-bf16", "fp32", "bf16", "bf16+compile", "int8-wo", "int8-wo+compile",
+        "int8-dyn", "int8-dyn+compile", "llama.cpp"]
+SYSTEM = ("You are a patient, precise assistant for a small bakery. You answer in plain English, in full sentences, "
+          "without lists or headings, and you never invent prices, opening hours or ingredients that the customer "
+          "has not been told about. When you are unsure, you say so and suggest asking the staff in the shop.")
+USER = ("Hello! My daughter turns seven next Saturday and she has asked for a chocolate cake shaped like a cat. "
+        "We will have about twelve children and six adults at the party, and two of the children cannot eat nuts. "
+        "Could you tell me, in a long and friendly answer, how you would plan the cake, how big it should be, how "
+        "to keep it safe for the children with nut allergies, and what we should ask the bakery when we order it? "
+        "Please also write a short, cheerful message we could put on the cake.")
+
+
+def prompt_ids():
+    from chatforge.weights.loader import load_tokenizer
+
+    tok = load_tokenizer(MODEL)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
+    return tok.render(messages, add_generation_prompt=True)[0]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
+    import torch
+
+    from chatforge.generation import decode
+    from chatforge.generation.engine import Engine, SamplingParams
+    from chatforge.model.quantize import quantize
+    from chatforge.weights.loader import load
+
+    lever, _, compiled = row.partition("+")
+    dtype = "fp32" if lever == "fp32" else "bf16"
+    loaded = load(MODEL, dtype=dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    if lever.startswith("int8"):
+        quantize(model, lever)
+    out = {}
+    if compiled:
+        decode.compile_decode(model)
+        out["warmup_s"] = decode.warmup(model, batch_sizes=(1, 8) if batch8 else (1,))
+    engine = Engine(model, tok, max_batch_size=8)
+    ids = prompt_ids()
+
+    def timed(batch: int) -> tuple[float, float, int]:
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+        for _ in range(batch):
+            engine.add_request(ids, params)
+        t0 = time.perf_counter()
+        n = len(engine.step())  # the prefills and each row's first token
+        t1 = time.perf_counter()
+        while engine.has_work():
+            n += len(engine.step())
+        t2 = time.perf_counter()
+        return t1 - t0, (n - batch) / (t2 - t1), n // batch
+
+    with torch.inference_mode():
+        timed(1)  # warm caches and allocator
+        out["first_token_s"], out["tok_s_b1"], out["tokens_b1"] = timed(1)
+        if batch8:
+            _, out["tok_s_b8"], out["tokens_b8"] = timed(8)
+    return out
+
+
+def run_transformers(row: str, new_tokens: int, batch8: bool) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.weights.loader import model_folder, resolve
+
+    dtype = torch.float32 if row.endswith("fp32") else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_folder(resolve(MODEL)), dtype=dtype).eval()
+    ids = torch.tensor([prompt_ids()])
+    out = {}
+
+    def gen(x, n):
+        t0 = time.perf_counter()
+        model.generate(x, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        gen(ids, 2)
+        out["first_token_s"] = gen(ids, 1)
+        out["tok_s_b1"] = (new_tokens - 1) / (gen(ids, new_tokens) - out["first_token_s"])
+        out["tokens_b1"] = new_tokens
+        if batch8:
+            x = ids.expand(8, -1)
+            first = gen(x, 1)
+            out["tok_s_b8"] = 8 * (new_tokens - 1) / (gen(x, new_tokens) - first)
+            out["tokens_b8"] = new_tokens
+    return out
+
+
+def run_llama_cpp(row: str, new_tokens: int, batch8: bool, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    from chatforge.weights.gguf import find_packaged_gguf
+
+    ids = prompt_ids()
+    llm = Llama(model_path=find_packaged_gguf(MODEL), n_ctx=1024, n_batch=512, n_threads=threads,
+                n_threads_batch=threads, logits_all=False, verbose=False)
+
+    def once() -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return t1 - t0, (new_tokens - 1) / (time.perf_counter() - t1)
+
+    once()
+    first, rate = once()
+    return {"first_token_s": first, "tok_s_b1": rate, "tokens_b1": new_tokens}
+
+
+def run_row(row: str, new_tokens: int, batch8: bool, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    if row == "llama.cpp":
+        out = run_llama_cpp(row, new_tokens, batch8, threads)
+    elif row.startswith("transformers"):
+        out = run_transformers(row, new_tokens, batch8)
+    else:
+        out = run_chatforge(row, new_tokens, batch8)
+    return out | {"peak_rss_mib": peak_rss_mib()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-batch8", action="store_true")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # run one row in this process and print its JSON
+    args = ap.parse_args()
+    if args.row:
+        print(json.dumps(run_row(args.row, args.new_tokens, not args.no_batch8, args.threads)))
+        return 0
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows: {', '.join(unknown)}")
+    print(f"SmolLM2-135M-Instruct, {len(prompt_ids())}-token prompt, {args.new_tokens} greedy tokens, "
+          f"{args.threads} threads; load: {open('/proc/loadavg').read().split()[0]}", flush=True)
+    results = {}
+    for row in rows:
+        cmd = [sys.executable, __file__, "--row", row, "--new-tokens", str(args.new_tokens),
+               "--threads", str(args.threads)] + (["--no-batch8"] if args.no_batch8 else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"{row}: failed ({last[:160]})", flush=True)
+            continue
+        results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{row}: {results[row]}", file=sys.stderr, flush=True)
+    ref_tf = results.get("transformers-fp32", {})
+    ref_ll = results.get("llama.cpp", {})
+    head = (f"{'row':<18} {'first tok ms':>12} {'b1 tok/s':>9} {'b8 tok/s':>9} {'RSS MiB':>8} {'warmup s':>8} "
+            f"{'b1 vs tf32':>10} {'b1 vs llama':>11} {'first vs llama':>14}")
+    print(head)
+    print("-" * len(head))
+    for row, r in results.items():
+        b8 = r.get("tok_s_b8")
+        cells = [f"{row:<18}", f"{r['first_token_s'] * 1e3:>12.1f}", f"{r['tok_s_b1']:>9.1f}",
+                 f"{b8:>9.1f}" if b8 else f"{'-':>9}", f"{r['peak_rss_mib']:>8.0f}",
+                 f"{r['warmup_s']:>8.1f}" if "warmup_s" in r else f"{'-':>8}",
+                 f"{r['tok_s_b1'] / ref_tf['tok_s_b1']:>9.2f}x" if ref_tf else f"{'-':>10}",
+                 f"{r['tok_s_b1'] / ref_ll['tok_s_b1']:>10.2f}x" if ref_ll else f"{'-':>11}",
+                 f"{r['first_token_s'] / ref_ll['first_token_s']:>13.2f}x" if ref_ll else f"{'-':>14}"]
+        print(" ".join(cells))
+    short = {row: (r["tokens_b1"], r.get("tokens_b8")) for row, r in results.items()
+             if r["tokens_b1"] < args.new_tokens}
+    if short:
+        print(f"rows that stopped early (end of turn): {short}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
