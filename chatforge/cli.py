@@ -16,6 +16,7 @@ import typing
 # name -> (module:function, one-line summary shown by `chatforge --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("chatforge.commands.data:prepare", "clean, de-duplicate and split conversations"),
+    "augment": ("chatforge.commands.augment:augment_command", "more conversations: paraphrases, user noise, slot swaps"),
     "tokenizer": ("chatforge.commands.tokenizer:tokenizer_train", "train a byte-level BPE tokenizer (tokenizer train ...)"),
     "show-labels": ("chatforge.commands.tokenizer:show_labels", "show which tokens of a conversation are trained"),
     "train": ("chatforge.commands.train:train_command", "pretrain or fine-tune (full or LoRA) from a YAML config"),

@@ -648,7 +648,8 @@ def _from_messages(raw: Any, location: str) -> dict:
         role = _role(m["role"], n, "role", location)
         out.append({"role": role, "content": _content(m["content"], n, location)})
     check_roles(out, location)
-    return {"messages": out}
+    meta = obj.get("meta")  # provenance of an augmented copy (data/augment.py), kept for prepare's split
+    return {"messages": out, "meta": meta} if isinstance(meta, dict) else {"messages": out}
 
 
 def _from_sharegpt(raw: Any, location: str) -> dict:

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 
+from chatforge.data.augment import Provenance
 from chatforge.data.builtin import builtin_sources, is_builtin_spec
 from chatforge.data.clean import NORMAL_FORMS, clean, dedup, split
 from chatforge.data.formats import (
@@ -149,24 +150,31 @@ def build(
     report = Report()
     report.settings = {"inputs": list(inputs), **asdict(options)}
     sources = resolve_inputs(inputs, options, report, exclude)
-    items = read_sources(sources, report, options.skip_invalid, options.encoding, options.csv)
+    provenance = Provenance()  # augmented copies (data/augment.py): de-duplicated against originals, split by source
+    items = provenance.take(read_sources(sources, report, options.skip_invalid, options.encoding, options.csv))
     items = clean(items, report, options.max_turn_chars, options.normalize, options.fullwidth_ascii)
     # After cleaning (it sees normalised text), before de-duplication (copies that differ only in a number collapse).
     if options.scrub_pii:
         items = scrub_pii(items, report, options.scrub_pii)
-    items = dedup(items, report)
-    records, canonical = [], []
+    items = dedup(provenance.originals_first(items), report)
+    originals, copies = [], []
     for item in items:
-        report.count_kept(item.source, item.record)
-        records.append(item.record)
-        canonical.append(item.canonical)
-    if not records:
+        (copies if provenance.is_copy(item) else originals).append(item)
+    if not originals:
         dropped = ", ".join(f"{r} {n}" for r, n in sorted(report.dropped.items()))
         raise ChatforgeError(
             f"{', '.join(inputs)}: no records left to use (read {report.read}"
             + (f"; dropped: {dropped})" if dropped else ")")
         )
-    train, val = split(records, options.val_fraction, options.seed, canonical)
+    # The originals alone are split (as they would be without augmentation); a copy follows its source.
+    train, val = split([i.record for i in originals], options.val_fraction, options.seed,
+                       [i.canonical for i in originals])
+    in_train = {id(r) for r in train}
+    train_items = [i for i in originals if id(i.record) in in_train]
+    copies = provenance.assign(train_items, [i for i in originals if id(i.record) not in in_train], copies, report)
+    train += [i.record for i in copies]
+    for item in originals + copies:
+        report.count_kept(item.source, item.record)
     report.train, report.val = len(train), len(val)
     return train, val, report
 
