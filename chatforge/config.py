@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 from chatforge.errors import ChatforgeError
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "dpo", "reward")  # dpo, reward: train/preference.py
+LOSS_TYPES = ("sigmoid", "ipo")
+REFERENCES = ("auto", "frozen", "adapter-off", "precomputed")
 LORA_ALL = "all-linear"  # lora.target_modules: every projection in the blocks
 
 # Names other tools use (transformers, peft, nanoGPT, litgpt) -> chatforge's, for "did you mean ...?".
@@ -59,6 +61,26 @@ class LoraSpec:
             self.target_modules = [self.target_modules]
         if not self.target_modules:
             raise bad("lora.target_modules", f"must be a non-empty list of module names or {LORA_ALL!r}")
+
+
+@dataclass
+class PerturbSpec:
+    """The `perturbation:` section: robust training. Each user turn is perturbed with probability `rate` by one of
+    `kinds` (data/perturb.py), re-drawn every epoch from (seed, epoch, record), so a resumed run sees the same text."""
+
+    rate: float = 0.1
+    kinds: list[str] = field(default_factory=lambda: ["typo", "swap", "homoglyph", "zero_width", "casing",
+                                                      "whitespace"])
+
+    def check(self, bad) -> None:
+        from chatforge.data.perturb import KINDS
+
+        if not 0.0 <= self.rate <= 1.0:
+            raise bad("perturbation.rate", f"must be in [0, 1], got {self.rate}")
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise bad("perturbation.kinds", f"unknown kind {unknown[0]!r} (known: {', '.join(KINDS)})" if unknown
+                      else f"must list at least one of {', '.join(KINDS)}")
 
 
 @dataclass
@@ -121,6 +143,12 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)  # greedy replies shown at the end (samples.json)
     sample_val_prompts: int = 0  # also reply to the first user turn of this many validation conversations
     log_every: int = 10  # progress bar refresh; metrics.jsonl gets every step
+    # preference stages (dpo, reward; train/preference.py)
+    beta: float = 0.1  # dpo: strength of the pull towards the reference (the implicit reward's scale)
+    loss_type: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo (IPO, on per-token mean log-probs)
+    label_smoothing: float = 0.0  # dpo sigmoid: assumed share of flipped labels (conservative DPO)
+    reference: str = "auto"  # dpo: frozen | adapter-off | precomputed; auto: adapter-off with lora, else frozen
+    perturbation: PerturbSpec | None = None  # robust training: e.g. {rate: 0.1, kinds: [typo, homoglyph]}
 
     def __post_init__(self) -> None:
         _check_types(self, lambda name: "config")
@@ -162,7 +190,28 @@ class TrainConfig:
             raise bad("vocab_size", f"must be more than 260 (4 specials + 256 bytes), got {self.vocab_size}")
         if self.lora is not None:
             self.lora.check(bad)
+        if self.perturbation is not None:
+            self.perturbation.check(bad)
+        self._check_preference(bad)
         self._check_model(bad, locate)
+
+    def _check_preference(self, bad) -> None:
+        if not math.isfinite(self.beta) or self.beta <= 0:
+            raise bad("beta", f"must be a positive number, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise bad("loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise bad("label_smoothing", "applies to loss_type sigmoid only")
+        if self.reference not in REFERENCES:
+            raise bad("reference", f"must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+        if self.reference == "adapter-off" and self.lora is None:
+            raise bad("reference", "adapter-off needs lora: (the reference is the base without the adapter)")
+        if self.stage == "dpo" and self.init is None:
+            raise bad("init", "stage dpo fine-tunes a model: set init: to a model folder or known model name")
+        if self.stage == "reward" and self.sample_prompts:
+            raise bad("sample_prompts", "a reward model scores replies, it does not generate them")
 
     def _check_model(self, bad, locate) -> None:
         """The model section builds a model (scratch), or is empty but for a preset (init keeps its shape)."""
@@ -384,7 +433,7 @@ def _set(raw: dict, dotted: str, value, label: str) -> None:
     if len(keys) == 1:
         raw[top] = value
         return
-    if top not in ("model", "lora"):
+    if top not in ("model", "lora", "perturbation"):
         raise ChatforgeError(f"{label}: {top} is not a mapping, use {top}=VALUE")
     node = raw.get(top)
     if node is None:
@@ -463,7 +512,8 @@ def _field_type(name: str):
         return None
     if not rest:
         return hints[top]
-    sub = _model_fields() if top == "model" else typing.get_type_hints(LoraSpec) if top == "lora" else {}
+    sections = {"lora": LoraSpec, "perturbation": PerturbSpec}
+    sub = _model_fields() if top == "model" else typing.get_type_hints(sections[top]) if top in sections else {}
     return sub.get(rest)
 
 

@@ -26,7 +26,8 @@ class TrainProgress:
             self._started(event)
         elif isinstance(event, Evaluated):
             r = event.row
-            self._line(f"step {r['step']}: val loss {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}, "
+            bpb = f"bpb {r['val_bpb']:.4f}" if r["val_bpb"] is not None else "pair accuracy"  # dpo, reward
+            self._line(f"step {r['step']}: val loss {r['val_loss']:.4f}, {bpb}, "
                        f"acc {r['val_acc']:.3f}" + (" (best)" if event.best else ""))
         elif isinstance(event, Stepped) and self.bar is not None:
             r = event.row
@@ -86,7 +87,8 @@ def train_command(config: str | None = None, overrides: list[str] = (), resume: 
     finally:
         progress.close()
     print_samples(s["samples"])
-    val = (f"best val loss {s['val_loss']:.4f} (bpb {s['val_bpb']:.4f}) at step {s['best_step']}"
+    bpb = f"bpb {s['val_bpb']:.4f}" if s["val_bpb"] is not None else f"pair accuracy {s['val_acc']:.3f}"
+    val = (f"best val loss {s['val_loss']:.4f} ({bpb}) at step {s['best_step']}"
            if s["val_loss"] is not None else "no validation split")
     print(f"done ({s['stop_reason']}): {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_s']:.0f} s "
           f"({s['tokens_per_s']:,.0f} tokens/s, {s['model_gflops_per_s']:.1f} model GFLOP/s); {val}")

@@ -155,6 +155,12 @@ def clean_record(record: dict, max_turn_chars: int = 4000, clean: Callable[[str]
     optional); an over-long one drops the conversation, since every reply may depend on it. A conversation that
     simply ends with a user turn loses that turn (`trailing_user_turn`).
     """
+    if "chosen" in record:  # a preference pair: every text cleaned, nothing cut
+        from chatforge.data.preference import clean_pair
+
+        pair, why = clean_pair(record, max_turn_chars, clean)
+        return Cleaned(pair, None, None, 0) if pair else Cleaned(None, TOO_LONG if "characters" in why else EMPTY,
+                                                                 why, 0)
     if "text" in record and "messages" not in record:
         text = clean(record["text"])
         return Cleaned({"text": text}, None, None, 0) if text else Cleaned(None, EMPTY, "empty after cleaning", 0)

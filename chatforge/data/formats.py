@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from chatforge.errors import ChatforgeError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "chatterbot", "csv", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "chatterbot", "csv", "text", "preference")  # preference: data/preference.py
 JSONL_EXTS = (".jsonl", ".ndjson")
 JSON_EXTS = (".json",)
 YAML_EXTS = (".yml", ".yaml")
@@ -206,6 +206,8 @@ def _first_json_value(text: str) -> Any:
 
 def _format_of(first: Any, name: str) -> str:
     if isinstance(first, dict):
+        if "chosen" in first and "rejected" in first:  # a preference pair (prompt/messages + chosen + rejected)
+            return "preference"
         if "messages" in first:
             return "messages"
         if "conversations" in first:

@@ -18,8 +18,9 @@ from chatforge.data.builtin import builtin_sources, is_builtin_spec
 from chatforge.data.clean import NORMAL_FORMS, clean, dedup, split
 from chatforge.data.formats import (
     SUPPORTED_EXTS, TEXT_EXTS, CsvOptions, check_encoding, check_format, check_readable, detect_format,
-    read_records, to_record,
+    read_records,
 )
+from chatforge.data.preference import read_record
 from chatforge.data.report import Report
 from chatforge.data.sources import Source, read_sources
 from chatforge.errors import ChatforgeError
@@ -218,7 +219,7 @@ def _read_prepared(folder: str) -> tuple[list[dict], list[dict], dict]:
         if not os.path.isfile(path):
             parts.append([])
             continue
-        parts.append([to_record(raw, "messages", loc) for loc, raw in read_records(path, "messages")])
+        parts.append([read_record(raw, "messages", loc) for loc, raw in read_records(path, "messages")])
     train, val = parts
     report: dict = {}
     report_path = os.path.join(folder, "report.json")

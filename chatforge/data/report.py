@@ -83,6 +83,8 @@ class Report:
         """A record that made it through every step: counted with its characters under its source and language."""
         entry = self.source(source)
         texts = [m["content"] for m in record["messages"]] if "messages" in record else [record.get("text", "")]
+        if "chosen" in record:  # a preference pair
+            texts = [m["content"] for key in ("prompt", "chosen", "rejected") for m in record[key]]
         chars = sum(map(len, texts))
         self.kept += 1
         entry["kept"] += 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from chatforge.data.formats import CsvOptions, Header, Item, Skip, read_records, to_record
+from chatforge.data.formats import CsvOptions, Header, Item, Skip, read_records
+from chatforge.data.preference import read_record
 from chatforge.data.report import INVALID, Report
 from chatforge.errors import ChatforgeError
 
@@ -43,7 +44,7 @@ def read_sources(
                 report.count_dropped(source.name, raw.reason, f"{location}: {raw.detail}")
                 continue
             try:
-                record = to_record(raw, source.format, location)
+                record = read_record(raw, source.format, location)
             except ChatforgeError as e:
                 if not (skip_invalid or source.builtin):
                     raise

@@ -19,6 +19,8 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
+from chatforge.data.perturb import HOMOGLYPHS, ZERO_WIDTH_CHARS
+
 KINDS = ("zero_width", "bidi", "tag", "confusable", "fullwidth", "mojibake")
 
 ZERO_WIDTH = {0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF, 0x180E, 0x00AD, 0x034F,
@@ -258,10 +260,8 @@ def normalize_with_map(text: str) -> tuple[str, list[int]]:
 
 # --- perturbation: tricked text whose every change normalize() undoes exactly ---
 
-_HOMOGLYPHS = {"a": "а", "c": "с", "e": "е", "o": "о", "p": "р", "x": "х", "y": "у", "i": "і", "s": "ѕ", "j": "ј",
-               "A": "А", "B": "В", "C": "С", "E": "Е", "H": "Н", "K": "К", "M": "М", "O": "О", "P": "Р", "T": "Т",
-               "X": "Х"}
-_INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\u00ad", "\ufeff"]
+_HOMOGLYPHS = HOMOGLYPHS  # shared with robust training (data/perturb.py), which makes the same tricks
+_INVISIBLE = ZERO_WIDTH_CHARS
 
 
 def _tag_encode(s: str) -> str:

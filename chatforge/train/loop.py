@@ -20,7 +20,7 @@ import numpy as np
 from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
 from chatforge.train.events import Evaluated, Note, Started, Stepped
-from chatforge.train.loss import STAGES, Stage, accumulate_gradients, evaluate_rows
+from chatforge.train.loss import STAGES, Stage, accumulate_gradients
 from chatforge.train.optim import budget_progress, lr_at, make_optimizer, schedule_progress, step_tokens, \
     warmup_share
 from chatforge.train.run import open_run_folder, read_metrics, record_config, rewrite_metrics, plot_losses, \
@@ -161,7 +161,7 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     tokenizer, new_ids = build_tokenizer(cfg, train_records, out, resume)
     model, core = build_model(cfg, tokenizer, new_ids)
     model.to(device)
-    stage = STAGES[cfg.stage]
+    stage = STAGES[cfg.stage].bind(cfg, model, core, device, dtype, out)
     train_enc = stage.encode(train_records, tokenizer, cfg.seq_len)
     val_enc = stage.encode(val_records, tokenizer, cfg.seq_len)
     stream = stage.batches(train_enc, cfg.seq_len, cfg.batch_size, tokenizer.pad_id, cfg.seed)
@@ -233,8 +233,8 @@ def train_step(run: Run, p: Progress) -> dict:
     lr = current_lr(run, p)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
-    loss, n_trained = accumulate_gradients(run.forward, [run.stream.next() for _ in range(cfg.grad_accum)],
-                                           run.device, run.autocast, run.stage.loss)
+    batches = [run.stream.next() for _ in range(cfg.grad_accum)]
+    loss, n_trained = accumulate_gradients(run.forward, batches, run.device, run.autocast, run.stage.loss)
     gnorm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)) if cfg.grad_clip else None
     if not math.isfinite(loss) or (gnorm is not None and not math.isfinite(gnorm)):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
@@ -249,7 +249,8 @@ def train_step(run: Run, p: Progress) -> dict:
     p.trained_tokens += n_trained
     p.compute_s += dt
     return {"step": p.step, "loss": loss, "lr": lr, "tokens": p.tokens, "trained_tokens": n_trained,
-            "tok_s": round(step_tokens(cfg) / dt, 1), "grad_norm": gnorm, "epoch": run.stream.epoch}
+            "tok_s": round(step_tokens(cfg) / dt, 1), "grad_norm": gnorm, "epoch": run.stream.epoch,
+            **run.stage.step_metrics(batches)}
 
 
 def stop_reason(cfg: TrainConfig, p: Progress) -> str | None:
@@ -262,11 +263,11 @@ def stop_reason(cfg: TrainConfig, p: Progress) -> str | None:
 def evaluate(run: Run, p: Progress, row: dict) -> str | None:
     """Validation into row; the best weights are saved; returns "early stop" when patience ran out."""
     cfg = run.cfg
-    val = evaluate_rows(run.model, run.val_rows, cfg.batch_size, run.device, run.dtype, run.byte_table,
-                        cfg.eval_batches, run.stage.loss)
+    val = run.stage.evaluate(run.model, run.val_rows, cfg.batch_size, run.device, run.dtype, run.byte_table,
+                             cfg.eval_batches)
     p.last_val = val
     row |= {"val_loss": val["loss"], "val_ppl": val["ppl"], "val_bpb": val["bpb"], "val_acc": val["acc"],
-            "val_tokens": val["tokens"]}
+            "val_tokens": val["tokens"]} | {f"val_{k}": v for k, v in val.get("extra", {}).items()}
     reason = None
     if val["loss"] < p.best_val:
         p.best_val, p.best_step, p.bad_evals = val["loss"], p.step, 0

@@ -57,11 +57,31 @@ class Stage:
 
         return pack(enc, seq_len, pad_id) if enc.ids else None
 
+    def bind(self, cfg, model, core, device, dtype, out) -> "Stage":
+        """This stage set up for one run, before the optimizer is made: a stage that needs the model or the config
+        (DPO's reference, a reward head, perturbation) returns a configured copy; the token stages keep theirs."""
+        if cfg.perturbation is not None:
+            from chatforge.train.augment import AugmentedStage
 
-STAGES: dict[str, Stage] = {
-    "pretrain": Stage("pretrain", target="all", split_long=True),
-    "sft": Stage("sft", target="assistant", split_long=False),
-}
+            return AugmentedStage(self, cfg.perturbation.rate, tuple(cfg.perturbation.kinds))
+        return self
+
+    def step_metrics(self, batches) -> dict:
+        """Extra fields of a step's metrics row (DPO: reward accuracy, margin, KL); none for the token stages."""
+        return {}
+
+    def evaluate(self, model, rows, batch_size: int, device, dtype, byte_table, max_batches=None) -> dict:
+        return evaluate_rows(model, rows, batch_size, device, dtype, byte_table, max_batches, self.loss)
+
+
+def _stages() -> dict:
+    from chatforge.train.preference import DPO, REWARD
+
+    return {"pretrain": Stage("pretrain", target="all", split_long=True),
+            "sft": Stage("sft", target="assistant", split_long=False), "dpo": DPO, "reward": REWARD}
+
+
+STAGES: dict[str, Stage] = _stages()
 
 
 def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None) -> tuple[float, int]:

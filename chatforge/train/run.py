@@ -95,8 +95,14 @@ def plot_losses(metrics: list[dict], path: str | os.PathLike, title: str = "") -
 
 
 def save_weights(model, core, tokenizer, folder: Path, lora: bool) -> None:
-    """A model folder (full training) or an adapter folder (LoRA)."""
-    if lora:
+    """A model folder (full training) or an adapter folder (LoRA); a reward model's folder (merged)."""
+    from chatforge.model.reward import is_reward_model
+
+    if is_reward_model(core):
+        from chatforge.weights.reward import save_reward_model
+
+        save_reward_model(core, tokenizer, folder)
+    elif lora:
         from chatforge.weights.lora import save_adapter
 
         save_adapter(model, str(folder), tokenizer=tokenizer)
