@@ -206,7 +206,7 @@ def _first_json_value(text: str) -> Any:
 
 def _format_of(first: Any, name: str) -> str:
     if isinstance(first, dict):
-        if "chosen" in first and "rejected" in first:  # a preference pair (prompt/messages + chosen + rejected)
+        if "chosen" in first or "rejected" in first:  # a preference pair (prompt/messages + chosen + rejected)
             return "preference"
         if "messages" in first:
             return "messages"

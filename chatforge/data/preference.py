@@ -106,8 +106,6 @@ def preference_record(raw: Any, location: str) -> dict:
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
-        while n and a[n - 1]["role"] != "user":  # the shared part ends at its last user turn
-            n -= 1
         if n == 0:
             _fail(location, "chosen and rejected share no prompt (no common messages ending with a user turn); "
                             "a pair is two replies to the same prompt")
