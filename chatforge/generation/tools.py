@@ -24,6 +24,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from chatforge.errors import ChatforgeError
@@ -77,11 +78,16 @@ def _parameters(tool: dict) -> dict:
 
 def uses_tools(tokenizer: Tokenizer) -> bool:
     """Whether the tokenizer's chat template reads `tools` (then it renders them itself)."""
+    return _reads_tools(tokenizer.chat_template or "")
+
+
+@lru_cache(maxsize=16)
+def _reads_tools(template: str) -> bool:
     import jinja2.meta
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     try:
-        parsed = ImmutableSandboxedEnvironment().parse(tokenizer.chat_template or "")
+        parsed = ImmutableSandboxedEnvironment().parse(template)
     except jinja2.TemplateSyntaxError:
         return False  # the renderer reports the template's own error
     return "tools" in jinja2.meta.find_undeclared_variables(parsed)
