@@ -84,6 +84,47 @@ class PerturbSpec:
 
 
 @dataclass
+class PrivacySpec:
+    """The `privacy:` section: differentially private training (DP-SGD through Opacus, train/dp.py), the privacy unit
+    one training record (conversation). Give target_epsilon (the noise is calibrated to spend it over the step
+    budget) or noise_multiplier (epsilon is whatever the steps spend); delta None: 1 / the number of records."""
+
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0  # each record's gradient is clipped to this L2 norm
+    delta: float | None = None
+    accountant: str = "rdp"  # rdp | prv (Opacus accountants)
+    clipping: str = "flat"  # flat: per-sample gradients of every layer, clipped together
+
+    def check(self, bad, cfg) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise bad("privacy", "give exactly one of target_epsilon and noise_multiplier")
+        for name in ("target_epsilon", "noise_multiplier", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise bad(f"privacy.{name}", f"must be a positive number, got {value}")
+        if self.delta is not None and not 0.0 < self.delta < 1.0:
+            raise bad("privacy.delta", f"must be in (0, 1), got {self.delta}")
+        if self.accountant not in ("rdp", "prv"):
+            raise bad("privacy.accountant", f"must be rdp or prv, got {self.accountant!r}")
+        if self.clipping not in ("flat", "ghost"):
+            raise bad("privacy.clipping", f"must be flat or ghost, got {self.clipping!r}")
+        if cfg.stage not in ("pretrain", "sft"):
+            raise bad("privacy", f"stage {cfg.stage} is not supported (pretrain and sft are: their loss is a sum "
+                                 "over each record's own tokens)")
+        if self.target_epsilon is not None and not (cfg.max_steps or cfg.max_tokens):
+            raise bad("privacy.target_epsilon", "needs max_steps or max_tokens: the noise is calibrated to the "
+                                                "number of steps, which a time budget does not fix")
+        refusals = {"compile": "a compiled model hides the layers whose per-sample gradients Opacus computes",
+                    "gradient_checkpointing": "it re-runs the forward pass inside backward, which Opacus's "
+                                              "per-sample hooks cannot follow",
+                    "perturbation": "records re-drawn each epoch are not the records the accountant counts"}
+        for name, why in refusals.items():
+            if getattr(cfg, name):
+                raise bad(name, f"cannot be used with privacy: {why}")
+
+
+@dataclass
 class SearchRange:
     """A `search:` entry {low, high, log, step}: Optuna suggests a number in [low, high]."""
 
@@ -149,6 +190,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # dpo sigmoid: assumed share of flipped labels (conservative DPO)
     reference: str = "auto"  # dpo: frozen | adapter-off | precomputed; auto: adapter-off with lora, else frozen
     perturbation: PerturbSpec | None = None  # robust training: e.g. {rate: 0.1, kinds: [typo, homoglyph]}
+    privacy: PrivacySpec | None = None  # DP-SGD: e.g. {target_epsilon: 8, max_grad_norm: 1.0} (train/dp.py)
 
     def __post_init__(self) -> None:
         _check_types(self, lambda name: "config")
@@ -192,6 +234,8 @@ class TrainConfig:
             self.lora.check(bad)
         if self.perturbation is not None:
             self.perturbation.check(bad)
+        if self.privacy is not None:
+            self.privacy.check(bad, self)
         self._check_preference(bad)
         self._check_model(bad, locate)
 
@@ -433,7 +477,7 @@ def _set(raw: dict, dotted: str, value, label: str) -> None:
     if len(keys) == 1:
         raw[top] = value
         return
-    if top not in ("model", "lora", "perturbation"):
+    if top not in ("model", "lora", "perturbation", "privacy"):
         raise ChatforgeError(f"{label}: {top} is not a mapping, use {top}=VALUE")
     node = raw.get(top)
     if node is None:
@@ -512,7 +556,7 @@ def _field_type(name: str):
         return None
     if not rest:
         return hints[top]
-    sections = {"lora": LoraSpec, "perturbation": PerturbSpec}
+    sections = {"lora": LoraSpec, "perturbation": PerturbSpec, "privacy": PrivacySpec}
     sub = _model_fields() if top == "model" else typing.get_type_hints(sections[top]) if top in sections else {}
     return sub.get(rest)
 

@@ -33,8 +33,9 @@ class TrainProgress:
             r = event.row
             self.tok_s = r["tok_s"] if not self.tok_s else 0.9 * self.tok_s + 0.1 * r["tok_s"]
             if event.log:
+                eps = {"eps": f"{r['epsilon']:.3g}"} if "epsilon" in r else {}  # privacy: DP-SGD's spent epsilon
                 self.bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{self.tok_s:,.0f}",
-                                     refresh=False)
+                                     **eps, refresh=False)
             self.bar.update(1)
 
     def _line(self, text: str) -> None:

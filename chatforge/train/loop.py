@@ -127,6 +127,7 @@ class Run:
     autocast: object
     emit: object
     last_saved: Path | None = None
+    private: object = None  # dp.PrivateTraining when cfg.privacy: DP-SGD's stream, forward and optimizer
     started: float = field(default_factory=time.time)
 
     @property
@@ -174,6 +175,10 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     run = Run(cfg, out, stage, device, dtype, tokenizer, model, core, make_optimizer(model, cfg, device, core),
               torch.compile(model) if cfg.compile else model, stream, val_rows, val_records, byte_table,
               autocast(device, dtype), emit, started=started)
+    if cfg.privacy is not None:
+        from chatforge.train.dp import make_private
+
+        run.private = make_private(run, train_records)
     progress = _restore(run, previous) if resume else Progress()
     if not resume and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
@@ -233,9 +238,13 @@ def train_step(run: Run, p: Progress) -> dict:
     lr = current_lr(run, p)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
-    batches = [run.stream.next() for _ in range(cfg.grad_accum)]
-    loss, n_trained = accumulate_gradients(run.forward, batches, run.device, run.autocast, run.stage.loss)
-    gnorm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)) if cfg.grad_clip else None
+    if run.private is not None:  # DP-SGD (dp.py): records clipped one by one; optimizer.step() adds the noise
+        batches, (loss, n_trained) = [], run.private.accumulate(run.device, run.autocast)
+    else:
+        batches = [run.stream.next() for _ in range(cfg.grad_accum)]
+        loss, n_trained = accumulate_gradients(run.forward, batches, run.device, run.autocast, run.stage.loss)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)) \
+        if cfg.grad_clip and run.private is None else None
     if not math.isfinite(loss) or (gnorm is not None and not math.isfinite(gnorm)):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
         good = run.last_saved if run.last_saved is not None else "none (no checkpoint was saved yet)"
@@ -250,7 +259,7 @@ def train_step(run: Run, p: Progress) -> dict:
     p.compute_s += dt
     return {"step": p.step, "loss": loss, "lr": lr, "tokens": p.tokens, "trained_tokens": n_trained,
             "tok_s": round(step_tokens(cfg) / dt, 1), "grad_norm": gnorm, "epoch": run.stream.epoch,
-            **run.stage.step_metrics(batches)}
+            **run.stage.step_metrics(batches), **(run.private.step_metrics() if run.private is not None else {})}
 
 
 def stop_reason(cfg: TrainConfig, p: Progress) -> str | None:
@@ -272,6 +281,8 @@ def evaluate(run: Run, p: Progress, row: dict) -> str | None:
     if val["loss"] < p.best_val:
         p.best_val, p.best_step, p.bad_evals = val["loss"], p.step, 0
         save_weights(run.model, run.core, run.tokenizer, run.out / "best", bool(cfg.lora))
+        if run.private is not None:
+            run.private.record(run.out / "best")
     else:
         p.bad_evals += 1
         if cfg.early_stop_patience and p.bad_evals >= cfg.early_stop_patience:
@@ -322,6 +333,11 @@ def finish(run: Run, p: Progress, reason: str) -> dict:
         save_weights(run.model, run.core, run.tokenizer, out / "best", lora)
         p.best_step = p.step
     save_weights(run.model, run.core, run.tokenizer, out / "final", lora)
+    if run.private is not None:
+        if run.val_rows is None:
+            run.private.record(out / "best")
+        run.private.record(out / "final")
+        run.private.close()
     metrics = read_metrics(out / "metrics.jsonl")
     plot_losses(metrics, out / "loss.png", title=f"{cfg.stage}: {out}")
     per_s = (lambda x: x / p.compute_s) if p.compute_s else (lambda x: 0.0)
@@ -339,6 +355,8 @@ def finish(run: Run, p: Progress, reason: str) -> dict:
     best_rows = [m for m in metrics if m.get("step") == p.best_step and "val_loss" in m]
     if best_rows:
         summary |= {k: best_rows[-1][k] for k in ("val_bpb", "val_ppl", "val_acc")}
+    if run.private is not None:
+        summary["privacy"] = run.private.report()
     write_json(out / "summary.json", summary)
     summary["samples"] = write_samples(cfg, run.core, run.tokenizer, run.val_records, out)
     return summary
