@@ -96,6 +96,7 @@ def prepare(
     seed: int = 0,
     max_turn_chars: int = 4000,
     scrub_pii: str | None = None,
+    refusals: str | None = None,
 ) -> dict:
     """Clean, de-duplicate and split conversations into train/val JSONL files with a report of what was dropped.
 
@@ -120,6 +121,8 @@ def prepare(
         max_turn_chars: a turn longer than this many characters (after cleaning) cuts its conversation there
         scrub_pii: replace e-mails, phones, resident IDs, cards, IBANs and IPs: placeholder (<EMAIL>) or pseudonym
             (<EMAIL_1a2b3c4d5e>, keyed by CHATFORGE_PII_KEY, else by a key drawn for this run)
+        refusals: a file of unsafe prompts ("category<TAB>prompt" lines, e.g. chatforge/guard/data/unsafe_zh.txt,
+            or JSONL {prompt, category}); each is added as a conversation answered with a refusal in its language
     """
     from chatforge.data.prepare import PrepareOptions
     from chatforge.data.prepare import prepare as prepare_data
@@ -128,7 +131,7 @@ def prepare(
         format=format, skip_invalid=skip_invalid, include_text=include_text, encoding=encoding,
         csv_delimiter=csv_delimiter, csv_header=csv_header, csv_columns=csv_columns, normalize=normalize,
         fullwidth_ascii=fullwidth_ascii, max_turn_chars=max_turn_chars, val_fraction=val_fraction, seed=seed,
-        scrub_pii=scrub_pii,
+        scrub_pii=scrub_pii, refusals=refusals,
     )
     report = prepare_data(inputs, out, options)
     print(format_report(report))

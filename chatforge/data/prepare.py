@@ -49,6 +49,7 @@ class PrepareOptions:
     val_fraction: float = 0.1
     seed: int = 0
     scrub_pii: str | None = None  # placeholder | pseudonym: personal data replaced (chatforge.privacy.pii)
+    refusals: str | None = None  # a file of unsafe prompts answered with refusals (data/refusals.py)
 
     def __post_init__(self) -> None:
         check_format(self.format)
@@ -151,6 +152,12 @@ def build(
     report = Report()
     report.settings = {"inputs": list(inputs), **asdict(options)}
     sources = resolve_inputs(inputs, options, report, exclude)
+    if options.refusals:
+        from chatforge.data.refusals import read_prompts, refusal_raw
+
+        read_prompts(options.refusals)  # a missing or empty file fails before anything else is read
+        sources.append(Source(f"refusals:{options.refusals}", "messages",
+                              reader=lambda: refusal_raw(options.refusals, options.seed)))
     provenance = Provenance()  # augmented copies (data/augment.py): de-duplicated against originals, split by source
     items = provenance.take(read_sources(sources, report, options.skip_invalid, options.encoding, options.csv))
     items = clean(items, report, options.max_turn_chars, options.normalize, options.fullwidth_ascii)
