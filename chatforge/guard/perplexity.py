@@ -70,14 +70,18 @@ class PerplexityFilter:
     def token_nll(self, texts: list[str]) -> list[list[float]]:
         """Per-token negative log-likelihood (nats) of each text's tokens after the first, in batches.
 
-        Sequences are right-padded: causal attention keeps the padding from touching the real tokens.
+        Texts are batched by length (padding costs as much as text) and right-padded: causal attention keeps the
+        padding from touching the real tokens.
         """
         import torch
 
-        out: list[list[float]] = []
+        all_ids = [self._ids(t) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(all_ids[i]))
+        out: list[list[float]] = [[] for _ in texts]
         with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                ids = [self._ids(t) for t in texts[start:start + self.batch_size]]
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                ids = [all_ids[i] for i in rows]
                 width = max(2, max(len(i) for i in ids))
                 batch = torch.zeros(len(ids), width, dtype=torch.long)
                 for row, seq in enumerate(ids):
@@ -85,7 +89,8 @@ class PerplexityFilter:
                 logits = self.model(batch).float()
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
                 nll = -logp.gather(-1, batch[:, 1:, None])[..., 0]
-                out += [nll[row, :max(0, len(seq) - 1)].tolist() for row, seq in enumerate(ids)]
+                for row, (i, seq) in enumerate(zip(rows, ids)):
+                    out[i] = nll[row, :max(0, len(seq) - 1)].tolist()
         return out
 
     def window_scores(self, nll: list[float]) -> dict[str, float]:
