@@ -95,6 +95,9 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 0,
     max_turn_chars: int = 4000,
+    canaries: int = 0,
+    canary_repeats: str = "1,10,100",
+    canary_digits: int = 6,
     scrub_pii: str | None = None,
     refusals: str | None = None,
 ) -> dict:
@@ -119,6 +122,10 @@ def prepare(
         val_fraction: share of conversations held out for validation, chosen by a hash of their content
         seed: seed of the train/validation split
         max_turn_chars: a turn longer than this many characters (after cleaning) cuts its conversation there
+        canaries: plant this many made-up secrets (English and Chinese "your PIN is 8 2 7 1 9 3") per repetition
+            count in the train split, listed in OUT/canaries.json, for `chatforge audit MODEL --canaries`
+        canary_repeats: copies of each canary, comma-separated: 1,10,100 plants canaries 1, 10 and 100 times
+        canary_digits: digits of each secret (the audit ranks it among all 10^digits candidates)
         scrub_pii: replace e-mails, phones, resident IDs, cards, IBANs and IPs: placeholder (<EMAIL>) or pseudonym
             (<EMAIL_1a2b3c4d5e>, keyed by CHATFORGE_PII_KEY, else by a key drawn for this run)
         refusals: a file of unsafe prompts ("category<TAB>prompt" lines, e.g. chatforge/guard/data/unsafe_zh.txt,
@@ -131,9 +138,14 @@ def prepare(
         format=format, skip_invalid=skip_invalid, include_text=include_text, encoding=encoding,
         csv_delimiter=csv_delimiter, csv_header=csv_header, csv_columns=csv_columns, normalize=normalize,
         fullwidth_ascii=fullwidth_ascii, max_turn_chars=max_turn_chars, val_fraction=val_fraction, seed=seed,
+        canaries=canaries, canary_repeats=canary_repeats, canary_digits=canary_digits,
         scrub_pii=scrub_pii, refusals=refusals,
     )
     report = prepare_data(inputs, out, options)
     print(format_report(report))
     print(f"wrote {os.path.join(out, 'train.jsonl')} and {os.path.join(out, 'val.jsonl')}")
+    if report.get("canaries"):
+        c = report["canaries"]
+        print(f"planted {c['canaries']} canaries ({c['records']} records, repeats {c['repeats']}) in train.jsonl; "
+              f"their secrets are in {os.path.join(out, c['file'])} (keep it private)")
     return report

@@ -46,6 +46,9 @@ class PrepareOptions:
     normalize: str = "nfc"
     fullwidth_ascii: bool = False
     max_turn_chars: int = 4000
+    canaries: int = 0  # made-up secrets planted per repetition count, for `chatforge audit` (data/canaries.py)
+    canary_repeats: str = "1,10,100"  # how many copies of each canary the train split gets
+    canary_digits: int = 6  # digits of a canary's secret: |R| = 10^digits candidates
     val_fraction: float = 0.1
     seed: int = 0
     scrub_pii: str | None = None  # placeholder | pseudonym: personal data replaced (chatforge.privacy.pii)
@@ -60,6 +63,12 @@ class PrepareOptions:
             raise ChatforgeError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_turn_chars < 1:
             raise ChatforgeError(f"max_turn_chars must be at least 1, got {self.max_turn_chars}")
+        if self.canaries < 0:
+            raise ChatforgeError(f"canaries: expected 0 or more, got {self.canaries}")
+        if self.canaries:
+            from chatforge.data.canaries import make_canaries
+
+            make_canaries(1, self.canary_repeats, self.canary_digits)  # a bad repeat list or digit count fails now
         self.csv = CsvOptions(self.csv_delimiter, self.csv_header, self.csv_columns)
         self.csv_columns = self.csv.columns
         if self.scrub_pii is not None and self.scrub_pii not in PII_MODES:
@@ -203,6 +212,12 @@ def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None =
     options = replace(options, **settings) if options is not None else PrepareOptions(**settings)
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     train, val, report = build(inputs, options, exclude=out)
+    canaries = []
+    if options.canaries:  # after de-duplication and the split: every copy stays, in train only
+        from chatforge.data.canaries import insert_canaries, make_canaries
+
+        canaries = make_canaries(options.canaries, options.canary_repeats, options.canary_digits, seed=options.seed)
+        train = insert_canaries(train, canaries, options.seed)
     report_path = os.path.join(out, "report.json")
     try:
         os.makedirs(out, exist_ok=True)
@@ -212,10 +227,30 @@ def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None =
         raise ChatforgeError(f"{out}: cannot write there ({e.strerror})") from None
     atomic_write_text(os.path.join(out, "train.jsonl"), _jsonl(train))
     atomic_write_text(os.path.join(out, "val.jsonl"), _jsonl(val))
+    _write_canaries(out, canaries)
     # Each file is replaced atomically; the report goes last, so its presence says the three belong together.
     result = report.to_dict()
+    if canaries:
+        result["canaries"] = {"canaries": len(canaries), "records": sum(c.repeats for c in canaries),
+                              "repeats": sorted({c.repeats for c in canaries}), "digits": options.canary_digits,
+                              "file": "canaries.json"}
+        result["train"] = len(train)
     atomic_write_text(report_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def _write_canaries(out: str, canaries: list) -> None:
+    """canaries.json beside the data (mode 0600: it holds the secrets the audit looks for); a stale one from an
+    earlier prepare without canaries is removed, so the file always describes this train.jsonl."""
+    from chatforge.data.canaries import CANARY_FILE, canaries_to_json
+
+    path = os.path.join(out, CANARY_FILE)
+    if not canaries:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    atomic_write_text(path, json.dumps(canaries_to_json(canaries), indent=1, ensure_ascii=False) + "\n")
+    os.chmod(path, 0o600)
 
 
 def _read_prepared(folder: str) -> tuple[list[dict], list[dict], dict]:
