@@ -1,0 +1,169 @@
+"""Differentially private training: per-sample gradients, the accountant's epsilon, micro-batches, refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chatforge.config import load_config
+from chatforge.data.pack import Encoded
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, ModelConfig
+from chatforge.train.loop import train
+from chatforge.train.run import read_metrics
+
+opacus = pytest.importorskip("opacus")
+
+from chatforge.train.dp import PoissonStream, row_losses  # noqa: E402
+
+from tests.train.test_loop import tiny_config, write_dataset  # noqa: E402
+
+
+def _records(n: int, lengths=(7, 12, 5, 9)):
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 50, lengths[i % len(lengths)]).astype(np.int32) for i in range(n)]
+    masks = [np.r_[0, np.ones(len(i) - 1)].astype(np.uint8) for i in ids]
+    return Encoded(ids, masks, {})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_per_sample_gradients_equal_an_explicit_loop(tied):
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=32,
+                            tie_embeddings=tied)).train()
+    stream = PoissonStream(_records(4), 16, 0, 1.0, 0)
+    module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    per_row, _ = row_losses(module, stream.batch(np.arange(4)), contextlib.nullcontext())
+    per_row.mean().backward()
+    samples = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    module.disable_hooks()
+    for i in range(4):  # each record alone, cut to its own length: the gradient of its own mean token loss
+        model.zero_grad()
+        loss, _ = row_losses(model, stream.batch(np.array([i])), contextlib.nullcontext())
+        loss.sum().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(samples[name][i], p.grad, atol=1e-5, rtol=0, msg=f"{name} record {i}")
+
+
+def test_poisson_draws_depend_on_seed_and_step_only():
+    a, b = PoissonStream(_records(200), 16, 0, 0.1, 3), PoissonStream(_records(200), 16, 0, 0.1, 3)
+    first = [a.draw() for _ in range(5)]
+    b.load_state({"draws": 2})
+    assert [x.tolist() for x in first[2:]] == [b.draw().tolist() for _ in range(3)]
+    sizes = [len(a.draw()) for _ in range(300)]
+    assert abs(np.mean(sizes) - 20) < 1.0 and np.std(sizes) > 2  # Poisson: varying sizes around q * N
+
+
+def _run(tmp: Path, name: str, *extra: str) -> Path:
+    data = write_dataset(tmp, 120)
+    cfg = load_config(None, tiny_config(tmp, data, name, max_steps=6, val_fraction=0.0, warmup_steps=1,
+                                        save_every=100, dropout=0.0) + list(extra))
+    train(cfg)
+    return tmp / name
+
+
+def test_epsilon_is_the_accountants_in_metrics_and_privacy_json(tmp_path):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    out = _run(tmp_path, "dp", "privacy.noise_multiplier=1.1", "privacy.max_grad_norm=0.5")
+    report = json.loads((out / "final" / "privacy.json").read_text())
+    n, q, delta = report["records"], report["sample_rate"], report["delta"]
+    assert (n, q, delta) == (120, 8 / 120, 1 / 120)  # 120 dialogs, none held out; batch 4 x accumulation 2
+    accountant = RDPAccountant()
+    for row in read_metrics(out / "metrics.jsonl"):
+        accountant.step(noise_multiplier=1.1, sample_rate=q)
+        assert row["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=0.01)
+        assert row["grad_norm"] is None  # per-record clipping replaces the global clip
+    assert report["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=0.01)
+    assert json.loads((out / "summary.json").read_text())["privacy"]["steps"] == 6
+    prv = PRVAccountant()
+    for _ in range(6):
+        prv.step(noise_multiplier=1.1, sample_rate=q)
+    assert prv.get_epsilon(delta) <= report["epsilon"] * 1.05  # RDP is the looser bound, never far off
+
+
+def test_target_epsilon_is_spent_by_the_planned_steps(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    out = _run(tmp_path, "eps", "privacy.target_epsilon=4", "privacy.delta=1e-3")
+    report = json.loads((out / "final" / "privacy.json").read_text())
+    accountant = RDPAccountant()
+    for _ in range(6):
+        accountant.step(noise_multiplier=report["noise_multiplier"], sample_rate=report["sample_rate"])
+    assert report["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=0.01)
+    assert 4 * 0.99 <= report["epsilon"] <= 4.0 + 0.01
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_draw(tmp_path):
+    """batch_size 4 x grad_accum 1 and batch_size 1 x grad_accum 4 draw the same records (same q, seed) and, with
+    negligible noise, train the same weights: noise is added once per step, not per micro-batch."""
+    from safetensors.torch import load_file
+
+    a = _run(tmp_path, "a", "privacy.noise_multiplier=1e-9", "batch_size=4", "grad_accum=1")
+    b = _run(tmp_path, "b", "privacy.noise_multiplier=1e-9", "batch_size=1", "grad_accum=4")
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("over, message", [
+    (["privacy.max_grad_norm=1.0"],
+     "override 'privacy.max_grad_norm=1.0': privacy: give exactly one of target_epsilon and noise_multiplier"),
+    (["privacy.target_epsilon=8", "privacy.noise_multiplier=1"],
+     "override 'privacy.noise_multiplier=1': privacy: give exactly one of target_epsilon and noise_multiplier"),
+    (["privacy.noise_multiplier=1", "stage=dpo", "init=x"],
+     "override 'privacy.noise_multiplier=1': privacy: stage dpo is not supported (pretrain and sft are: their loss is a sum over each "
+     "record's own tokens)"),
+    (["privacy.noise_multiplier=1", "compile=true"], "override 'compile=true': compile: cannot be used with privacy: "
+     "a compiled model hides the layers whose per-sample gradients Opacus computes"),
+    (["privacy.noise_multiplier=1", "gradient_checkpointing=true"], "override 'gradient_checkpointing=true': "
+     "gradient_checkpointing: cannot be used with privacy: it re-runs the forward pass inside backward, which "
+     "Opacus's per-sample hooks cannot follow"),
+    (["privacy.target_epsilon=8", "max_steps=null", "max_time_s=60"], "override 'privacy.target_epsilon=8': "
+     "privacy.target_epsilon: needs max_steps or max_tokens: the noise is calibrated to the number of steps, which a "
+     "time budget does not fix"),
+    (["privacy.noise_multiplier=-1"], "override 'privacy.noise_multiplier=-1': privacy.noise_multiplier: must be a "
+     "positive number, got -1.0"),
+    (["privacy.noise_multiplier=1", "privacy.accountant=gdp"], "override 'privacy.accountant=gdp': "
+     "privacy.accountant: must be rdp or prv, got 'gdp'"),
+])
+def test_config_refusals(over, message):
+    with pytest.raises(ChatforgeError) as e:
+        load_config(None, over)
+    assert str(e.value) == message
+
+
+def test_yaml_privacy_errors_name_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 10\nprivacy:\n  target_epsilon: 8\n  clipping: fancy\n")
+    with pytest.raises(ChatforgeError, match=r"c\.yaml:4: privacy\.clipping: must be flat or ghost, got 'fancy'"):
+        load_config(str(path))
+    path.write_text("max_steps: 10\nprivacy:\n  target_epsilon: 8\n  epsilon: 3\n")
+    with pytest.raises(ChatforgeError, match=r"c\.yaml:4: privacy\.epsilon: unknown field \(did you mean "
+                                             r"'target_epsilon'\?\)"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("over, message", [
+    (["privacy.clipping=ghost"], "privacy: clipping ghost cannot clip tied embeddings (the input embedding is the "
+     "output layer, and ghost clipping computes each layer's per-sample norm apart); use clipping: flat, or "
+     "model.tie_embeddings: false"),
+    (["batch_size=64"], "privacy: batch_size x grad_accum (128) is more than the 102 training records; the sample "
+     "rate would exceed 1"),
+    (["stage=pretrain", "seq_len=16"], "privacy: 102 training records are longer than seq_len (16 tokens); "
+     "pretraining splits such a record across rows, each clipped apart, so one record would count as several "
+     "privacy units; raise seq_len or shorten the records"),
+])
+def test_run_refusals(tmp_path, over, message):
+    data = write_dataset(tmp_path, 120)
+    cfg = load_config(None, tiny_config(tmp_path, data, "r", max_steps=2) + ["privacy.noise_multiplier=1"] + over)
+    with pytest.raises(ChatforgeError) as e:
+        train(cfg)
+    assert str(e.value) == message
