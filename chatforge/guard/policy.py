@@ -19,6 +19,7 @@ from chatforge.errors import ChatforgeError
 
 ACTIONS = ("allow", "flag", "redact", "refuse")
 LOG = logging.getLogger("chatforge.guard")
+LOG.addHandler(logging.NullHandler())  # a library logs; the application (serve, chat) decides where it goes
 
 DEFAULT_REFUSAL = {
     "en": "Sorry, I can't help with that.",
