@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "size": ("chatforge.commands.tools:size_command", "plan a model size: parameters, FLOPs, memory, time"),
     "ablate": ("chatforge.commands.tools:ablate_command", "compare attention variants at the same token budget"),
     "report": ("chatforge.commands.tools:report_command", "write report.md and report.html for a run"),
+    "audit": ("chatforge.commands.audit:audit_command", "measure memorisation: canary exposure and extraction"),
     "encrypt": ("chatforge.commands.privacy:encrypt_command", "encrypt a file, model folder or dataset at rest"),
     "decrypt": ("chatforge.commands.privacy:decrypt_command", "decrypt what `chatforge encrypt` made"),
     "keygen": ("chatforge.commands.privacy:keygen_command", "write a new encryption key file (mode 0600)"),

@@ -221,6 +221,35 @@ def find_eval(run_dir: Path, runs: list[Path]) -> Path | None:
     return None
 
 
+def audit_blocks(run_dir: Path) -> list[tuple]:
+    """The memorisation audit (audit.json, written by `chatforge audit`): exposure per canary and per repetition
+    count, extraction, and the privacy guarantee the model was trained under."""
+    path = next((f / "audit.json" for f in (run_dir, run_dir / "final", run_dir / "best")
+                 if (f / "audit.json").exists()), None)
+    if path is None:
+        return []
+    a = read_json(path)
+    blocks = [heading("Memorisation audit"),
+              para(f"From {path}: exposure (log2|R| - log2 rank of the true secret; Carlini et al. 2019) of the "
+                   f"canaries of {a.get('canaries_file')} in {a.get('model')}.")]
+    if a.get("privacy"):
+        blocks.append(para(f"Trained with differential privacy: epsilon {_fmt(a['privacy']['epsilon'])}, "
+                           f"delta {_fmt(a['privacy']['delta'])}."))
+    blocks.append(table(["repeats", "canaries", "mean exposure (bits)", "max exposure (bits)", "extracted"],
+                        [[r, g["canaries"], f"{g['mean_exposure']:.2f}", f"{g['max_exposure']:.2f}", g["extracted"]]
+                         for r, g in a.get("by_repeats", {}).items()]))
+    blocks.append(table(["canary", "language", "repeats", "exposure", "of", "method", "rank", "extracted"],
+                        [[c["id"], c["language"], c["repeats"], f"{c['exposure']:.2f}", f"{c['max_exposure']:.2f}",
+                          c["method"], "-" if c.get("rank") is None else c["rank"], "yes" if c["extracted"] else "no"]
+                         for c in a.get("canaries", [])]))
+    v = a.get("verbatim")
+    if v:
+        rate = "n/a" if v["rate"] is None else f"{v['rate']:.1%}"
+        blocks.append(para(f"Verbatim extraction ({v['prefix']} tokens given, the next {v['suffix']} greedy): "
+                           f"{v['extracted']} of {v['sequences']} training sequences ({rate})."))
+    return blocks
+
+
 def find_samples(run_dir: Path) -> list[tuple]:
     """Sample dialogs as blocks, from samples.json, a quickstart.json next to or above the run, or eval.json."""
     for path in (run_dir / "samples.json", run_dir / "quickstart.json", run_dir.parent / "quickstart.json"):
@@ -305,6 +334,7 @@ def build_report(run_dir: Path) -> list[tuple]:
     else:
         blocks.append(para(f"No eval.json yet: run `chatforge eval {runs[-1] / 'final'}` (or `chatforge report "
                            f"{run_dir} --run-eval`)."))
+    blocks += audit_blocks(run_dir)
     samples = find_samples(run_dir)
     if not samples and first is not None:
         samples = [dialog(x["messages"], x["reply"], x.get("reference")) for x in first.get("examples", [])]
