@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("chatforge.commands.weights:merge_command", "fold a LoRA adapter into a standalone model folder"),
     "serve": ("chatforge.commands.serve:serve_command", "serve an OpenAI-compatible API and a chat page"),
     "guard": ("chatforge.commands.guard:guard_command", "safety guard: calibrate MODEL's perplexity filter | train-moderation"),
+    "score": ("chatforge.commands.preference:score_command", "rate replies with a reward model (stage: reward)"),
     "eval": ("chatforge.eval.evaluate:eval_command", "evaluate a model on held-out conversations"),
     "tune": ("chatforge.commands.tools:tune_command", "search hyperparameters with Optuna"),
     "size": ("chatforge.commands.tools:size_command", "plan a model size: parameters, FLOPs, memory, time"),

@@ -37,7 +37,8 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
                      max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                      top_p: float | None = None, repetition_penalty: float | None = None,
                      stop: list[str] | None = None, seed: int | None = None, n: int = 1, device: str = "auto",
-                     dtype: str | None = None, json_schema: str | None = None) -> None:
+                     dtype: str | None = None, json_schema: str | None = None, best_of: int = 1,
+                     reward: str | None = None) -> None:
     """Generate a reply to one prompt: streamed when n is 1, else n numbered samples decoded as one batch.
 
     Sampling flags left unset take the model folder's generation_config.json values, else the built-in defaults
@@ -61,6 +62,8 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
         json_schema: a JSON schema file; the reply is a JSON value valid under it (constrained decoding).
+        best_of: sample this many replies and print the one the --reward model scores highest (rejection sampling).
+        reward: a reward model folder (trained with stage: reward) for --best-of.
     """
     from chatforge.generation.constraint import Constraint
     from chatforge.io import read_json
@@ -80,6 +83,10 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids, params = bot.request(messages, **kw)
+    if best_of > 1:
+        from chatforge.commands.preference import print_best_of
+
+        return print_best_of(bot, None if raw else messages, kw, best_of, reward, device)
     t0 = time.perf_counter()
     if n == 1:
         finish, count = None, 0

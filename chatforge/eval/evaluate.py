@@ -240,7 +240,7 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
              split: str = "val",
              max_samples: int | None = 200, max_new_tokens: int = 64, batch_size: int = 8, seq_len: int | None = None,
              seed: int = 0, device: str = "auto", dtype: str = "fp32", val_fraction: float = 0.1,
-             generate: bool = True, n_examples: int = 5) -> dict:
+             generate: bool = True, n_examples: int = 5, robustness: bool = False) -> dict:
     """Every metric for one model, as a JSON-able dict (no timings in it, so a fixed seed gives identical output)."""
     import torch
 
@@ -270,6 +270,11 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
         loss = evaluate_loss(model, tok, records, min(context, model.config.max_seq_len), batch_size, dev, dtype)
         result["records"] = len(records)
         result["loss"] = {k: loss[k] for k in ("loss", "ppl", "bpb", "acc", "tokens", "bytes") if k in loss}
+        if robustness:
+            from chatforge.eval.robustness import robustness_eval
+
+            result["robustness"] = robustness_eval(model, tok, records, min(context, model.config.max_seq_len),
+                                                   batch_size, dev, dtype, seed)
         if generate:
             result["generation"], result["examples"] = _generation(bot, records, max_new_tokens, seed, n_examples)
     if mc:
@@ -321,6 +326,9 @@ ROWS = [  # (label, section, key, format)
     ("MC acc", "mc", "acc", "{:.3f}"), ("MC acc_norm", "mc", "acc_norm", "{:.3f}"),
     ("MC questions (chance acc)", "mc", None, None),
     ("fact accuracy", "facts", "accuracy", "{:.3f}"),
+    ("bpb, clean user turns", "robustness", "clean_bpb", "{:.4f}"),
+    ("bpb, perturbed user turns", "robustness", "perturbed_bpb", "{:.4f}"),
+    ("bpb gap (perturbed - clean)", "robustness", "gap_bpb", "{:+.4f}"),
 ]
 
 
@@ -359,7 +367,8 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
                  facts: str | None = None,
                  split: str = "val", max_samples: int = 200, max_new_tokens: int = 64, batch_size: int = 8,
                  seq_len: int | None = None, out: str | None = None, seed: int = 0, device: str = "auto",
-                 dtype: str = "fp32", val_fraction: float = 0.1, generate: bool = True) -> int:
+                 dtype: str = "fp32", val_fraction: float = 0.1, generate: bool = True,
+                 robustness: bool = False) -> int:
     """Evaluate a model on held-out conversations: loss, perplexity, bits-per-byte, next-token accuracy,
     BLEU/chrF/ROUGE-L/distinct-n/reply length/end-of-turn rate of greedy replies, and multiple-choice accuracy.
 
@@ -381,10 +390,12 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
         dtype: fp32 (default, exact on CPU) or bf16.
         val_fraction: validation share used to split data (as in training).
         generate: also generate replies and score them (off: loss and MC only).
+        robustness: also the loss and bits-per-byte of the replies with perturbed user turns (typos, swaps,
+            homoglyphs, zero-width characters, casing, whitespace), each kind and all mixed, against clean ones.
     """
     results = [evaluate(m, data, mc=mc, facts=facts, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, dtype=dtype,
-                        val_fraction=val_fraction, generate=generate)
+                        val_fraction=val_fraction, generate=generate, robustness=robustness)
                for m in ([model] + ([compare] if compare else []))]
     table = markdown_table(results)
     print(table)

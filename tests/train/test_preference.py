@@ -232,6 +232,28 @@ def test_reward_model_trains_saves_and_matches_transformers(tmp_path, tiny, data
     with torch.no_grad():
         theirs = [float(hf(torch.tensor([rtok.render(c)[0]])).logits[0, 0]) for c in convs]
     assert ours == pytest.approx(theirs, abs=1e-4)
+    return s
+
+
+def test_score_and_generate_best_of_commands(tmp_path, tiny, data, capsys):
+    from chatforge.cli import main
+
+    tok, folder = tiny
+    s = train(config(tmp_path, data, folder, "rmc", stage="reward", lr=1e-2, max_steps=30, eval_every=10,
+                     dropout=0.0))
+    capsys.readouterr()
+    assert main(["score", s["best_dir"], str(data)]) == 0
+    out = capsys.readouterr()
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert len(lines) == 60 and set(lines[0]) == {"chosen", "rejected"}
+    right = sum(r["chosen"] > r["rejected"] for r in lines)
+    assert f"pair accuracy: {right / 60:.3f} ({right}/60)" in out.err and right >= 45
+    main(["generate", str(folder), "--prompt", "What is two plus two?", "--best-of", "3", "--reward",
+          s["best_dir"], "--seed", "1", "--max-new-tokens", "6", "--temperature", "1.0"])
+    out = capsys.readouterr()
+    assert out.err.count("score") == 3 and out.err.count("* [") == 1
+    assert main(["generate", str(folder), "--prompt", "Hi", "--best-of", "3"]) == 2
+    assert "--best-of: needs --reward MODEL" in capsys.readouterr().err
 
 
 def test_reward_model_with_lora_saves_merged(tmp_path, tiny, data):
