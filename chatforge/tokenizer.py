@@ -393,14 +393,34 @@ class Tokenizer:
             hf = HFTokenizer.from_file(tok_path)
         except Exception as e:  # the Rust parser raises a bare Exception with its own message
             raise ChatforgeError(f"{tok_path}: not a valid tokenizers file ({e})") from None
+        jinja_file = os.path.join(folder, "chat_template.jinja")
+        jinja = None
+        if os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                jinja = f.read()
+        return cls._from_parts(hf, config, jinja)
+
+    @classmethod
+    def from_strings(cls, tokenizer_json: str, config: dict, chat_template: str | None = None,
+                     where: str = "tokenizer.json") -> Tokenizer:
+        """The same as `load`, from the files' contents held in memory (an encrypted model folder: no plaintext
+        on disk). chat_template: chat_template.jinja's text, which wins over the config's, as in `load`."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            hf = HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the Rust parser raises a bare Exception with its own message
+            raise ChatforgeError(f"{where}: not a valid tokenizers file ({e})") from None
+        return cls._from_parts(hf, config, chat_template)
+
+    @classmethod
+    def _from_parts(cls, hf, config: dict, jinja: str | None) -> Tokenizer:
         template = config.get("chat_template") or ""
         if isinstance(template, list):  # the older multi-template form: [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or ""
-        jinja_file = os.path.join(folder, "chat_template.jinja")
-        if os.path.isfile(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                template = f.read()
+        if jinja is not None:
+            template = jinja
         eos = _token_text(config.get("eos_token"))
         if eos is None:
             eos = IM_END if hf.token_to_id(IM_END) is not None else ENDOFTEXT

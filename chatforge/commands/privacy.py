@@ -10,7 +10,9 @@ from chatforge.errors import ChatforgeError
 from chatforge.privacy import crypto
 
 
-def _key(key_file: str | None, passphrase: bool, confirm: bool) -> crypto.Key:
+def command_key(key_file: str | None, passphrase: bool, confirm: bool = False) -> crypto.Key:
+    """The key a command was given (--key-file, or --passphrase: CHATFORGE_PASSPHRASE, else asked for), else
+    the CHATFORGE_KEY variable; shared by every command that reads or writes encrypted files."""
     if not passphrase:
         return crypto.resolve_key(key_file=key_file)
     if key_file:
@@ -36,7 +38,7 @@ def encrypt_command(path: str, *, out: str, key_file: str | None = None, passphr
         passphrase: use a passphrase (Argon2id) instead of a key: CHATFORGE_PASSPHRASE, else asked for
         chunk_size: bytes of plaintext per authenticated chunk
     """
-    done = crypto.encrypt_path(path, out, _key(key_file, passphrase, confirm=True), chunk_size)
+    done = crypto.encrypt_path(path, out, command_key(key_file, passphrase, confirm=True), chunk_size)
     for target, n in done:
         print(f"{target}  ({n:,} bytes encrypted)")
     return 0
@@ -51,7 +53,7 @@ def decrypt_command(path: str, *, out: str, key_file: str | None = None, passphr
         key_file: a file holding the key (base64 of 32 bytes, mode 0600); default: the CHATFORGE_KEY variable
         passphrase: the file was encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for
     """
-    done = crypto.decrypt_path(path, out, _key(key_file, passphrase, confirm=False))
+    done = crypto.decrypt_path(path, out, command_key(key_file, passphrase, confirm=False))
     for target, n in done:
         print(f"{target}  ({n:,} bytes decrypted)")
     return 0

@@ -58,23 +58,29 @@ class Bot:
         self.engine = engine or Engine(model, tokenizer)
         self.defaults = dict(defaults or {})
         self.last_dropped = 0  # messages the last call dropped to fit the context (see the module docstring)
+        self.quantization: str | None = None  # the quantization scheme Bot.load applied
 
     @classmethod
     def load(cls, path_or_name: str, device: str | None = None, dtype: str | None = None, max_batch_size: int = 8,
-             max_seq_len: int | None = None) -> Bot:
+             max_seq_len: int | None = None, *, quantize: str | None = None, key=None) -> Bot:
         """A model folder, a LoRA adapter folder, a .gguf file or a known model name (e.g. "smollm2-135m-instruct").
 
         dtype: fp32 (the default on CPU), bf16 or fp16; on a GPU the default is bf16 where supported.
+        quantize: int8-dyn, int8-wo or int4-wo (torchao; `bot.quantization` says which ran). key: a
+        privacy.crypto.Key for an encrypted model folder (unset: CHATFORGE_KEY), read in memory only.
         """
         from chatforge.device import pick_device, resolve_dtype
         from chatforge.weights.loader import load
 
         dev = pick_device(device or "auto")
         torch_dtype = resolve_dtype(dtype or ("fp32" if dev.type == "cpu" else "auto"), dev)
-        loaded = load(path_or_name, device=dev, dtype=torch_dtype)  # the one loader: names, GGUF, folders, adapters
+        # the one loader: names, GGUF, folders, adapters, encrypted folders
+        loaded = load(path_or_name, device=dev, dtype=torch_dtype, quantize=quantize, key=key)
         model, tokenizer = loaded.model, loaded.tokenizer
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-        return cls(model, tokenizer, engine, defaults_from_generation_config(loaded.generation_config))
+        bot = cls(model, tokenizer, engine, defaults_from_generation_config(loaded.generation_config))
+        bot.quantization = loaded.quantization
+        return bot
 
     @property
     def context_length(self) -> int:

@@ -182,9 +182,70 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], c: ModelConfig) -> dict[str,
 
 # ---------------------------------------------------------------- reading and writing folders
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def encrypted_file(folder: str | os.PathLike, name: str) -> bool:
+    """Whether an encrypted model folder holds `name` (stored as NAME.cfenc by `chatforge encrypt`)."""
+    from chatforge.privacy.crypto import SUFFIX
+
+    return (Path(folder) / (name + SUFFIX)).is_file()
+
+
+def is_encrypted_folder(folder: str | os.PathLike) -> bool:
+    return encrypted_file(folder, "config.json")
+
+
+def _read_encrypted(folder: Path, name: str, key) -> bytes | None:
+    """File `name` of an encrypted folder, decrypted in memory only; None when the folder does not hold it."""
+    from chatforge.privacy.crypto import read_file
+
+    return read_file(str(folder), name, key) if encrypted_file(folder, name) else None
+
+
+def _json_bytes(data: bytes, where: str) -> dict:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"{where}:{getattr(e, 'lineno', 1)}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(value, dict):
+        raise ChatforgeError(f"{where}:1: expected a JSON object")
+    return value
+
+
+def _read_encrypted_weights(folder: Path, key) -> dict[str, torch.Tensor]:
+    """The weights of an encrypted folder, from decrypted bytes (safetensors.torch.load): nothing touches the disk."""
+    import io
+
+    from safetensors.torch import load
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        data = _read_encrypted(folder, name, key)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True) if name.endswith(".bin") \
+                else load(data)
+        except Exception as e:  # authenticated, so not tampered: written wrong before it was encrypted
+            raise ChatforgeError(f"{folder / name}: cannot read weights ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+    if encrypted_file(folder, "model.safetensors"):
+        return tensors("model.safetensors")
+    index = _read_encrypted(folder, "model.safetensors.index.json", key)
+    if index is not None:
+        shards = sorted(set(_json_bytes(index, str(folder / "model.safetensors.index.json"))["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out |= tensors(shard)
+        return out
+    if encrypted_file(folder, "pytorch_model.bin"):
+        return tensors("pytorch_model.bin")
+    raise ChatforgeError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+                         f"(encrypted, .cfenc)")
+
+
+def read_weights(folder: Path, key=None) -> dict[str, torch.Tensor]:
+    """The folder's tensors; with a key (privacy.crypto.Key), an encrypted folder's, decrypted in memory."""
     from safetensors.torch import load_file
 
+    if key is not None and is_encrypted_folder(folder):
+        return _read_encrypted_weights(Path(folder), key)
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     current = folder  # the file being read, so an error names the corrupt shard rather than the folder
     try:
@@ -211,11 +272,14 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise ChatforgeError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def read_config(folder: str | os.PathLike) -> ModelConfig:
+def read_config(folder: str | os.PathLike, key=None) -> ModelConfig:
     path = Path(folder) / "config.json"
-    if not path.exists():
+    if key is not None and is_encrypted_folder(folder):
+        d = _json_bytes(_read_encrypted(Path(folder), "config.json", key), str(path))
+    elif not path.exists():
         raise ChatforgeError(f"{folder}: not a model folder (no config.json)")
-    d = read_json(path)
+    else:
+        d = read_json(path)
     try:
         return config_from_hf(d, str(path))
     except KeyError as e:
@@ -223,13 +287,14 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> GPT:
-    """Build the model from a folder; dtype None keeps fp32 (the dtype parity tests and training want)."""
+               dtype: torch.dtype | None = None, key=None) -> GPT:
+    """Build the model from a folder; dtype None keeps fp32 (the dtype parity tests and training want).
+    key: a privacy.crypto.Key for an encrypted folder (decrypted in memory only)."""
     folder = Path(folder)
-    config = read_config(folder)
+    config = read_config(folder, key)
     with torch.device("meta"):
         model = GPT(config)
-    sd = state_dict_from_hf(read_weights(folder), config)
+    sd = state_dict_from_hf(read_weights(folder, key), config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
@@ -265,11 +330,16 @@ def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_conf
     return folder
 
 
-def read_generation_config(folder: str | os.PathLike, tokenizer: Tokenizer | None = None) -> dict:
+def read_generation_config(folder: str | os.PathLike, tokenizer: Tokenizer | None = None, key=None) -> dict:
     """The folder's generation settings ({} without generation_config.json), without transformers' bookkeeping;
     with a tokenizer, eos_token_id lists its end-of-turn tokens too, so generation stops on every one of them."""
     path = Path(folder) / "generation_config.json"
-    gen = {k: v for k, v in (read_json(path) if path.exists() else {}).items() if k not in _GENERATION_META}
+    if key is not None and is_encrypted_folder(folder):
+        data = _read_encrypted(Path(folder), "generation_config.json", key)
+        raw = _json_bytes(data, str(path)) if data is not None else {}
+    else:
+        raw = read_json(path) if path.exists() else {}
+    gen = {k: v for k, v in raw.items() if k not in _GENERATION_META}
     return with_stop_ids(gen, tokenizer) if tokenizer is not None else gen
 
 
@@ -280,15 +350,28 @@ def with_stop_ids(generation_config: dict, tokenizer: Tokenizer) -> dict:
     return generation_config | ({"eos_token_id": sorted(stops)} if stops else {})
 
 
-def read_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
+def read_tokenizer(folder: str | os.PathLike, key=None) -> Tokenizer | None:
     """The folder's tokenizer; None when it ships none.
 
     Folders written by transformers usually hold tokenizer.json; older ones only vocab.json + merges.txt, which
-    transformers converts into a fast tokenizer that chatforge then reads the same way.
+    transformers converts into a fast tokenizer that chatforge then reads the same way. An encrypted folder (with
+    its key) is read from memory and needs tokenizer.json (converting the older files writes them to disk).
     """
     from chatforge.tokenizer import Tokenizer
 
     folder = Path(folder)
+    if key is not None and is_encrypted_folder(folder):
+        spec = _read_encrypted(folder, "tokenizer.json", key)
+        if spec is None:
+            if any(encrypted_file(folder, f) for f in ("vocab.json", "tokenizer.model")):
+                raise ChatforgeError(f"{folder}: an encrypted folder needs its tokenizer as tokenizer.json (convert "
+                                     f"it with `chatforge import` before encrypting)")
+            return None
+        config = _read_encrypted(folder, "tokenizer_config.json", key)
+        jinja = _read_encrypted(folder, "chat_template.jinja", key)
+        return Tokenizer.from_strings(spec.decode("utf-8"), _json_bytes(config, str(folder / "tokenizer_config.json"))
+                                      if config is not None else {}, jinja.decode("utf-8") if jinja else None,
+                                      str(folder / "tokenizer.json"))
     if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
         return Tokenizer.load(str(folder))
     if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):

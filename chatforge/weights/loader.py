@@ -10,10 +10,13 @@ Facts about what was loaded (the source an adapter records as its base, the toke
 generation settings) travel in `Loaded`, not as attributes on the nn.Module. Training needs the init model's
 tokenizer before any weights: `load_tokenizer` goes through the same resolution without reading weights.
 
-Room left for what comes next: dtype already takes the one vocabulary (fp32|bf16|fp16, or a torch.dtype);
-quantisation becomes a keyword applied to `Loaded.model` after the weights are in their dtype (and a field saying
-which scheme ran); an encrypted folder needs a key where `resolve` and weights.folder open files, threaded through
-`resolve`, `load` and `load_tokenizer` as one more keyword. All parameters after the name are keyword-only for that.
+dtype takes the one vocabulary (fp32|bf16|fp16, or a torch.dtype); `quantize` (model.quantize: int8-dyn, int8-wo,
+int4-wo) runs on `Loaded.model` once the weights are in their dtype, and `Loaded.quantization` records the scheme.
+An encrypted model folder (`chatforge encrypt`: every file as NAME.cfenc) is read with a key (privacy.crypto.Key;
+unset: the CHATFORGE_KEY environment variable) entirely in memory: weights through safetensors' load from bytes,
+the tokenizer from its JSON text, configs from bytes; no plaintext is written anywhere. A wrong key or a damaged
+file is the crypto layer's one-line error. Encrypted .gguf files and adapter folders are refused (converting or
+merging them would need plaintext on disk).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Resolved:
     kind: str  # one of KINDS
     path: str  # the .gguf file (known, gguf), the model folder (folder) or the adapter folder (adapter)
     base: Resolved | None = None  # an adapter's base, itself resolved
+    encrypted: bool = False  # a model folder stored as NAME.cfenc files (read with a key, in memory)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Loaded:
     source: str  # Resolved.source: what an adapter trained on this model names as its base
     new_token_ids: tuple[int, ...]  # ids whose rows the source never trained (tokens added since): LoRA/freeze train them
     generation_config: dict  # generation_config.json (an adapter's, else its base's); eos lists the tokenizer's stops
+    quantization: str | None = None  # the model.quantize scheme applied (int8-dyn, int8-wo, int4-wo), None: none
 
 
 def resolve(name_or_path: str | os.PathLike) -> Resolved:
@@ -74,6 +79,16 @@ def _resolve(name: str, seen: tuple[str, ...]) -> Resolved:
         return Resolved(source, "gguf", str(path))
     if path.is_dir() and (path / "config.json").is_file():
         return Resolved(source, "folder", str(path))
+    from chatforge.privacy.crypto import SUFFIX, is_encrypted
+
+    if path.is_dir() and (path / ("config.json" + SUFFIX)).is_file():
+        return Resolved(source, "folder", str(path), encrypted=True)
+    if path.is_dir() and (path / ("adapter_config.json" + SUFFIX)).is_file():
+        raise ChatforgeError(f"{name}: an encrypted LoRA adapter folder is not supported; merge it into its base "
+                             f"(chatforge merge) and encrypt the merged folder")
+    if path.is_file() and is_encrypted(str(path)):
+        raise ChatforgeError(f"{name}: an encrypted file is not a model; encrypt a model folder instead (a .gguf "
+                             f"file would be converted on disk): chatforge import it, then chatforge encrypt the folder")
     adapter = resolve_adapter(path) if path.is_dir() else None
     if adapter is not None:
         if source in seen:
@@ -100,42 +115,64 @@ def model_folder(resolved: Resolved) -> str:
     return resolved.path
 
 
-def model_config(name_or_path: str) -> ModelConfig:
+def _key_for(resolved: Resolved, key):
+    """The key to read `resolved` with: None for a plain model, else the one given, else CHATFORGE_KEY's."""
+    if not resolved.encrypted:
+        return None
+    if key is None:
+        from chatforge.privacy.crypto import resolve_key
+
+        key = resolve_key()  # the environment variable, or a one-line error saying how to give a key
+    return key
+
+
+def model_config(name_or_path: str, *, key=None) -> ModelConfig:
     """The shape of the model a name loads, from config.json alone (an adapter's: its base's)."""
     from chatforge.weights.folder import read_config
 
     resolved = resolve(name_or_path)
     while resolved.base is not None:
         resolved = resolved.base
-    return read_config(model_folder(resolved))
+    return read_config(model_folder(resolved), _key_for(resolved, key))
 
 
-def load_tokenizer(name_or_path: str) -> Tokenizer:
+def load_tokenizer(name_or_path: str, *, key=None) -> Tokenizer:
     """The tokenizer `name_or_path` loads with (an adapter's own, else its base's), without reading any weights:
     what a fine-tune of it starts from."""
-    tokenizer = _source_tokenizer(resolve(name_or_path))
+    tokenizer = _source_tokenizer(resolve(name_or_path), key)
     if tokenizer is None:
         raise ChatforgeError(f"{name_or_path}: the model folder has no tokenizer (tokenizer.json)")
     return tokenizer
 
 
-def _source_tokenizer(resolved: Resolved) -> Tokenizer | None:
+def _source_tokenizer(resolved: Resolved, key=None) -> Tokenizer | None:
     from chatforge.weights.folder import read_tokenizer
 
     if resolved.kind == "adapter":
-        return read_tokenizer(resolved.path) or _source_tokenizer(resolved.base)
-    return read_tokenizer(model_folder(resolved))
+        return read_tokenizer(resolved.path) or _source_tokenizer(resolved.base, key)
+    return read_tokenizer(model_folder(resolved), _key_for(resolved, key))
+
+
+def check_quantize(quantize: str | None) -> None:
+    """A one-line error for a scheme model.quantize does not have, before any weights are read."""
+    from chatforge.model.quantize import METHODS
+
+    if quantize is not None and quantize not in METHODS:
+        raise ChatforgeError(f"quantize: unknown scheme {quantize!r} (use {', '.join(METHODS)})")
 
 
 def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         tokenizer: Tokenizer | None = None, chat_tokens: bool = False, need_tokenizer: bool = True) -> Loaded:
+         tokenizer: Tokenizer | None = None, chat_tokens: bool = False, need_tokenizer: bool = True,
+         quantize: str | None = None, key=None) -> Loaded:
     """Load any model chatforge accepts (a known name, .gguf file, model folder or LoRA adapter folder).
 
     dtype: fp32 (the default), bf16 or fp16, or a torch.dtype. tokenizer: the tokenizer to use instead of the
     source's (training's run tokenizer); the embeddings grow to fit it. chat_tokens: give a source tokenizer that
     cannot render chats the ChatML special tokens, and the model rows for them. Either way
     Loaded.new_token_ids lists the ids whose rows the source never trained. A source without a tokenizer is an
-    error unless need_tokenizer is False (import re-saves such a folder as it is).
+    error unless need_tokenizer is False (import re-saves such a folder as it is). quantize: int8-dyn, int8-wo or
+    int4-wo (model.quantize), applied last. key: a privacy.crypto.Key for an encrypted model folder (unset: the
+    CHATFORGE_KEY environment variable).
     """
     import torch
 
@@ -143,9 +180,13 @@ def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | 
     from chatforge.model.vocab import ensure_chat_tokens, resize_vocab
     from chatforge.weights.folder import with_stop_ids
 
+    check_quantize(quantize)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, torch.device(device))
-    loaded = _load(resolve(name_or_path), device, dtype)
+    resolved = resolve(name_or_path)
+    loaded = _load(resolved, device, dtype, key)
+    if quantize is not None:
+        loaded = _quantized(loaded, quantize)
     model, source_tokenizer = loaded.model, loaded.tokenizer
     final = tokenizer if tokenizer is not None else source_tokenizer
     if final is None:
@@ -154,10 +195,13 @@ def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | 
         return loaded
     source_vocab = _vocab(source_tokenizer)
     rows = model.config.vocab_size
-    if tokenizer is not None:
-        resize_vocab(model, tokenizer.vocab_size)
-    elif chat_tokens:
-        ensure_chat_tokens(model, final)
+    if tokenizer is not None or chat_tokens:
+        if quantize is not None:
+            raise ChatforgeError("quantize: a quantized model cannot grow its vocabulary (tokenizer=, chat_tokens=)")
+        if tokenizer is not None:
+            resize_vocab(model, tokenizer.vocab_size)
+        else:
+            ensure_chat_tokens(model, final)
     if source_vocab is None:  # a source without a tokenizer: only the rows grown here are new
         new_ids = list(range(rows, model.config.vocab_size))
     else:
@@ -165,6 +209,13 @@ def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | 
         new_ids = sorted(i for t, i in _vocab(final).items() if seen.get(i) != t)
     return replace(loaded, tokenizer=final, new_token_ids=tuple(new_ids),
                    generation_config=with_stop_ids(loaded.generation_config, final))
+
+
+def _quantized(loaded: Loaded, scheme: str) -> Loaded:
+    from chatforge.model.quantize import quantize
+
+    quantize(loaded.model, scheme)
+    return replace(loaded, quantization=scheme)
 
 
 def merge_adapter(base: Loaded, adapter_folder: str | os.PathLike, source: str | None = None) -> Loaded:
@@ -185,16 +236,16 @@ def merge_adapter(base: Loaded, adapter_folder: str | os.PathLike, source: str |
     return Loaded(model, tokenizer, folder, source or str(Path(folder).resolve()), (), generation)
 
 
-def _load(resolved: Resolved, device, dtype) -> Loaded:
+def _load(resolved: Resolved, device, dtype, key=None) -> Loaded:
     """Model, source tokenizer (may be None) and settings, before any vocabulary change."""
     from chatforge.weights.folder import load_model, read_generation_config, read_tokenizer
 
     if resolved.kind == "adapter":
-        return merge_adapter(_load(resolved.base, device, dtype), resolved.path, resolved.source)
-    folder = model_folder(resolved)
-    tokenizer = read_tokenizer(folder)
-    return Loaded(load_model(folder, device=device, dtype=dtype), tokenizer, folder, resolved.source, (),
-                  read_generation_config(folder, tokenizer))
+        return merge_adapter(_load(resolved.base, device, dtype, key), resolved.path, resolved.source)
+    folder, key = model_folder(resolved), _key_for(resolved, key)
+    tokenizer = read_tokenizer(folder, key)
+    return Loaded(load_model(folder, device=device, dtype=dtype, key=key), tokenizer, folder, resolved.source, (),
+                  read_generation_config(folder, tokenizer, key))
 
 
 def _vocab(tokenizer: Tokenizer | None) -> dict[str, int] | None:
