@@ -120,7 +120,7 @@ class PrivacySpec:
                                               "per-sample hooks cannot follow",
                     "perturbation": "records re-drawn each epoch are not the records the accountant counts"}
         for name, why in refusals.items():
-            if getattr(cfg, name):
+            if getattr(cfg, name) and getattr(cfg, name) != "auto":  # compile: auto stays eager with privacy
                 raise bad(name, f"cannot be used with privacy: {why}")
 
 
@@ -173,7 +173,8 @@ class TrainConfig:
     early_stop_patience: int | None = None  # stop after this many evaluations without a better val loss
     dropout: float | None = None  # None: the model's own (0 for a preset, the checkpoint's for init)
     dtype: str = "auto"  # auto: bf16 autocast where the hardware has it, else fp32
-    compile: bool = False
+    compile: bool | str = "auto"  # torch.compile the step: true | false | auto (where it pays: train/speed.py)
+    distributed: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (FSDP2: weights/optimizer sharded)
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None  # torch CPU threads; None: torch's default
@@ -228,6 +229,12 @@ class TrainConfig:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise bad("dtype", f"must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise bad("distributed", f"must be ddp or fsdp, got {self.distributed!r}")
+        if self.distributed == "fsdp" and self.lora is not None:
+            raise bad("distributed", "fsdp shards full training; LoRA's adapters are small, use ddp")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise bad("compile", f"must be true, false or auto, got {self.compile!r}")
         if self.vocab_size < 261 and self.tokenizer is None and self.init is None:
             raise bad("vocab_size", f"must be more than 260 (4 specials + 256 bytes), got {self.vocab_size}")
         if self.lora is not None:

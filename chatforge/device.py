@@ -51,3 +51,75 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _peak_cache() -> "Path":
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("CHATFORGE_CACHE")
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatforge"
+    return base / "matmul_peak.json"
+
+
+def _peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    import platform
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+    return f"{device.type}|{name}|{torch.get_num_threads()} threads|{str(dtype).removeprefix('torch.')}|" \
+           f"torch {torch.__version__}"
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.4) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device`: the best of repeated timings within `seconds`.
+
+    It is the denominator of model-FLOPs utilisation (MFU), so it is measured on this machine, with this thread
+    count, rather than read from a data sheet (a CPU's bf16 peak depends on AVX-512 BF16 / AMX being used)."""
+    import time
+
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a @ b  # warm-up: kernel selection, page faults
+    sync()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    reps = 10 if device.type == "cuda" else 2
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n ** 3 / best
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """The measured matmul peak (FLOP/s) of this device, dtype and thread count: measured once (< 1 s) and cached
+    in ~/.cache/chatforge/matmul_peak.json, since a shared machine measured at a busy moment would otherwise give
+    every run a different MFU."""
+    import json
+
+    from chatforge.io import atomic_write_text
+
+    path, key = _peak_cache(), _peak_key(device, dtype)
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+        return float(cached[key])
+    peak = measure_matmul_peak(device, dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cached | {key: peak}, indent=1) + "\n")
+    except OSError:  # a read-only home still trains; it measures again next time
+        pass
+    return peak

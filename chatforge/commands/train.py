@@ -34,6 +34,8 @@ class TrainProgress:
             self.tok_s = r["tok_s"] if not self.tok_s else 0.9 * self.tok_s + 0.1 * r["tok_s"]
             if event.log:
                 eps = {"eps": f"{r['epsilon']:.3g}"} if "epsilon" in r else {}  # privacy: DP-SGD's spent epsilon
+                if r.get("mfu") is not None:  # model-FLOPs utilisation of the measured matmul peak
+                    eps["mfu"] = f"{r['mfu']:.1%}"
                 self.bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{self.tok_s:,.0f}",
                                      **eps, refresh=False)
             self.bar.update(1)
@@ -87,8 +89,11 @@ def train_command(config: str | None = None, overrides: list[str] = (), resume: 
         s = train(cfg, resume=resume, on_event=progress)
     finally:
         progress.close()
+    if "samples" not in s:  # another rank than 0 under torchrun: rank 0 reports
+        return 0
     print_samples(s["samples"])
-    bpb = f"bpb {s['val_bpb']:.4f}" if s["val_bpb"] is not None else f"pair accuracy {s['val_acc']:.3f}"
+    bpb = f"bpb {s['val_bpb']:.4f}" if s["val_bpb"] is not None else \
+        f"pair accuracy {s['val_acc']:.3f}" if s["val_acc"] is not None else ""  # no validation split: neither
     val = (f"best val loss {s['val_loss']:.4f} ({bpb}) at step {s['best_step']}"
            if s["val_loss"] is not None else "no validation split")
     print(f"done ({s['stop_reason']}): {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_s']:.0f} s "

@@ -10,6 +10,7 @@ nothing: it emits events (events.py) that the command layer shows.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -119,7 +120,7 @@ class Run:
     model: object  # what trains: the GPT, or the peft model around it
     core: object  # the plain GPT inside
     optimizer: object
-    forward: object  # the model, compiled when cfg.compile
+    forward: object  # the model the steps call (DP-SGD's wrapper when cfg.privacy)
     stream: object
     val_rows: object
     val_records: list
@@ -128,11 +129,36 @@ class Run:
     emit: object
     last_saved: Path | None = None
     private: object = None  # dp.PrivateTraining when cfg.privacy: DP-SGD's stream, forward and optimizer
+    loss: object = None  # stage.loss, compiled with the model where speed.should_compile says it pays
+    dist: object = None  # distributed.Dist under torchrun (several processes), else None
+    flops_per_token: float = 0.0  # model FLOPs of one position (speed.training_flops_per_token), for MFU
+    peak_flops: float = 0.0  # the measured matmul peak of this device and dtype (device.matmul_peak)
     started: float = field(default_factory=time.time)
 
     @property
     def trainable(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def main(self) -> bool:
+        """The process that logs and writes files: the only one, or rank 0 under torchrun."""
+        return self.dist is None or self.dist.main
+
+    def weights(self) -> tuple:
+        """(model, core) whose weights a model folder gets: under FSDP2 an unsharded copy (every rank calls this)."""
+        if self.dist is not None and self.cfg.distributed == "fsdp":
+            from chatforge.train.distributed import plain_copy
+
+            plain = plain_copy(self.core, self.model)
+            return plain, plain
+        return self.model, self.core
+
+
+def save_folder(run: Run, folder: Path) -> None:
+    """best/ or final/: every rank takes part (FSDP2 gathers the shards), rank 0 writes."""
+    model, core = run.weights()
+    if run.main:
+        save_weights(model, core, run.tokenizer, folder, bool(run.cfg.lora))
 
 
 def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple[Run, Progress]:
@@ -141,15 +167,20 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     import torch
 
     from chatforge.data.pack import token_byte_lengths
-    from chatforge.device import autocast, pick_device, resolve_dtype
+    from chatforge.device import autocast, matmul_peak, pick_device, resolve_dtype
+    from chatforge.train import distributed
+    from chatforge.train.speed import compiled_loss, frozen_to, should_compile, training_flops_per_token
     from chatforge.weights.folder import write_json
 
     started = time.time()
     out = Path(cfg.out_dir)
+    dist = distributed.init(cfg.device)
+    if dist is not None and not dist.main:
+        emit = lambda event: None  # noqa: E731 -- rank 0 alone tells the user
     previous = open_run_folder(out, resume)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
+    device = dist.device if dist is not None else pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -162,25 +193,37 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     tokenizer, new_ids = build_tokenizer(cfg, train_records, out, resume)
     model, core = build_model(cfg, tokenizer, new_ids)
     model.to(device)
+    if cfg.lora and dtype == torch.bfloat16:  # the frozen base in bf16; adapters and their AdamW state stay fp32
+        frozen_to(model, torch.bfloat16)
     stage = STAGES[cfg.stage].bind(cfg, model, core, device, dtype, out)
     train_enc = stage.encode(train_records, tokenizer, cfg.seq_len)
     val_enc = stage.encode(val_records, tokenizer, cfg.seq_len)
-    stream = stage.batches(train_enc, cfg.seq_len, cfg.batch_size, tokenizer.pad_id, cfg.seed)
+    world = dist.world if dist is not None else 1
+    stream = stage.batches(train_enc, cfg.seq_len, cfg.batch_size * world, tokenizer.pad_id, cfg.seed)
+    forward = model
+    if dist is not None:  # each rank takes its slice of the global batch; DDP wraps, FSDP2 shards in place
+        stream = distributed.RankSlice(stream, dist, cfg.batch_size)
+        forward, model = distributed.wrap(model, cfg.distributed, dtype, dist)
+        if cfg.distributed == "fsdp":
+            core = model
     val_rows = stage.eval_rows(val_enc, cfg.seq_len, tokenizer.pad_id)
     byte_table = token_byte_lengths(tokenizer)
     write_json(out / "data_report.json", dict(data_report) | {"encoding": {"train": train_enc.stats,
                                                                            "val": val_enc.stats}})
     for note in record_config(cfg, out, resume):
         emit(Note(note))
+    ctx = autocast(device, dtype)
     run = Run(cfg, out, stage, device, dtype, tokenizer, model, core, make_optimizer(model, cfg, device, core),
-              torch.compile(model) if cfg.compile else model, stream, val_rows, val_records, byte_table,
-              autocast(device, dtype), emit, started=started)
+              forward, stream, val_rows, val_records, byte_table, ctx, emit, started=started, dist=dist,
+              loss=compiled_loss(stage.loss, forward, ctx) if should_compile(cfg, device) else stage.loss,
+              flops_per_token=training_flops_per_token(core, cfg.seq_len, bool(cfg.lora)),
+              peak_flops=matmul_peak(device, dtype))
     if cfg.privacy is not None:
         from chatforge.train.dp import make_private
 
         run.private = make_private(run, train_records)
     progress = _restore(run, previous) if resume else Progress()
-    if not resume and (out / "metrics.jsonl").exists():
+    if not resume and run.main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     _announce(run, progress, train_enc.stats)
     return run, progress
@@ -192,7 +235,8 @@ def _restore(run: Run, previous: Path) -> Progress:
     trainer = load_state(previous, run.model, run.optimizer)
     progress = Progress.from_trainer(trainer)
     run.stream.load_state(trainer["data"])
-    rewrite_metrics(run.out / "metrics.jsonl", progress.step)
+    if run.main:
+        rewrite_metrics(run.out / "metrics.jsonl", progress.step)
     run.last_saved = previous
     run.emit(Note(f"resumed from {previous} (step {progress.step})"))
     return progress
@@ -212,7 +256,8 @@ def _announce(run: Run, progress: Progress, stats: dict) -> None:
             "trainable": sum(p.numel() for p in run.trainable), "vocab": run.tokenizer.vocab_size,
             "device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."),
             "autocast": run.dtype != torch.float32, "data": stats, "rows_per_epoch": run.stream.rows_per_epoch(),
-            "seq_len": cfg.seq_len, "val_records": len(run.val_records)}
+            "seq_len": cfg.seq_len, "val_records": len(run.val_records), "compiled": run.loss is not run.stage.loss,
+            "peak_gflops": run.peak_flops / 1e9}
     run.emit(Started(progress.step, total, info))
 
 
@@ -242,9 +287,11 @@ def train_step(run: Run, p: Progress) -> dict:
         batches, (loss, n_trained) = [], run.private.accumulate(run.device, run.autocast)
     else:
         batches = [run.stream.next() for _ in range(cfg.grad_accum)]
-        loss, n_trained = accumulate_gradients(run.forward, batches, run.device, run.autocast, run.stage.loss)
-    gnorm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)) \
-        if cfg.grad_clip and run.private is None else None
+        loss, n_trained = accumulate_gradients(run.forward, batches, run.device, run.autocast, run.loss, run.dist)
+    gnorm = None
+    if cfg.grad_clip and run.private is None:
+        gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # FSDP2: a DTensor
     if not math.isfinite(loss) or (gnorm is not None and not math.isfinite(gnorm)):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm}"
         good = run.last_saved if run.last_saved is not None else "none (no checkpoint was saved yet)"
@@ -257,8 +304,12 @@ def train_step(run: Run, p: Progress) -> dict:
     p.tokens += step_tokens(cfg)
     p.trained_tokens += n_trained
     p.compute_s += dt
+    # tok_s: positions processed (padding included); trained_tok_s: tokens that carried the loss; mfu: the model
+    # FLOPs of the positions per second over the measured matmul peak.
     return {"step": p.step, "loss": loss, "lr": lr, "tokens": p.tokens, "trained_tokens": n_trained,
-            "tok_s": round(step_tokens(cfg) / dt, 1), "grad_norm": gnorm, "epoch": run.stream.epoch,
+            "tok_s": round(step_tokens(cfg) / dt, 1), "trained_tok_s": round(n_trained / dt, 1),
+            "mfu": round(run.flops_per_token * step_tokens(cfg) / dt / run.peak_flops, 4) if run.peak_flops else None,
+            "grad_norm": gnorm, "epoch": run.stream.epoch,
             **run.stage.step_metrics(batches), **(run.private.step_metrics() if run.private is not None else {})}
 
 
@@ -280,7 +331,7 @@ def evaluate(run: Run, p: Progress, row: dict) -> str | None:
     reason = None
     if val["loss"] < p.best_val:
         p.best_val, p.best_step, p.bad_evals = val["loss"], p.step, 0
-        save_weights(run.model, run.core, run.tokenizer, run.out / "best", bool(cfg.lora))
+        save_folder(run, run.out / "best")
         if run.private is not None:
             run.private.record(run.out / "best")
     else:
@@ -294,7 +345,8 @@ def evaluate(run: Run, p: Progress, row: dict) -> str | None:
 def checkpoint(run: Run, p: Progress) -> None:
     from chatforge.train.state import save_state
 
-    run.last_saved = save_state(run.out / "state", p.step, run.model, run.optimizer, p.trainer(run.stream.state()))
+    run.last_saved = save_state(run.out / "state", p.step, run.model, run.optimizer, p.trainer(run.stream.state()),
+                                run.dist)
 
 
 def run_steps(run: Run, p: Progress) -> str:
@@ -304,9 +356,16 @@ def run_steps(run: Run, p: Progress) -> str:
     cfg = run.cfg
     reason = stop_reason(cfg, p) and "budget"  # a resumed run that had already finished
     loop_start = time.time() - p.elapsed_s
-    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+    with open(run.out / "metrics.jsonl" if run.main else os.devnull, "a", encoding="utf-8") as metrics:
         while reason is None:
-            row = train_step(run, p)
+            try:
+                row = train_step(run, p)
+            except RuntimeError as e:  # gloo/NCCL: a peer died or hung past the timeout
+                if run.dist is None:
+                    raise
+                from chatforge.train.distributed import lost_peer
+
+                raise lost_peer(run.dist, p.step, e) from None
             p.elapsed_s = time.time() - loop_start
             reason = stop_reason(cfg, p)
             row["elapsed_s"] = round(p.elapsed_s, 3)
@@ -329,10 +388,13 @@ def finish(run: Run, p: Progress, reason: str) -> dict:
     from chatforge.weights.folder import write_json
 
     cfg, out, lora = run.cfg, run.out, bool(run.cfg.lora)
+    model, core = run.weights()  # every rank: FSDP2 gathers the shards
+    if not run.main:
+        return {"out_dir": str(out), "steps": p.step, "rank": run.dist.rank}
     if run.val_rows is None:
-        save_weights(run.model, run.core, run.tokenizer, out / "best", lora)
+        save_weights(model, core, run.tokenizer, out / "best", lora)
         p.best_step = p.step
-    save_weights(run.model, run.core, run.tokenizer, out / "final", lora)
+    save_weights(model, core, run.tokenizer, out / "final", lora)
     if run.private is not None:
         if run.val_rows is None:
             run.private.record(out / "best")
@@ -358,7 +420,7 @@ def finish(run: Run, p: Progress, reason: str) -> dict:
     if run.private is not None:
         summary["privacy"] = run.private.report()
     write_json(out / "summary.json", summary)
-    summary["samples"] = write_samples(cfg, run.core, run.tokenizer, run.val_records, out)
+    summary["samples"] = write_samples(cfg, core, run.tokenizer, run.val_records, out)
     return summary
 
 
@@ -371,9 +433,12 @@ def train(cfg: TrainConfig, resume: bool = False, records: tuple | None = None, 
     """
     import torch
 
+    from chatforge.train import distributed
+
     threads = torch.get_num_threads()
     try:
         run, progress = set_up(cfg, resume, records, on_event or (lambda event: None))
         return finish(run, progress, run_steps(run, progress))
     finally:
         torch.set_num_threads(threads)  # cfg.num_threads is for this run, not for the caller's process
+        distributed.close()

@@ -21,14 +21,21 @@ LN2 = math.log(2.0)
 
 
 def token_loss(model, batch, autocast_ctx):
-    """(summed cross-entropy over trained targets, argmax predictions there, the targets)."""
+    """(summed cross-entropy over trained targets, argmax predictions there, the targets).
+
+    The loss runs over every position with untrained targets ignored rather than picking the trained ones out: the
+    shapes stay static (no device-to-host read for the count, one graph under torch.compile). Predictions and
+    targets are only picked out without gradients (evaluation); a training step gets None for them."""
+    import torch
     import torch.nn.functional as F
 
     with autocast_ctx:
         logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-    picked = logits[batch.loss_mask].float()
-    targets = batch.targets[batch.loss_mask]
-    return F.cross_entropy(picked, targets, reduction="sum"), picked.argmax(-1), targets
+    targets = batch.targets.masked_fill(~batch.loss_mask, -100)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    if torch.is_grad_enabled():
+        return ce, None, None
+    return ce, logits[batch.loss_mask].argmax(-1), batch.targets[batch.loss_mask]
 
 
 @dataclass(frozen=True)
@@ -84,21 +91,28 @@ def _stages() -> dict:
 STAGES: dict[str, Stage] = _stages()
 
 
-def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None) -> tuple[float, int]:
+def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None, dist=None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; returns (mean loss per trained token, trained tokens).
 
     Each micro-batch's summed loss is divided by the trained tokens of the whole step, not by its own count, so the
     accumulated gradient equals that of one batch holding all of them, however the tokens fall between micro-batches.
+    dist (distributed.Dist): the count is the whole global step's, over every process, and the loss is scaled by
+    the world size because DDP/FSDP average gradients; the result equals one process holding the global batch.
     """
     loss = loss or token_loss
     n_trained = sum(b.n_trained for b in micro_batches)
+    scale = 1.0
+    if dist is not None:
+        n_trained, scale = int(dist.sum(n_trained)), float(dist.world)
     if n_trained == 0:
         raise ChatforgeError("training: a step without trained tokens (every record in it was fully masked)")
     loss_sum = 0.0
     for b in micro_batches:
         ce, _, _ = loss(model, b.to(device), autocast_ctx)
-        (ce / n_trained).backward()
+        (ce / n_trained * scale if dist is not None else ce / n_trained).backward()
         loss_sum += float(ce.detach())
+    if dist is not None:
+        loss_sum = dist.sum(loss_sum)
     return loss_sum / n_trained, n_trained
 
 

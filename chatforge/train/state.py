@@ -80,6 +80,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     fd = os.open(folder, os.O_RDONLY)
@@ -90,30 +93,52 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               trainer: dict) -> Path:
-    """Write step-N atomically, point latest.json at it, then delete older steps. Returns the step folder."""
+               trainer: dict, dist=None) -> Path:
+    """Write step-N atomically, point latest.json at it, then delete older steps. Returns the step folder.
+
+    dist (distributed.Dist): every rank calls this; weights and optimizer go into a DCP folder (dcp/) that each rank
+    writes its shards into, and rank 0 alone writes the rest, renames and moves latest.json."""
     from safetensors.torch import save_file
 
     state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    main = dist is None or dist.main
+    if main:
+        state_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     k = 1
     while (state_dir / name).exists():  # the same step saved again (end of a run): never touch the one in use
         name, k = f"step-{step:07d}-{k}", k + 1
     final = state_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=state_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=state_dir)) if main else None
+    if dist is not None:
+        import torch.distributed as td
+
+        shared = [str(tmp) if main else None]
+        td.broadcast_object_list(shared, src=0)
+        tmp = Path(shared[0])
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(trainer | {"step": step, "optimizer": opt_meta, "rng": rng_meta}))
-        _fsync_tree(tmp)
-        os.replace(tmp, final)
+        if dist is not None:
+            from chatforge.train.distributed import save_checkpoint
+
+            save_checkpoint(tmp / "dcp", model, optimizer)
+            opt_meta = {"dcp": True}
+        else:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if main:
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps(trainer | {"step": step, "optimizer": opt_meta,
+                                                                    "rng": rng_meta}))
+            _fsync_tree(tmp)
+            os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not main:
+        return final
     atomic_write_text(state_dir / LATEST, json.dumps({"step": step, "path": name}) + "\n")
     for old in state_dir.iterdir():
         if old.name != name and (old.name.startswith("step-") or old.name.startswith(".step-")):
@@ -140,6 +165,18 @@ def load_state(folder: str | os.PathLike, model: torch.nn.Module, optimizer: tor
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if (folder / "dcp").is_dir():  # written by a distributed run: loads on any number of processes
+        from chatforge.train.distributed import load_checkpoint
+
+        try:
+            trainer = json.loads((folder / "trainer.json").read_text())
+            rng_tensors = load_file(str(folder / "rng.safetensors"))
+            load_checkpoint(folder / "dcp", model, optimizer)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ChatforgeError(f"{folder}: cannot read the distributed resume state ({str(e).splitlines()[0]}); "
+                                 "was the config changed since the run started?")
+        set_rng_state(rng_tensors, trainer["rng"])
+        return trainer
     try:
         trainer = json.loads((folder / "trainer.json").read_text())
         weights = load_file(str(folder / "trainable.safetensors"))
