@@ -64,11 +64,18 @@ class PerplexityFilter:
             kwargs["window"] = int(read_json(path).get("window", 10))
         return cls(model, tokenizer, found, **kwargs)
 
+    def _context(self) -> list[int]:
+        """What the text follows: the chat template's user-turn opening where the tokenizer has it, so the first
+        tokens are scored in context as the model would read them, not as the start of a document."""
+        hf = self.tokenizer.hf
+        start = hf.token_to_id("<|im_start|>")
+        return ([start] if start is not None else []) + self.tokenizer.encode("user\n")
+
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)[-self.max_tokens:]  # an attack suffix sits at the end
+        return self._context() + self.tokenizer.encode(text)[-self.max_tokens:]  # an attack suffix sits at the end
 
     def token_nll(self, texts: list[str]) -> list[list[float]]:
-        """Per-token negative log-likelihood (nats) of each text's tokens after the first, in batches.
+        """Per-token negative log-likelihood (nats) of each text's tokens, after the user-turn context, in batches.
 
         Texts are batched by length (padding costs as much as text) and right-padded: causal attention keeps the
         padding from touching the real tokens.
@@ -89,16 +96,17 @@ class PerplexityFilter:
                 logits = self.model(batch).float()
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
                 nll = -logp.gather(-1, batch[:, 1:, None])[..., 0]
+                skip = len(self._context()) - 1 if self._context() else 0  # the context's own tokens
                 for row, (i, seq) in enumerate(zip(rows, ids)):
-                    out[i] = nll[row, :max(0, len(seq) - 1)].tolist()
+                    out[i] = nll[row, skip:max(0, len(seq) - 1)].tolist()
         return out
 
     def window_scores(self, nll: list[float]) -> dict[str, float]:
-        """Max mean NLL over sliding windows, and the mean over the first and the last window (whole text when
-        shorter than a window). Empty (one-token) texts score 0."""
-        if not nll:
+        """Max mean NLL over sliding windows, and the mean over the first and the last window. A text shorter than
+        a window scores 0: it cannot hold a GCG suffix (~20 tokens), and a few tokens' mean is noise."""
+        if len(nll) < self.window:
             return dict.fromkeys(SCORES, 0.0)
-        w = min(self.window, len(nll))
+        w = self.window
         sums = [sum(nll[:w])]
         for i in range(w, len(nll)):
             sums.append(sums[-1] + nll[i] - nll[i - w])

@@ -26,20 +26,21 @@ def filt(one_thread):
 def test_window_scores_are_max_prefix_and_suffix_means(filt):
     nll = [1.0, 1.0, 1.0, 1.0, 9.0, 9.0, 9.0, 9.0, 2.0, 2.0, 2.0, 2.0]
     assert filt.window_scores(nll) == {"window": 9.0, "prefix": 1.0, "suffix": 2.0}
-    assert filt.window_scores([3.0, 5.0]) == {"window": 4.0, "prefix": 4.0, "suffix": 4.0}  # shorter than a window
-    assert filt.window_scores([]) == {"window": 0.0, "prefix": 0.0, "suffix": 0.0}
+    assert filt.window_scores([3.0, 5.0, 4.0, 4.0]) == {"window": 4.0, "prefix": 4.0, "suffix": 4.0}
+    assert filt.window_scores([9.0, 9.0, 9.0]) == {"window": 0.0, "prefix": 0.0, "suffix": 0.0}  # under a window
 
 
 def test_batched_nll_matches_one_text_at_a_time(filt):
     texts = ["hello there", "what is your name? my name is bot, do you like music", "yes"]
     batched = filt.token_nll(texts)
     for text, got in zip(texts, batched):
-        ids = torch.tensor([filt.tokenizer.encode(text)])
+        context = [filt.tokenizer.hf.token_to_id("<|im_start|>")] + filt.tokenizer.encode("user\n")
+        ids = torch.tensor([context + filt.tokenizer.encode(text)])
         with torch.inference_mode():
             logp = torch.log_softmax(filt.model(ids).float()[0, :-1], -1)
-        want = (-logp.gather(-1, ids[0, 1:, None])[:, 0]).tolist()
+        want = (-logp.gather(-1, ids[0, 1:, None])[:, 0]).tolist()[len(context) - 1:]
         assert got == pytest.approx(want, abs=1e-5)
-    assert len(batched[2]) == len(filt.tokenizer.encode("yes")) - 1
+    assert len(batched[2]) == len(filt.tokenizer.encode("yes"))  # every text token, the first one in context
 
 
 def test_calibrate_takes_the_quantile_plus_margin_and_check_flags_above(filt):
