@@ -1,0 +1,151 @@
+"""Training-step speed: chatforge's step next to transformers' models at the same shape and precision, in one process.
+
+For each shape (1M: the nanoGPT CPU recipe, 4 layers x 4 heads x 128 wide, batch 12 x 64; 10M; 30M), precision
+(fp32, bf16 autocast) and mode (eager, torch.compile), it times chatforge's step (accumulate_gradients with the
+stage's token loss, clipping, fused AdamW; compiled through train.speed.compiled_loss) and the reference
+(GPT2LMHeadModel for the GPT-2 family, LlamaForCausalLM for the Llama family; its own loss, the same optimizer and
+clipping) on the same batches, alternating step by step so that a busy machine slows both alike. MFU is model FLOPs
+(model/shape.py) over the measured matmul peak (device.matmul_peak). A table per row: tokens/s, MFU, the ratio.
+
+    python benchmarks/train_speed.py [--shapes 1M,10M,30M] [--dtypes fp32,bf16] [--modes eager,compiled]
+                                     [--steps 10] [--threads 1]
+
+Threads: 1 by default. On two cores shared by several processes, two torch threads per process ran 6-8x slower
+than one (both sides alike), so the ratio holds either way but one thread gives steadier numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+SHAPES = {  # name: (family, layers, heads, width, batch, seq)
+    "1M": ("gpt2", 4, 4, 128, 12, 64),
+    "1M-llama": ("llama", 4, 4, 128, 12, 64),
+    "10M": ("llama", 8, 8, 320, 8, 256),
+    "30M": ("llama", 12, 8, 448, 4, 256),
+}
+VOCAB = 4096  # chatforge's default tokenizer size
+
+
+def models(shape: str):
+    import torch
+
+    from chatforge.model.gpt import GPT, ModelConfig
+
+    family, L, H, D, B, T = SHAPES[shape]
+    torch.manual_seed(0)
+    if family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        ours = GPT(ModelConfig(family="gpt2", norm="layernorm", positions="learned", mlp="gelu",
+                               activation="gelu_tanh", attn_bias=True, attn_out_bias=True, mlp_bias=True,
+                               vocab_size=VOCAB, n_layer=L, n_head=H, d_model=D, max_seq_len=T))
+        ref = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=D, n_layer=L, n_head=H,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         attn_implementation="sdpa"))
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        ours = GPT(ModelConfig(family="llama", vocab_size=VOCAB, n_layer=L, n_head=H, d_model=D, max_seq_len=T))
+        ref = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=ours.config.d_ff,
+                                           num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=H,
+                                           max_position_embeddings=T, tie_word_embeddings=True,
+                                           attn_implementation="sdpa"))
+    return ours, ref, B, T
+
+
+def batches(B: int, T: int, n: int):
+    import torch
+
+    from chatforge.data.pack import Batch
+
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, VOCAB, (B, T + 1), generator=g)
+        out.append(Batch(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.long),
+                         torch.arange(T).expand(B, T)))
+    return out
+
+
+def measure(shape: str, dtype_name: str, mode: str, steps: int) -> dict:
+    import torch
+
+    from chatforge.device import DTYPES, autocast, matmul_peak
+    from chatforge.model.shape import flops_per_token
+    from chatforge.train.loss import accumulate_gradients, token_loss
+    from chatforge.train.speed import compiled_loss
+
+    cpu, dtype = torch.device("cpu"), DTYPES[dtype_name]
+    ours, ref, B, T = models(shape)
+    data = batches(B, T, steps + 2)
+    ctx = autocast(cpu, dtype)
+    loss = compiled_loss(token_loss, ours, ctx) if mode == "compiled" else token_loss
+
+    def ref_loss(batch):
+        with ctx:
+            return ref(batch.input_ids, labels=batch.input_ids).loss  # transformers shifts the labels itself
+
+    ref_fn = torch.compile(ref_loss, dynamic=False) if mode == "compiled" else ref_loss
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in (("ours", ours), ("ref", ref))}
+
+    def step(name: str, batch) -> None:
+        model = ours if name == "ours" else ref
+        if name == "ours":
+            accumulate_gradients(ours, [batch], cpu, ctx, loss)
+        else:
+            ref_fn(batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for name in ("ours", "ref"):
+        for b in data[:2]:  # warm-up (and the compile)
+            step(name, b)
+    warm = time.perf_counter() - t0
+    times = {"ours": [], "ref": []}
+    for b in data[2:]:
+        for name in ("ours", "ref"):
+            t = time.perf_counter()
+            step(name, b)
+            times[name].append(time.perf_counter() - t)
+    flops = flops_per_token(ours.config, T)["training"]
+    peak = matmul_peak(cpu, dtype)
+    tok = {k: B * T / statistics.median(v) for k, v in times.items()}
+    return {"shape": shape, "dtype": dtype_name, "mode": mode, "ours": tok["ours"], "ref": tok["ref"],
+            "mfu_ours": flops * tok["ours"] / peak, "mfu_ref": flops * tok["ref"] / peak, "warm_s": warm,
+            "peak_gflops": peak / 1e9, "ref_name": type(ref).__name__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="1M,10M,30M")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch {torch.__version__}, "
+          f"{a.threads} thread(s)")
+    print(f"{'shape':9} {'dtype':5} {'mode':8} {'reference':17} {'ref tok/s':>10} {'ours tok/s':>10} "
+          f"{'ratio':>6} {'ref MFU':>8} {'our MFU':>8} {'peak GF/s':>9} {'warm s':>7}")
+    for shape in a.shapes.split(","):
+        for dtype in a.dtypes.split(","):
+            for mode in a.modes.split(","):
+                r = measure(shape, dtype, mode, a.steps)
+                print(f"{shape:9} {dtype:5} {mode:8} {r['ref_name']:17} {r['ref']:10,.0f} {r['ours']:10,.0f} "
+                      f"{r['ours'] / r['ref']:6.2f} {r['mfu_ref']:8.1%} {r['mfu_ours']:8.1%} "
+                      f"{r['peak_gflops']:9.0f} {r['warm_s']:7.0f}", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
