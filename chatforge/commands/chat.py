@@ -33,12 +33,47 @@ def _set(**flags) -> dict:
     return {k: v for k, v in flags.items() if v is not None}
 
 
+def model_key(key_file: str | None, passphrase: bool):
+    """The key for an encrypted model or dataset from --key-file / --passphrase; None leaves the choice to the
+    loader (CHATFORGE_KEY when the folder is encrypted, nothing for a plain one)."""
+    if not key_file and not passphrase:
+        return None
+    from chatforge.commands.privacy import command_key
+
+    return command_key(key_file, passphrase)
+
+
+def load_bot(model: str, *, device: str, dtype: str | None, quantize: str | None, key_file: str | None,
+             passphrase: bool, max_batch_size: int) -> Bot:
+    """The Bot chat, generate and serve use: the one loader, with dtype, quantization and the key."""
+    from chatforge.weights.loader import check_quantize
+
+    check_quantize(quantize)  # before the key prompt and the weights
+    return Bot.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size, quantize=quantize,
+                    key=model_key(key_file, passphrase))
+
+
+def output_chain(guard: bool, redact_pii: bool, guard_policy: str | None):
+    """The one output filter of chat, generate and serve (guard.output.OutputChain); notes go to stderr."""
+    from chatforge.guard.output import OutputChain
+
+    return OutputChain.build(guard=guard, redact_pii=redact_pii, policy=guard_policy, warn=_err)
+
+
+def _refused(decision) -> None:
+    """A prompt the guard refused: its refusal message instead of a reply, and the categories on stderr."""
+    _out(decision.text + "\n")
+    _err(f"(refused by the guard: {', '.join(sorted(decision.categories)) or '-'}; finish: content_filter)")
+
+
 def generate_command(model: str, prompt: list[str] | None = None, system: str | None = None, raw: bool = False,
                      max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                      top_p: float | None = None, repetition_penalty: float | None = None,
                      stop: list[str] | None = None, seed: int | None = None, n: int = 1, device: str = "auto",
-                     dtype: str | None = None, json_schema: str | None = None, best_of: int = 1,
-                     reward: str | None = None) -> None:
+                     dtype: str | None = None, json_schema: str | None = None, quantize: str | None = None,
+                     guard: bool = True,
+                     guard_policy: str | None = None, redact_pii: bool = True, key_file: str | None = None,
+                     passphrase: bool = False) -> None:
     """Generate a reply to one prompt: streamed when n is 1, else n numbered samples decoded as one batch.
 
     Sampling flags left unset take the model folder's generation_config.json values, else the built-in defaults
@@ -62,8 +97,12 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
         json_schema: a JSON schema file; the reply is a JSON value valid under it (constrained decoding).
-        best_of: sample this many replies and print the one the --reward model scores highest (rejection sampling).
-        reward: a reward model folder (trained with stage: reward) for --best-of.
+        quantize: int8-dyn, int8-wo or int4-wo (torchao weight quantization; int4-wo needs CUDA).
+        guard: check the prompt and the reply with the safety guard (--no-guard: off).
+        guard_policy: a YAML/JSON guard policy (rules per category, refusal message).
+        redact_pii: replace e-mail addresses, phone numbers, ID and card numbers, IBANs and IPs in the reply.
+        key_file: key of an encrypted model folder (base64, mode 0600); default: CHATFORGE_KEY.
+        passphrase: the model was encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for.
     """
     from chatforge.generation.constraint import Constraint
     from chatforge.io import read_json
@@ -73,8 +112,14 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
     constraint = Constraint.json_schema(read_json(json_schema), where=json_schema) if json_schema else None
     if n < 1:
         raise ChatforgeError(f"--n: must be >= 1, got {n}")
-    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=min(n, 8))
+    chain = output_chain(guard, redact_pii, guard_policy)
+    bot = load_bot(model, device=device, dtype=dtype, quantize=quantize, key_file=key_file, passphrase=passphrase,
+                   max_batch_size=min(n, 8))
     text = " ".join(prompt)
+    decision = chain.check_prompt(text)
+    if decision is not None and not decision.allowed:
+        return _refused(decision)
+    text = decision.text if decision is not None else text
     kw = _set(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               repetition_penalty=repetition_penalty, stop=list(stop) if stop else None, seed=seed,
               constraint=constraint)
@@ -83,14 +128,12 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids, params = bot.request(messages, **kw)
-    if best_of > 1:
-        from chatforge.commands.preference import print_best_of
-
-        return print_best_of(bot, None if raw else messages, kw, best_of, reward, device)
     t0 = time.perf_counter()
     if n == 1:
         finish, count = None, 0
-        for delta in bot.engine.generate(ids, params):
+        from chatforge.guard.output import filter_deltas
+
+        for delta in filter_deltas(chain, bot.engine.generate(ids, params)):
             _out(delta.text)
             finish, count = delta.finish_reason, count + len(delta.token_ids)
         _out("\n")
@@ -102,8 +145,9 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
     results = bot.engine.generate_batch([ids] * n, plist)
     wall = time.perf_counter() - t0
     for i, c in enumerate(results, 1):  # each sample, then its own finish line; the statistics apart at the end
-        _out(f"[{i}] {c.text}" + ("" if c.text.endswith("\n") else "\n"))
-        _err(f"    ({c.completion_tokens} tokens, finish: {c.finish_reason})")
+        shown, stopped = chain.filter_text(c.text)
+        _out(f"[{i}] {shown}" + ("" if shown.endswith("\n") else "\n"))
+        _err(f"    ({c.completion_tokens} tokens, finish: {stopped or c.finish_reason})")
     tokens = sum(c.completion_tokens for c in results)
     _err(f"\n({len(ids)} prompt tokens, {n} samples, {tokens} tokens generated in {wall:.2f} s, "
          f"{tokens / max(wall, 1e-9):.1f} tokens/s)")
@@ -170,7 +214,9 @@ def read_message(read: Callable[[str], str | None]) -> str | None:
 def chat_command(model: str, system: str | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None,
                  max_new_tokens: int | None = None, seed: int | None = None, device: str = "auto",
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, quantize: str | None = None, guard: bool = True,
+                 guard_policy: str | None = None, redact_pii: bool = True, key_file: str | None = None,
+                 passphrase: bool = False) -> None:
     """Chat in the terminal: replies stream as they are generated; the history is kept until /reset.
 
     Lines are edited with readline (arrow keys, history); a paste arrives whole, several lines included. When the
@@ -191,8 +237,16 @@ def chat_command(model: str, system: str | None = None, temperature: float | Non
         seed: random seed, for reproducible replies.
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
+        quantize: int8-dyn, int8-wo or int4-wo (torchao weight quantization; int4-wo needs CUDA).
+        guard: check each message and reply with the safety guard (--no-guard: off).
+        guard_policy: a YAML/JSON guard policy (rules per category, refusal message).
+        redact_pii: replace e-mail addresses, phone numbers, ID and card numbers, IBANs and IPs in replies.
+        key_file: key of an encrypted model folder (base64, mode 0600); default: CHATFORGE_KEY.
+        passphrase: the model was encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for.
     """
-    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=1)
+    chain = output_chain(guard, redact_pii, guard_policy)
+    bot = load_bot(model, device=device, dtype=dtype, quantize=quantize, key_file=key_file, passphrase=passphrase,
+                   max_batch_size=1)
     kw = _set(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
               max_new_tokens=max_new_tokens, seed=seed)
     bot.sampling(**kw)  # a bad flag fails now, not after the first message
@@ -225,15 +279,27 @@ def chat_command(model: str, system: str | None = None, temperature: float | Non
             _err(f"(this line is {TTY_LINE_LIMIT} bytes, the terminal's limit without readline: the rest of it was "
                  f"probably cut off; not sent. Paste long text into a file and pipe it in.)")
             continue
-        history = _reply(bot, system, history, text.strip(), kw)
+        history = _reply(bot, system, history, text.strip(), kw, chain)
 
 
-def _reply(bot: Bot, system: str | None, history: list[dict], text: str, kw: dict) -> list[dict]:
-    """Stream the reply to one message; the history after it (trimmed as the Bot had to)."""
+def _reply(bot: Bot, system: str | None, history: list[dict], text: str, kw: dict, chain=None) -> list[dict]:
+    """Stream the reply to one message through the output chain; the history after it (trimmed as the Bot had
+    to). A refused message is answered with the refusal and left out of the history."""
+    decision = chain.check_prompt(text) if chain is not None else None
+    if decision is not None and not decision.allowed:
+        _refused(decision)
+        return history
+    text = decision.text if decision is not None else text
     messages = ([{"role": "system", "content": system}] if system else []) + history
     messages.append({"role": "user", "content": text})
     try:
-        pieces = bot.stream(messages, **kw)
+        ids, params = bot.request(messages, **kw)
+        deltas = bot.engine.generate(ids, params)
+        if chain is not None:
+            from chatforge.guard.output import filter_deltas
+
+            deltas = filter_deltas(chain, deltas)
+        pieces = _chat_texts(deltas)
     except ChatforgeError as e:
         _err(f"error: {e} (your message: {len(text):,} characters)")
         return history
@@ -249,4 +315,26 @@ def _reply(bot: Bot, system: str | None, history: list[dict], text: str, kw: dic
         pieces.close()
         _err("\n(interrupted)")
     _out("\n")
+    if pieces.finish == "content_filter":
+        _err("(the guard stopped this reply; it is left out of the history)")
+        return history
     return history + [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
+
+
+class _chat_texts:  # noqa: N801 - used as a generator
+    """The texts of a stream of deltas, remembering how it finished; close() aborts the request."""
+
+    def __init__(self, deltas):
+        self.deltas, self.finish = deltas, None
+
+    def __iter__(self):
+        try:
+            for d in self.deltas:
+                self.finish = d.finish_reason or self.finish
+                if d.text:
+                    yield d.text
+        finally:
+            self.deltas.close()
+
+    def close(self) -> None:
+        self.deltas.close()

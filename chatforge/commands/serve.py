@@ -11,7 +11,9 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
                   allow_insecure_public: bool = False, max_batch_size: int = 8, max_queue: int = 64,
                   max_tokens_cap: int = 4096, max_prompt_tokens: int = 0, max_n: int = 8,
                   max_body_bytes: int = 1_000_000, served_model_name: str | None = None,
-                  cors_origin: list[str] | None = None, device: str = "auto", dtype: str | None = None) -> int:
+                  cors_origin: list[str] | None = None, device: str = "auto", dtype: str | None = None,
+                  quantize: str | None = None, guard: bool = True, guard_policy: str | None = None,
+                  redact_pii: bool = True, key_file: str | None = None, passphrase: bool = False) -> int:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     Requests that arrive together are decoded together (continuous batching). Without an API key the server only
@@ -35,6 +37,15 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         cors_origin: browser origins allowed to call the API from other sites (CORS is off without it).
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: fp32, bf16 or fp16; unset: fp32 on CPU, bf16 on a GPU that supports it.
+        quantize: int8-dyn, int8-wo or int4-wo (torchao weight quantization; int4-wo needs CUDA).
+        guard: check prompts and replies with the safety guard: a refused prompt is answered with the refusal and
+            finish_reason content_filter, a flagged reply stops there; /v1/moderations (--no-guard: all off).
+        guard_policy: a YAML/JSON guard policy (rules per category, refusal message).
+        redact_pii: replace e-mail addresses, phone numbers, ID and card numbers, IBANs and IPs in replies, streamed
+            ones included (--no-redact-pii: replies as generated).
+        key_file: key of an encrypted model folder (base64, mode 0600); default: CHATFORGE_KEY. The model is
+            decrypted into memory only.
+        passphrase: the model was encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for.
     """
     from chatforge.serve.app import check_limits, served_name
     from chatforge.serve.security import check_bind
@@ -48,17 +59,20 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
 
     import uvicorn
 
-    from chatforge.generation.bot import Bot
+    from chatforge.commands.chat import load_bot, output_chain
     from chatforge.serve.app import create_app
 
-    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
+    chain = output_chain(guard, redact_pii, guard_policy)
+    bot = load_bot(model, device=device, dtype=dtype, quantize=quantize, key_file=key_file, passphrase=passphrase,
+                   max_batch_size=max_batch_size)
     name = served_model_name or served_name(model)
     app = create_app(bot, model_name=name, api_key=key, max_queue=max_queue, max_tokens_cap=max_tokens_cap,
                      max_prompt_tokens=max_prompt_tokens, max_n=max_n, max_body_bytes=max_body_bytes,
-                     cors_origin=cors_origin)
+                     cors_origin=cors_origin, output=chain if chain.active else None)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name!r} on http://{shown}:{port}/ (chat page at /, API at /v1; "
-          f"API key {'required' if key else 'off'}; batch {max_batch_size}, queue {max_queue})", flush=True)
+          f"API key {'required' if key else 'off'}; batch {max_batch_size}, queue {max_queue}; guard "
+          f"{'on' if chain.guard else 'off'}, PII redaction {'on' if chain.scrubber else 'off'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False, server_header=False,
                 timeout_graceful_shutdown=5)
     return 0

@@ -52,12 +52,13 @@ def check_limits(**limits: int) -> None:
 
 def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | None = None, max_queue: int = 64,
                max_tokens_cap: int = 4096, max_prompt_tokens: int = 0, max_n: int = 8,
-               max_body_bytes: int = 1_000_000, cors_origin: list[str] | None = None):
+               max_body_bytes: int = 1_000_000, cors_origin: list[str] | None = None, output=None):
     """The FastAPI app serving a Bot (or a bare Engine): routes, error handlers, auth and limits.
 
     api_key None: no authentication (keep it on loopback). The engine's max_batch_size sets the batch; max_queue
     more sequences may wait before requests are refused with 429. Unset request fields sample with the Bot's
-    defaults (the model folder's generation_config.json), else the built-in ones.
+    defaults (the model folder's generation_config.json), else the built-in ones. output: a guard.output.OutputChain
+    (the guard on prompts and replies, PII redaction of replies, /v1/moderations); None: replies as generated.
     """
     from contextlib import asynccontextmanager
 
@@ -65,6 +66,7 @@ def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | N
     from starlette.concurrency import run_in_threadpool
 
     from chatforge.serve.errors import install_error_handlers
+    from chatforge.serve.moderation import router as moderation_router
     from chatforge.serve.openapi import build_openapi
     from chatforge.serve.routes import page_files, router
     from chatforge.serve.scheduler import Scheduler
@@ -86,9 +88,11 @@ def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | N
 
     app = FastAPI(title="chatforge", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="OpenAI-compatible chat completions served by chatforge.")
+    service.output = output
     app.state.scheduler, app.state.service = scheduler, service
     app.state.page, app.state.static = page_files(model_name)
     app.include_router(router)
+    app.include_router(moderation_router)
     install_error_handlers(app)
     app.openapi = lambda: build_openapi(app, service, api_key)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)

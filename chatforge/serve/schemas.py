@@ -200,7 +200,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "content_filter"]
 
 
 class ChatCompletion(BaseModel):
@@ -240,7 +240,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "content_filter"] | None
 
 
 class ChatCompletionChunk(_UsageWhenAsked):
@@ -274,7 +274,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "content_filter"]
 
 
 class Completion(BaseModel):
@@ -291,7 +291,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "content_filter"] | None
 
 
 class CompletionChunk(_UsageWhenAsked):

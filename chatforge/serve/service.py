@@ -39,6 +39,7 @@ class Service:
         self.model_name = model_name
         self.max_tokens_cap, self.max_prompt_tokens, self.max_n = max_tokens_cap, max_prompt_tokens, max_n
         self.defaults = dict(defaults)  # the model's sampling defaults (Bot.defaults)
+        self.output = None  # guard.output.OutputChain: prompt checks, reply filter (serve/moderation.py)
         self.ChatRequest, self.CompletionRequest = build_request_models(max_tokens_cap, max_n)
         self.created = int(time.time())
         config = getattr(getattr(engine, "model", None), "config", None)
@@ -98,11 +99,15 @@ class Service:
 
     # -- running a job ------------------------------------------------------------------------------------------
 
-    def submit(self, prompts: list[list[int]], params: list):
+    def submit(self, prompts: list[list[int]], params: list, refusal=None):
+        """The job for these sequences: filtered by the output chain; a refused prompt's canned answer instead."""
+        from chatforge.serve.moderation import RefusedJob, guarded
         from chatforge.serve.scheduler import QueueFull
 
+        if refusal is not None:
+            return RefusedJob(refusal.text, len(params), params[0].logprobs is not None if params else False)
         try:
-            return self.scheduler.submit(prompts, params)
+            return guarded(self, self.scheduler.submit(prompts, params))
         except QueueFull as e:
             raise APIError(429, str(e), None, "rate_limit_exceeded", "rate_limit_exceeded",
                            {"retry-after": "1"}) from None
