@@ -274,4 +274,8 @@ def make_private(run, train_records) -> PrivateTraining:
     run.emit(Note(f"privacy: DP-SGD, noise multiplier {sigma:.4g}{target}, clipping {spec.max_grad_norm:g} per "
                   f"record, sample rate {q:.4g} ({expected} of {n} records expected per step), delta {delta:.3g}; "
                   f"{planned} ({spec.accountant}); {enc.stats['truncated']} records truncated to seq_len"))
+    if not (cfg.tokenizer or cfg.init):
+        run.emit(Note("privacy: warning: the tokenizer was trained on these training records, outside the DP "
+                      "guarantee (its merges can spell out a repeated secret); set tokenizer: to one trained on "
+                      "public data"))
     return private
