@@ -101,6 +101,7 @@ def test_target_epsilon_is_spent_by_the_planned_steps(tmp_path):
     assert 4 * 0.99 <= report["epsilon"] <= 4.0 + 0.01
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_gradient_of_the_whole_draw(tmp_path):
     """batch_size 4 x grad_accum 1 and batch_size 1 x grad_accum 4 draw the same records (same q, seed) and, with
     negligible noise, train the same weights: noise is added once per step, not per micro-batch."""
