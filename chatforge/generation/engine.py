@@ -374,15 +374,10 @@ class Engine:
         longest request, so memory follows that, not the context, and nothing is reallocated or copied."""
         from chatforge.model.gpt import KVCache
 
-        have = self._cache.max_len if self._cache is not None else 0
-        if length <= have:
-            return
-        new_len = min(self._context, max(length, 2 * have, 64))
-        cache = KVCache(self.model.config, self.max_batch_size, new_len, device=self.device, dtype=self.dtype)
-        if self._cache is not None:
-            cache.k[:, :, :have] = self._cache.k
-            cache.v[:, :, :have] = self._cache.v
-        self._cache = cache
+        if self._cache is None:
+            self._cache = KVCache(self.model.config, self.max_batch_size, self._context, device=self.device,
+                                  dtype=self.dtype)
+        self._cache.reserve(length)
 
     def _admit(self) -> list[tuple[Request, torch.Tensor]]:
         admitted = []
