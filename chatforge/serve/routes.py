@@ -5,6 +5,7 @@ schemas.py (streamed through streaming.py). Importing this module imports FastAP
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -12,8 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from chatforge.errors import ChatforgeError
-from chatforge.serve import schemas
+from chatforge.serve import schemas, tools
 from chatforge.serve.errors import APIError, ClientGone, engine_error
+from chatforge.serve.moderation import check_chat, check_texts
 from chatforge.serve.streaming import EventStream, chat_events, completion_events
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -60,22 +62,22 @@ async def chat_completions(request: Request):
                        "max_completion_tokens", "invalid_request")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", "top_logprobs", "invalid_request")
-    messages = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)}
-                for m in req.messages]
+    plan = tools.plan(req)  # messages, and what response_format / tools / tool_choice ask (serve/tools.py)
+    refusal = check_chat(service, plan)  # the guard: user turns normalised, or the refusal (serve/moderation.py)
     try:
-        prompt, _ = await run_in_threadpool(service.tokenizer.render, messages, True)
+        prompt = await run_in_threadpool(plan.render, service.tokenizer)
     except ChatforgeError as e:  # the model's chat template refused the conversation (e.g. role order)
         raise APIError(400, f"The messages cannot be rendered by this model's chat template: {e}", "messages",
                        "invalid_request") from None
     n = req.n or 1
     max_new = service.budget(len(prompt), req.max_completion_tokens or req.max_tokens, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    job = service.submit([prompt] * n, [service.sampling(req, max_new, i, logprobs) for i in range(n)])
+    params = [replace(service.sampling(req, max_new, i, logprobs), constraint=plan.constraint) for i in range(n)]
+    job = service.submit([prompt] * n, params, refusal)
     head = service.head("chatcmpl-")
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(chat_events(job, head, n, len(prompt), usage, logprobs is not None),
+        return EventStream(chat_events(job, head, n, len(prompt), usage, logprobs is not None, plan.streams(n)),
                            lambda: service.scheduler.abort(job))
     try:
         choices = await service.collect(job, request, n)
@@ -85,9 +87,9 @@ async def chat_completions(request: Request):
         status, error = engine_error(e)
         return _json(error, status)
     return _json(schemas.ChatCompletion(**head, object="chat.completion", choices=[
-        schemas.ChatChoice(index=i, message=schemas.AssistantMessage(role="assistant", content="".join(c.text)),
-                           logprobs=schemas.ChoiceLogprobs.from_engine(c.logprobs) if logprobs is not None else None,
-                           finish_reason=c.finish_reason) for i, c in enumerate(choices)],
+        schemas.ChatChoice(index=i, **plan.choice("".join(c.text), c.finish_reason),
+                           logprobs=schemas.ChoiceLogprobs.from_engine(c.logprobs) if logprobs is not None else None)
+        for i, c in enumerate(choices)],
         usage=schemas.Usage.of(len(prompt), sum(c.tokens for c in choices))))
 
 
@@ -102,6 +104,7 @@ async def completions(request: Request):
         raise APIError(400, f"Unsupported parameter: 'best_of': {schemas.UNSUPPORTED['best_of']} ({n}).",
                        "best_of", "invalid_request")
     texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    texts, refusal = check_texts(service, texts)
     if len(texts) * n > service.max_n:
         raise APIError(400, f"{len(texts)} prompts x n={n} asks for {len(texts) * n} completions; this server "
                             f"allows at most {service.max_n} per request.", "n", "invalid_request")
@@ -117,7 +120,7 @@ async def completions(request: Request):
     budgets = [service.budget(len(p), req.max_tokens or 16, "prompt") for p in prompts]
     pairs = [(p, max_new) for p, max_new in zip(prompts, budgets) for _ in range(n)]
     params = [service.sampling(req, max_new, i, req.logprobs) for i, (_, max_new) in enumerate(pairs)]
-    job = service.submit([p for p, _ in pairs], params)
+    job = service.submit([p for p, _ in pairs], params, refusal)
     head = service.head("cmpl-")
     prompt_tokens = sum(map(len, prompts))
     offsets = [len(texts[i // n]) for i in range(len(params))]

@@ -4,8 +4,8 @@ Each shape is defined once: the models below document the API (the OpenAPI schem
 response from them (`to_json`), so what is documented is what is sent.
 
 Requests are validated strictly (JSON types as written, unknown fields refused) so that the published OpenAPI schema
-is exactly what the server accepts. Parameters OpenAI defines but this server cannot honour (tools, JSON-schema
-response formats, logit bias, audio...) are declared as "null only": the schema documents them, and a request that
+is exactly what the server accepts (tools and response formats: serve/tools.py). Parameters OpenAI defines but this
+server cannot honour (legacy functions, logit bias, audio...) are declared as "null only": the schema documents them, and a request that
 uses one gets a 400 naming it instead of a reply that silently ignored it. The caps (max_tokens, n) are part of the
 schema too, so request models are built per app.
 """
@@ -17,14 +17,12 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from chatforge.serve.tool_schemas import ResponseFormat, ToolCall, ToolCallDelta, ToolCallIn, ToolChoice, ToolDef
+
 # Parameters OpenAI defines that this server refuses (unless absent/null/neutral), and why.
 UNSUPPORTED: dict[str, str] = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported (only \"none\" is accepted)",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
-    "response_format": "only {\"type\": \"text\"} is supported (no JSON mode or JSON schema)",
+    "functions": "the legacy 'functions' parameter is not supported (use 'tools')",
+    "function_call": "the legacy 'function_call' parameter is not supported (use 'tool_choice')",
     "logit_bias": "logit_bias is not supported (only an empty object is accepted)",
     "audio": "audio output is not supported",
     "modalities": "only the \"text\" modality is supported",
@@ -72,16 +70,14 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # developer is OpenAI's newer name for system
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer is OpenAI's newer name for system
+    content: Text | list[TextPart] | None = None  # None only beside tool_calls (serve/tools.py checks)
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: Text | None = None
 
 
 class StreamOptions(Strict):
     include_usage: bool | None = None
-
-
-class ResponseFormat(Strict):
-    type: Literal["text"]
 
 
 def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -113,11 +109,11 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         safety_identifier: Text | None = None
         service_tier: Literal["auto", "default"] | None = None
         # Declared so the schema documents them; anything but null/neutral is refused with a 400 naming it.
-        tools: None = None
-        tool_choice: Literal["none"] | None = None
+        tools: Annotated[list[ToolDef], Field(min_length=1, max_length=128)] | None = None
+        tool_choice: ToolChoice | None = None
         functions: None = None
         function_call: None = None
-        parallel_tool_calls: None = None
+        parallel_tool_calls: bool | None = None
         response_format: ResponseFormat | None = None
         logit_bias: Empty = None
         audio: None = None
@@ -192,15 +188,23 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None  # sent only when the reply calls tools
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length", "content_filter"]
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class ChatCompletion(BaseModel):
@@ -219,6 +223,7 @@ class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler):
@@ -240,7 +245,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length", "content_filter"] | None
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None
 
 
 class ChatCompletionChunk(_UsageWhenAsked):

@@ -43,8 +43,9 @@ async def events(job, render: Callable[[int, object], list[str]], usage_chunk: C
 
 
 def chat_events(job, head: dict, n: int, prompt_tokens: int, include_usage: bool,
-                with_logprobs: bool) -> AsyncIterator[str]:
-    """chat.completion.chunk events: a role chunk per choice, content chunks, a finish chunk per choice."""
+                with_logprobs: bool, calls: list | None = None) -> AsyncIterator[str]:
+    """chat.completion.chunk events: a role chunk per choice, content chunks, a finish chunk per choice; with
+    `calls` (serve/tools.py's CallStream per choice) tool calls go out as delta.tool_calls chunks."""
     usage = {"usage": None} if include_usage else {}  # as OpenAI: null in every chunk but the last, when asked for
 
     def chunk(index: int, delta: schemas.ChunkDelta, logprobs=None, finish=None) -> str:
@@ -52,8 +53,10 @@ def chat_events(job, head: dict, n: int, prompt_tokens: int, include_usage: bool
             schemas.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)]))
 
     def render(i: int, delta) -> list[str]:
+        delta = calls[i].filter(delta) if calls else delta
         lp = schemas.ChoiceLogprobs.from_engine(delta.logprobs or []) if with_logprobs else None
         out = [chunk(i, schemas.ChunkDelta(content=delta.text), lp)] if delta.text or (lp and lp.content) else []
+        out += [chunk(i, schemas.ChunkDelta(tool_calls=delta.tool_calls))] if getattr(delta, "tool_calls", None) else []
         return out + ([chunk(i, schemas.ChunkDelta(), None, delta.finish_reason)] if delta.finish_reason else [])
 
     def usage_chunk(completion_tokens: int):

@@ -185,15 +185,16 @@ def test_models_and_health(chat_server):
 # ------------------------------------------------------------------------------------------------ errors
 
 BAD_REQUESTS = [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
     ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"uniqueItems": True}}}},
+     "response_format.json_schema.schema"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"frobnicate": True}, "frobnicate"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
@@ -219,7 +220,7 @@ def test_invalid_requests_get_400_naming_the_parameter(chat_server, change, para
 
 
 def test_unsupported_parameter_message_says_it_is_unsupported(chat_server):
-    error = post(chat_server, ask("hi") | {"tools": [{"type": "function", "function": {"name": "f"}}]}).json()
+    error = post(chat_server, ask("hi") | {"functions": [{"name": "f"}]}).json()
     assert "not supported" in error["error"]["message"]
     # neutral values of those parameters are accepted (some clients always send them)
     ok = post(chat_server, ask("hello", max_tokens=2) | {"tools": None, "response_format": {"type": "text"},

@@ -104,8 +104,8 @@ def test_error_statuses(models, server, client):
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=HELLO, tools=[
-            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
-    assert e.value.param == "tools"
+            {"type": "function", "function": {"name": "get weather", "parameters": {"type": "object"}}}])
+    assert e.value.param == "tools[0].function.name"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi " * 400}])
     assert e.value.code == "context_length_exceeded"
