@@ -70,8 +70,8 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
                      max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                      top_p: float | None = None, repetition_penalty: float | None = None,
                      stop: list[str] | None = None, seed: int | None = None, n: int = 1, device: str = "auto",
-                     dtype: str | None = None, json_schema: str | None = None, quantize: str | None = None,
-                     guard: bool = True,
+                     dtype: str | None = None, json_schema: str | None = None, best_of: int = 1,
+                     reward: str | None = None, quantize: str | None = None, guard: bool = True,
                      guard_policy: str | None = None, redact_pii: bool = True, key_file: str | None = None,
                      passphrase: bool = False) -> None:
     """Generate a reply to one prompt: streamed when n is 1, else n numbered samples decoded as one batch.
@@ -97,6 +97,8 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
         json_schema: a JSON schema file; the reply is a JSON value valid under it (constrained decoding).
+        best_of: sample this many replies and print the one the --reward model scores highest (rejection sampling).
+        reward: a reward model folder (trained with stage: reward) for --best-of.
         quantize: int8-dyn, int8-wo or int4-wo (torchao weight quantization; int4-wo needs CUDA).
         guard: check the prompt and the reply with the safety guard (--no-guard: off).
         guard_policy: a YAML/JSON guard policy (rules per category, refusal message).
@@ -128,6 +130,10 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids, params = bot.request(messages, **kw)
+    if best_of > 1:
+        from chatforge.commands.preference import print_best_of
+
+        return print_best_of(bot, None if raw else messages, kw, best_of, reward, device)
     t0 = time.perf_counter()
     if n == 1:
         finish, count = None, 0
