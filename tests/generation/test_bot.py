@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_engine import BRIEF, CONVERSATIONS, REPLY, make_tokenizer, memorized_model
+from conftest import BRIEF, CONVERSATIONS, REPLY, make_tokenizer, memorized_model
 
 import chatforge
 from chatforge.generation.bot import Bot, defaults_from_generation_config

@@ -12,7 +12,7 @@ import random
 import jsonschema
 import pytest
 import torch
-from test_engine import CONVERSATIONS, make_tokenizer, memorized_model
+from conftest import CONVERSATIONS, make_tokenizer, memorized_model
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation.bot import Bot

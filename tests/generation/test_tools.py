@@ -8,7 +8,7 @@ import json
 import jsonschema
 import pytest
 import torch
-from test_engine import make_tokenizer
+from conftest import make_tokenizer
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation.engine import Engine, SamplingParams
