@@ -148,3 +148,29 @@ def read_json(path: str | os.PathLike, expect: type | tuple[type, ...] = dict):
     if not isinstance(data, kinds):
         raise ChatforgeError(f"{path}:1: expected a JSON {' or '.join(_JSON_KINDS[k] for k in kinds)}")
     return data
+
+
+def read_jsonl(path: str | os.PathLike, expected: str) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSONL file of objects; `expected` says what an object
+    holds, for the one-line error on a line that is not one."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise ChatforgeError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ChatforgeError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ChatforgeError(f"{where}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise ChatforgeError(f"{where}: expected an object with {expected}")
+                yield where, obj
+        except UnicodeDecodeError:
+            raise ChatforgeError(f"{path}: not valid UTF-8") from None

@@ -22,7 +22,6 @@ acc picks the highest sum; acc_norm divides each sum by the choice's length in U
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -30,6 +29,7 @@ import sys
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.io import read_jsonl
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _CJK_RE = re.compile(f"[{_CJK}]")
@@ -152,34 +152,20 @@ def generate_replies(bot, conversations: list[list[dict]], max_new_tokens: int, 
 def read_mc(path: str) -> list[dict]:
     """{question, choices, answer} per JSONL line; answer is the right choice's index or its text."""
     items = []
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise ChatforgeError(f"{path}: file not found")
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{where}: invalid JSON ({e.msg})")
-            if not isinstance(item, dict):
-                raise ChatforgeError(f"{where}: expected an object with question, choices, answer")
-            q, choices, answer = item.get("question"), item.get("choices"), item.get("answer")
-            if not isinstance(q, str) or not q.strip():
-                raise ChatforgeError(f"{where}: question: expected a non-empty string")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise ChatforgeError(f"{where}: choices: expected a list of at least two non-empty strings")
-            if isinstance(answer, str):
-                if answer not in choices:
-                    raise ChatforgeError(f"{where}: answer: {answer!r} is not one of the choices")
-                answer = choices.index(answer)
-            elif not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-                raise ChatforgeError(f"{where}: answer: expected a choice index 0..{len(choices) - 1} or the "
-                                     f"choice's text, got {answer!r}")
-            items.append({"question": q, "choices": choices, "answer": answer})
+    for where, item in read_jsonl(path, "question, choices, answer"):
+        q, choices, answer = item.get("question"), item.get("choices"), item.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            raise ChatforgeError(f"{where}: question: expected a non-empty string")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise ChatforgeError(f"{where}: choices: expected a list of at least two non-empty strings")
+        if isinstance(answer, str):
+            if answer not in choices:
+                raise ChatforgeError(f"{where}: answer: {answer!r} is not one of the choices")
+            answer = choices.index(answer)
+        elif not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise ChatforgeError(f"{where}: answer: expected a choice index 0..{len(choices) - 1} or the "
+                                 f"choice's text, got {answer!r}")
+        items.append({"question": q, "choices": choices, "answer": answer})
     if not items:
         raise ChatforgeError(f"{path}: no questions")
     return items

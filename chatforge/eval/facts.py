@@ -11,11 +11,11 @@ not in Chinese.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 
 from chatforge.data.report import script_language
 from chatforge.errors import ChatforgeError
+from chatforge.io import read_jsonl
 
 
 def normalise(text: str) -> str:
@@ -31,39 +31,25 @@ def fact_ok(reply: str, expect: list[str]) -> bool:
 
 def read_facts(path: str) -> list[dict]:
     """The questions of a fact file, validated line by line (file:line: field: reason)."""
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise ChatforgeError(f"{path}: file not found") from None
     items = []
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ChatforgeError(f"{where}: expected an object with messages and expect")
-            messages, expect = obj.get("messages"), obj.get("expect")
-            if (not isinstance(messages, list) or not messages
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
-                raise ChatforgeError(f"{where}: messages: expected a list of {{role, content}} objects")
-            if messages[-1].get("role") != "user":
-                raise ChatforgeError(f"{where}: messages: the last message must be the user's question")
-            if isinstance(expect, str):
-                expect = [expect]
-            if not isinstance(expect, list) or not expect or not all(isinstance(e, str) and e.strip() for e in expect):
-                raise ChatforgeError(f"{where}: expect: expected a non-empty list of non-empty strings")
-            lang = obj.get("lang")
-            if lang is None:
-                lang = "zh" if script_language(messages[-1]["content"]) == "chinese" else "en"
-            elif not isinstance(lang, str) or not lang:
-                raise ChatforgeError(f"{where}: lang: expected a language code such as en or zh")
-            items.append({"messages": messages, "expect": expect, "lang": lang, "fact": obj.get("fact"),
-                          "where": where})
+    for where, obj in read_jsonl(path, "messages and expect"):
+        messages, expect = obj.get("messages"), obj.get("expect")
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+            raise ChatforgeError(f"{where}: messages: expected a list of {{role, content}} objects")
+        if messages[-1].get("role") != "user":
+            raise ChatforgeError(f"{where}: messages: the last message must be the user's question")
+        if isinstance(expect, str):
+            expect = [expect]
+        if not isinstance(expect, list) or not expect or not all(isinstance(e, str) and e.strip() for e in expect):
+            raise ChatforgeError(f"{where}: expect: expected a non-empty list of non-empty strings")
+        lang = obj.get("lang")
+        if lang is None:
+            lang = "zh" if script_language(messages[-1]["content"]) == "chinese" else "en"
+        elif not isinstance(lang, str) or not lang:
+            raise ChatforgeError(f"{where}: lang: expected a language code such as en or zh")
+        items.append({"messages": messages, "expect": expect, "lang": lang, "fact": obj.get("fact"),
+                      "where": where})
     if not items:
         raise ChatforgeError(f"{path}: no questions")
     return items
