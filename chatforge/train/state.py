@@ -15,7 +15,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.io import atomic_write_text
+from chatforge.io import atomic_folder, atomic_write_text
 
 LATEST = "latest.json"
 
@@ -78,28 +77,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_dir():
-            _fsync_tree(f)
-            continue
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                trainer: dict, dist=None) -> Path:
     """Write step-N atomically, point latest.json at it, then delete older steps. Returns the step folder.
 
     dist (distributed.Dist): every rank calls this; weights and optimizer go into a DCP folder (dcp/) that each rank
     writes its shards into, and rank 0 alone writes the rest, renames and moves latest.json."""
-    from safetensors.torch import save_file
-
     state_dir = Path(state_dir)
     main = dist is None or dist.main
     if main:
@@ -109,34 +92,11 @@ def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, 
     while (state_dir / name).exists():  # the same step saved again (end of a run): never touch the one in use
         name, k = f"step-{step:07d}-{k}", k + 1
     final = state_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=state_dir)) if main else None
-    if dist is not None:
-        import torch.distributed as td
-
-        shared = [str(tmp) if main else None]
-        td.broadcast_object_list(shared, src=0)
-        tmp = Path(shared[0])
-    try:
-        if dist is not None:
-            from chatforge.train.distributed import save_checkpoint
-
-            save_checkpoint(tmp / "dcp", model, optimizer)
-            opt_meta = {"dcp": True}
-        else:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        if main:
-            rng_tensors, rng_meta = rng_state()
-            save_file(rng_tensors, str(tmp / "rng.safetensors"))
-            (tmp / "trainer.json").write_text(json.dumps(trainer | {"step": step, "optimizer": opt_meta,
-                                                                    "rng": rng_meta}))
-            _fsync_tree(tmp)
-            os.replace(tmp, final)
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if main:
+        with atomic_folder(final, replace=False) as tmp:  # the one folder writer: complete or absent
+            _write_state(_shared_path(tmp, dist), step, model, optimizer, trainer, dist, main)
+    else:
+        _write_state(_shared_path(None, dist), step, model, optimizer, trainer, dist, main)
     if not main:
         return final
     atomic_write_text(state_dir / LATEST, json.dumps({"step": step, "path": name}) + "\n")
@@ -144,6 +104,36 @@ def save_state(state_dir: str | os.PathLike, step: int, model: torch.nn.Module, 
         if old.name != name and (old.name.startswith("step-") or old.name.startswith(".step-")):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _shared_path(tmp: Path | None, dist) -> Path:
+    """Rank 0's temporary step folder, told to every rank (DCP writes each rank's shards into it)."""
+    if dist is None:
+        return tmp
+    import torch.distributed as td
+
+    shared = [str(tmp) if tmp is not None else None]
+    td.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
+
+
+def _write_state(tmp: Path, step: int, model, optimizer, trainer: dict, dist, main: bool) -> None:
+    from safetensors.torch import save_file
+
+    if dist is not None:
+        from chatforge.train.distributed import save_checkpoint
+
+        save_checkpoint(tmp / "dcp", model, optimizer)  # collective: returns once every rank has written
+        opt_meta = {"dcp": True}
+    else:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    if main:
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(trainer | {"step": step, "optimizer": opt_meta,
+                                                                "rng": rng_meta}))
 
 
 def latest_state(state_dir: str | os.PathLike) -> Path | None:
