@@ -1,5 +1,7 @@
 """Fixtures shared by several test modules."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,101 @@ def memorized_model(tok, conversations=CONVERSATIONS):
         loss.backward()
         opt.step()
     raise AssertionError("the tiny model did not memorize the replies")
+
+
+# Tiny Hugging Face models and folders of each family and a help-desk chat tokenizer, shared by tests/weights
+# (`from conftest import hf_folder, chat_tokenizer, assert_transformers_agrees`).
+HELPDESK_TEXTS = ["The printer is offline again.", "Restart the router and try once more.", "How do I reset my password?",
+         "Click settings, then accounts, then reset.", "Thanks, that worked!", "The screen stays black."] * 20
+CHAT = [{"role": "system", "content": "You are a help desk."}, {"role": "user", "content": "My printer is offline."},
+        {"role": "assistant", "content": "Restart the router."}, {"role": "user", "content": "Still offline!"}]
+
+HF_CONFIGS = {  # tiny random models of each family, as transformers builds them
+    "gpt2": ("GPT2Config", dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)),
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                                  rope_theta=5000.0)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      sliding_window=16, tie_word_embeddings=False)),
+}
+
+
+def chat_tokenizer():
+    """A small ChatML tokenizer, as a chat model ships."""
+    from chatforge.tokenizer import train_tokenizer
+
+    return train_tokenizer(HELPDESK_TEXTS, vocab_size=320)
+
+
+def base_tokenizer_folder(folder: Path) -> Path:
+    """A GPT-2-style base tokenizer written by transformers: byte-level BPE, <|endoftext|>, no chat template."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(HELPDESK_TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+def hf_model(family: str, vocab_size: int, seed: int = 0):
+    """A transformers model with random weights, norms and biases perturbed so no mapping hides behind 1s and 0s."""
+    import transformers
+
+    name, kw = HF_CONFIGS[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, name)(vocab_size=vocab_size, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "ln_" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def hf_folder(tmp_path: Path, family: str, tokenizer=None, **save_kw) -> tuple[Path, object]:
+    """A folder written by transformers' save_pretrained (model and tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = tokenizer or chat_tokenizer()
+    staging, src = tmp_path / f"{family}-tok", tmp_path / f"{family}-hf"
+    tokenizer.save(str(staging))
+    model = hf_model(family, tokenizer.vocab_size)
+    model.save_pretrained(src, **save_kw)
+    AutoTokenizer.from_pretrained(staging).save_pretrained(src)
+    return src, model
+
+
+def ids(n: int, vocab: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def assert_transformers_agrees(folder: Path, model, tokenizer_ids: list[int] | None = None, tol: float = 1e-4) -> None:
+    """transformers' AutoModelForCausalLM and AutoTokenizer read `folder` as chatforge does (item 5: export)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatforge.tokenizer import Tokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    x = ids(24, min(model.config.vocab_size, hf.config.vocab_size))
+    with torch.no_grad():
+        assert max_diff(hf(x).logits, model(x)) <= tol
+    ours = Tokenizer.load(str(folder))
+    theirs = AutoTokenizer.from_pretrained(folder)
+    expected = ours.render(CHAT, add_generation_prompt=True)[0]
+    got = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(got) == expected
+    if tokenizer_ids is not None:
+        assert expected == tokenizer_ids

@@ -18,7 +18,7 @@ from chatforge.weights.folder import load_model, save_model
 from chatforge.weights.loader import load
 from chatforge.weights.lora import apply_lora, save_adapter
 from test_gguf import tiny_hf_model, write_gguf
-from test_loader import chat_tokenizer, hf_folder
+from conftest import chat_tokenizer, hf_folder
 from test_lora import base_folder
 
 

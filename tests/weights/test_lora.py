@@ -16,7 +16,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.weights.lora import apply_lora, freeze, load_adapter, resolve_adapter, save_adapter
 from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.weights.loader import load
-from test_loader import CHAT, assert_transformers_agrees, base_tokenizer_folder, chat_tokenizer, ids, max_diff
+from conftest import CHAT, assert_transformers_agrees, base_tokenizer_folder, chat_tokenizer, ids, max_diff
 
 FAMILIES = {
     "gpt2": dict(family="gpt2", norm="layernorm", positions="learned", mlp="gelu", activation="gelu_tanh",
