@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import socket
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,3 +200,13 @@ def assert_transformers_agrees(folder: Path, model, tokenizer_ids: list[int] | N
     assert list(got) == expected
     if tokenizer_ids is not None:
         assert expected == tokenizer_ids
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Sockets disabled: nothing in chatforge.privacy may open a network connection (tests/privacy use it)."""
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a privacy test")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -17,6 +17,8 @@ from chatforge.privacy.crypto import (
     key_from_env, key_from_file, key_from_passphrase, read_file,
 )
 
+pytestmark = pytest.mark.usefixtures("no_network")  # nothing here may open a connection
+
 CHUNK = 64
 HEADER = 6 + 1 + 4 + 32 + 7 + 16  # key-encrypted files
 FAST_ARGON = (64, 1, 1)  # tests only: 64 KiB, one pass

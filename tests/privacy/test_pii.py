@@ -10,6 +10,8 @@ from chatforge.privacy.pii import (
     TYPES, Redactor, Scrubber, card_ok, cn_id_ok, find_entities, iban_ok, phone_e164, scrub_text,
 )
 
+pytestmark = pytest.mark.usefixtures("no_network")  # nothing here may open a connection
+
 ENTITIES = [
     ("EMAIL", "Write to john.smith@example.org today.", "john.smith@example.org"),
     ("EMAIL", "邮箱zhangwei@163.com，谢谢", "zhangwei@163.com"),

@@ -8,6 +8,8 @@ import pytest
 from chatforge.data.prepare import prepare
 from chatforge.errors import ChatforgeError
 
+pytestmark = pytest.mark.usefixtures("no_network")  # nothing here may open a connection
+
 
 def _write(path, texts):
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u},
