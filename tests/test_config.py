@@ -30,7 +30,7 @@ def test_config_errors_name_the_file_line_and_field(tmp_path):
     assert error(p, "stage: sft\nmax_steps: lots\n") == f"{p}:2: max_steps: expected an integer, got 'lots'"
     assert error(p, "model:\n  preset: nano\n  n_layers: 3\n") == \
         f"{p}:3: model.n_layers: unknown model field (did you mean 'n_layer'?)"
-    assert error(p, "stage: finetune\n") == f"{p}:1: stage: must be one of pretrain, sft, got 'finetune'"
+    assert error(p, "stage: finetune\n") == f"{p}:1: stage: must be one of pretrain, sft, dpo, reward, got 'finetune'"
     with pytest.raises(ChatforgeError, match=r"^override 'lrate=1': lrate: unknown config key \(did you mean 'lr'\?\)$"):
         load_config(None, ["lrate=1"])
     with pytest.raises(ChatforgeError, match=r"^override 'lr=nan': lr: must be a finite"):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import replace
+from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from chatforge.generation.engine import Delta
@@ -125,7 +126,9 @@ def check_texts(service, texts: list[str]) -> tuple[list[str], object | None]:
 # -- /v1/moderations --------------------------------------------------------------------------------------------
 
 class ModerationRequest(BaseModel):
-    input: str | list[str] = Field(description="The text, or texts, to classify.")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as strict as the other request bodies
+
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(description="The text, or texts, to classify.")
     model: str | None = Field(None, description="Ignored: this server has one moderation model.")
 
 
@@ -144,8 +147,16 @@ class ModerationResponse(BaseModel):
 router = APIRouter()
 
 
-@router.post("/v1/moderations", responses={200: {"model": ModerationResponse, "description": "One result per input"}},
-             response_model=None)
+def _error_doc(text: str) -> dict:
+    from chatforge.serve.schemas import ErrorResponse
+
+    return {"model": ErrorResponse, "description": text}
+
+
+@router.post("/v1/moderations", response_model=None, responses={
+    200: {"model": ModerationResponse, "description": "One result per input"},
+    400: _error_doc("Invalid input, or a server running without the guard"), 401: _error_doc("Missing or wrong API key"),
+    413: _error_doc("Request body too large"), 429: _error_doc("Too many requests in progress; retry later")})
 async def moderations(request: Request):
     from starlette.concurrency import run_in_threadpool
 

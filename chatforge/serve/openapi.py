@@ -7,7 +7,8 @@ requests naming the served model; with an API key every route but /health is mar
 
 from __future__ import annotations
 
-BODIES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest"}
+BODIES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest",
+          "/v1/moderations": "ModerationRequest"}
 
 
 def _examples(max_tokens_cap: int, max_n: int) -> dict[str, dict]:
@@ -33,11 +34,13 @@ def build_openapi(app, service, api_key: str | None) -> dict:
     from pydantic.json_schema import models_json_schema
 
     from chatforge.serve import schemas
+    from chatforge.serve.moderation import ModerationRequest
 
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     _, defs = models_json_schema([(service.ChatRequest, "validation"), (service.CompletionRequest, "validation"),
+                                  (ModerationRequest, "validation"),
                                   (schemas.ChatCompletionChunk, "serialization"),
                                   (schemas.CompletionChunk, "serialization")],
                                  ref_template="#/components/schemas/{model}")
@@ -47,7 +50,7 @@ def build_openapi(app, service, api_key: str | None) -> dict:
         schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{name}"},
             "examples": {key: {"value": {"model": service.model_name} | value}
-                         for key, value in examples[path].items()}}}}
+                         for key, value in examples.get(path, {}).items()}}}}
     for path in schema.get("paths", {}).values():
         for op in path.values():
             op.get("responses", {}).pop("422", None)

@@ -691,7 +691,7 @@ BAD_INPUTS = [
     ("unknown-language", {}, ["builtin:klingon"], "builtin:klingon: unknown corpus or language 'klingon'; available: chitchat, chatterbot, …chinese…english…"),
     ("unknown-category", {}, ["builtin:english/cooking"], "builtin:english/cooking: unknown category 'cooking' for english; available: ai, …"),
     ("unknown-format", {"d.jsonl": jsonl(conv("a", "b"))}, ["d.jsonl", "--format", "xml"],
-     "unknown format 'xml'; expected one of messages, sharegpt, alpaca, chatterbot, csv, text"),
+     "unknown format 'xml'; expected one of messages, sharegpt, alpaca, chatterbot, csv, text, preference"),
     ("format-messages-on-yaml", {"x.yml": "conversations:\n- - a\n  - b\n"}, ["x.yml", "--format", "messages"],
      "x.yml: format 'messages' is read from JSON or JSONL files, not YAML"),
     ("wrong-format-override", {"d.jsonl": jsonl(conv("a", "b"))}, ["d.jsonl", "--format", "alpaca"], "d.jsonl:1: missing field 'instruction'"),
