@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from chatforge import load
 from chatforge.cli import main
 from chatforge.data import load_dataset
@@ -20,6 +22,7 @@ def test_dev_and_test_splits_are_disjoint_from_training():
     assert (len(raw), duplicates) == (249, 115)  # the 1.62 reference's test set mostly repeats its training set
 
 
+@pytest.mark.slow
 def test_quickstart_trains_a_chat_model_that_replies_as_reported(tmp_path, capsys, one_thread):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--minutes", "1.5"]) == 0

@@ -62,6 +62,7 @@ def test_search_block_is_stripped_and_errors_keep_their_line(tmp_path):
         load_train_yaml(str(bad))
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_study_then_a_killed_search_resumes(tmp_path, capsys):
     cfg = write_config(tmp_path)
     out = tmp_path / "study"

@@ -226,6 +226,7 @@ def _losses(out: Path) -> list[tuple]:
     return [(m["step"], m["loss"], m.get("val_loss"), m["lr"]) for m in rows]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path):
     """A run SIGKILLed mid-training and resumed logs the same losses at the same steps as an uninterrupted one."""
     data = write_dataset(tmp_path)

