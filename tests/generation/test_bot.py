@@ -114,6 +114,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_generate_command(folder, capsys):
     r = run_cli("generate", folder, "--prompt", "hello", "--max-new-tokens", "40")
     assert (r.returncode, r.stdout) == (0, REPLY + "\n"), r.stderr
@@ -132,6 +133,7 @@ def test_generate_command(folder, capsys):
     assert "not a model folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chat_command_with_piped_stdin(folder):
     script = "/system Be brief\nhello\nhello\n/reset\nhello\n/bogus\n" + "count " * 60 + "\n/exit\nhello\n"
     r = run_cli("chat", folder, "--temperature", "0", "--max-new-tokens", "20", stdin=script)
@@ -171,6 +173,7 @@ def test_one_prompt_budget_check_and_message(bot):
     assert str(e.value).endswith("leave no room for a reply in the context window of 128 tokens; shorten the prompt")
 
 
+@pytest.mark.slow
 def test_generate_n_prints_each_sample_with_its_own_finish(folder):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "chatforge.cli", "generate", folder, "--prompt", "count", "--n", "3",
@@ -182,6 +185,7 @@ def test_generate_n_prints_each_sample_with_its_own_finish(folder):
     assert re.fullmatch("".join(sample.format(i) for i in (1, 2, 3)) + stats, r.stdout), r.stdout
 
 
+@pytest.mark.slow
 def test_chat_reads_a_multiline_block_as_one_message(folder):
     script = '"""\ncount\n\ncount"""\n"""count"""\n'
     r = run_cli("chat", folder, "--max-new-tokens", "8", stdin=script)
@@ -231,6 +235,7 @@ def _chat_in_a_terminal(folder: str, keys: list[bytes]) -> str:
     return shown.decode("utf-8", errors="replace")
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal_reads_a_long_paste_whole(folder, bot):
     """A terminal without readline hands over 4095 bytes of a line and drops the rest; the chat sees all of it."""
     long = "count " * 7000  # 42,000 characters

@@ -400,6 +400,7 @@ def test_cli_refuses_public_bind_without_key(models):
     assert err.startswith("error: serve: refusing to listen on 0.0.0.0 without an API key")
 
 
+@pytest.mark.slow
 def test_cli_serves_with_key_from_environment(models):
     import socket
 

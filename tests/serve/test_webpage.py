@@ -13,6 +13,8 @@ import pytest
 
 from serve_support import REPLIES, build_models, serve
 
+pytestmark = pytest.mark.slow  # a real browser: the full suite runs it, the fast subset does not
+
 CHROMIUM = os.environ.get("CHATFORGE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
