@@ -27,7 +27,6 @@ the loop restores the RNG, optimizer and weights.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path

@@ -13,7 +13,7 @@ from chatforge.data.canaries import Canary, canaries_to_json, make_canaries
 from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.tokenizer import train_tokenizer
 from chatforge.tools.audit import (
-    canary_exposure, canary_extraction, exposure_exact, exposure_skewnorm, rank_of, score_sequences,
+    canary_exposure, canary_extraction, exposure_exact, exposure_skewnorm, rank_of,
 )
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from chatforge.config import load_config
 from chatforge.data.preference import encode_pairs
