@@ -17,6 +17,7 @@ import argparse
 import random
 import time
 
+from chatforge.commands.guard import loso_table as format_loso
 from chatforge.guard.lexicon import DEFAULT_LEXICON, default_lexicon
 from chatforge.guard.moderation import DATA, clean_prompts, evaluate, packaged_sources, read_lines, source_files
 
@@ -88,12 +89,7 @@ def loso_table() -> None:
     print(f"packages: {source_files()}; groups: { {g: len(v) for g, v in groups.items()} }")
     overrefusal = {"en": read_lines(DATA / "overrefusal_en.txt"), "zh": read_lines(DATA / "overrefusal_zh.txt")}
     report = evaluate(groups, clean_prompts(), overrefusal)
-    print(f"{'held out':<22}{'n':>6}{'recall':>8}{'F1':>7}{'clean FP':>10}{'over EN':>9}{'over ZH':>9}")
-    for row in report["rows"]:
-        print(f"{row['held_out']:<22}{row['n']:>6}{row['recall']:>8.1%}{row['f1']:>7.3f}{row['clean_fp']:>10.2%}"
-              f"{row['overrefusal_en']:>9.1%}{row['overrefusal_zh']:>9.1%}")
-    pooled = report["pooled"]
-    print(f"{'pooled':<22}{'':>6}{pooled['recall']:>8.1%}{pooled['f1']:>7.3f}{pooled['clean_fp']:>10.2%}")
+    print(format_loso(report))
 
 
 def main() -> None:

@@ -64,14 +64,20 @@ def _calibrate(name: str, data: str, n: int, quantile: float) -> None:
     print(f"wrote {path}")
 
 
+def loso_table(report: dict) -> str:
+    """The leave-one-source-out moderation table (held-out recall, F1, false positives, over-refusal)."""
+    lines = [f"{'held out':<22}{'n':>6}{'recall':>8}{'F1':>7}{'clean FP':>10}{'over EN':>9}{'over ZH':>9}"]
+    for row in report["rows"]:
+        lines.append(f"{row['held_out']:<22}{row['n']:>6}{row['recall']:>8.1%}{row['f1']:>7.3f}"
+                     f"{row['clean_fp']:>10.2%}{row.get('overrefusal_en', 0):>9.1%}{row.get('overrefusal_zh', 0):>9.1%}")
+    pooled = report["pooled"]
+    lines.append(f"{'pooled':<22}{'':>6}{pooled['recall']:>8.1%}{pooled['f1']:>7.3f}{pooled['clean_fp']:>10.2%}")
+    return "\n".join(lines)
+
+
 def _train(out: str | None, max_fp: float) -> None:
     from chatforge.guard.moderation import DEFAULT_MODEL, train_default
 
     model, report = train_default(out or DEFAULT_MODEL, max_fp=max_fp)
-    print(f"{'held out':<22}{'n':>6}{'recall':>8}{'F1':>7}{'clean FP':>10}{'over EN':>9}{'over ZH':>9}")
-    for row in report["rows"]:
-        print(f"{row['held_out']:<22}{row['n']:>6}{row['recall']:>8.1%}{row['f1']:>7.3f}{row['clean_fp']:>10.2%}"
-              f"{row.get('overrefusal_en', 0):>9.1%}{row.get('overrefusal_zh', 0):>9.1%}")
-    pooled = report["pooled"]
-    print(f"{'pooled':<22}{'':>6}{pooled['recall']:>8.1%}{pooled['f1']:>7.3f}{pooled['clean_fp']:>10.2%}")
+    print(loso_table(report))
     print(f"wrote {out or DEFAULT_MODEL} (threshold {model.threshold:.3f})")
