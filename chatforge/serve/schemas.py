@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer
 
 from chatforge.serve.tool_schemas import ResponseFormat, ToolCall, ToolCallDelta, ToolCallIn, ToolChoice, ToolDef
 
@@ -56,7 +56,19 @@ Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)] | None
 TopP = Annotated[float, Field(ge=0.0, le=1.0)] | None
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
-Seed = Annotated[int, Field(ge=-INT64, lt=INT64)] | None
+
+
+def _integral(v):
+    """JSON Schema's integer includes 5.0 (JSON has one number type); strict pydantic alone would refuse it."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def integer(**bounds):
+    """An int field with these bounds in its schema that also takes integral floats."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+Seed = integer(ge=-INT64, lt=INT64) | None
 Empty = Annotated[dict[str, float], Field(max_length=0)] | None
 
 
@@ -69,11 +81,40 @@ class TextPart(Strict):
     text: Text
 
 
-class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer is OpenAI's newer name for system
-    content: Text | list[TextPart] | None = None  # None only beside tool_calls (serve/tools.py checks)
+Content = Text | list[TextPart]
+
+
+class SystemMessage(Strict):
+    role: Literal["system", "developer"]  # developer is OpenAI's newer name for system
+    content: Content
+
+
+class UserMessage(Strict):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantTurn(Strict):
+    """An earlier assistant turn sent back: text, tool calls, or both (neither is refused in serve/tools.py)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}}]})
+
+    role: Literal["assistant"]
+    content: Content | None = None
     tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: Text | None = None
+
+
+class ToolMessage(Strict):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: Text
+
+
+# One model per role, as in OpenAI's own schema: what each role needs is in the published schema, not only in a 400.
+Message = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class StreamOptions(Strict):
@@ -82,8 +123,8 @@ class StreamOptions(Strict):
 
 def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseModel], type[BaseModel]]:
     """(ChatCompletionRequest, CompletionRequest) with this server's caps in their schema."""
-    MaxTokens = Annotated[int, Field(ge=1, le=max_tokens_cap)] | None
-    N = Annotated[int, Field(ge=1, le=max_n)] | None
+    MaxTokens = integer(ge=1, le=max_tokens_cap) | None
+    N = integer(ge=1, le=max_n) | None
 
     class Sampling(Strict):
         """The generation parameters both endpoints take."""
@@ -104,7 +145,7 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         messages: Annotated[list[Message], Field(min_length=1)]
         max_completion_tokens: MaxTokens = None
         logprobs: bool | None = None
-        top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+        top_logprobs: integer(ge=0, le=20) | None = None
         user: Text | None = None
         safety_identifier: Text | None = None
         service_tier: Literal["auto", "default"] | None = None
@@ -128,7 +169,7 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         prompt: Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)] | Annotated[
             list[Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]],
             Field(min_length=1, max_length=max_n)]
-        logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+        logprobs: integer(ge=0, le=5) | None = None
         user: Text | None = None
         best_of: N = None
         echo: Literal[False] | None = None
@@ -362,11 +403,13 @@ def event_stream_schema(chunk: str) -> dict:
 def _param(loc: tuple) -> str:
     """('messages', 0, 'content') -> 'messages[0].content', dropping pydantic's union-branch tags."""
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
         elif any(c in part for c in "[]-(,") or part in ("str", "int", "float", "bool", "none"):
             continue  # e.g. 'list[TextPart]', 'function-after[...]': which branch of a union was tried
+        elif part in ROLES and i >= 2 and loc[i - 2] == "messages" and isinstance(loc[i - 1], int):
+            continue  # the role tag of messages[i]'s per-role model
         else:
             out += ("." if out else "") + part
     return out
@@ -400,6 +443,12 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "missing":
         return f"Missing required parameter: '{param}'.", param
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        param = f"{param}.role"
+        if kind == "union_tag_not_found":
+            return f"Missing required parameter: '{param}'.", param
+        return (f"Invalid value for '{param}': {_short(e['ctx'].get('tag'))} is not one of "
+                f"{', '.join(repr(r) for r in ROLES)}."), param
     if kind == "literal_error" and param and param.endswith(".type") and ".content[" in param:
         return (f"Invalid value for '{param}': only text content parts are supported, got "
                 f"{_short(e.get('input'))}."), param

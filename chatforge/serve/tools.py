@@ -70,18 +70,12 @@ def chat_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         content = _content(m)
         d: dict = {"role": "system" if m.role == "developer" else m.role, "content": content}
-        if m.tool_calls:
-            if m.role != "assistant":
-                raise APIError(400, f"Invalid value for 'messages[{i}].tool_calls': only assistant messages make "
-                                    f"tool calls.", f"messages[{i}].tool_calls", "invalid_request")
+        if m.role == "assistant" and m.tool_calls:
             d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-        elif content is None:
+        elif content is None:  # the schema lets only an assistant turn leave out its content, and only beside calls
             raise APIError(400, f"Missing required parameter: 'messages[{i}].content'.", f"messages[{i}].content",
                            "invalid_request")
         if m.role == "tool":
-            if not m.tool_call_id:
-                raise APIError(400, f"Missing required parameter: 'messages[{i}].tool_call_id'.",
-                               f"messages[{i}].tool_call_id", "invalid_request")
             d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out

@@ -198,6 +198,13 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+    ({"messages": [{"role": "system"}, {"role": "user", "content": "hi"}]}, "messages[0].content"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "?"}]},
+     "messages[1].content"),
+    ({"max_tokens": 5.5}, "max_tokens"),
     ({"n": 0}, "n"), ({"n": 5}, "n"), ({"n": "2"}, "n"),
     ({"max_tokens": 201}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
@@ -226,6 +233,13 @@ def test_unsupported_parameter_message_says_it_is_unsupported(chat_server):
     ok = post(chat_server, ask("hello", max_tokens=2) | {"tools": None, "response_format": {"type": "text"},
                                                         "logit_bias": {}, "modalities": ["text"]})
     assert ok.status_code == 200
+
+
+def test_integral_floats_are_integers(chat_server):
+    """JSON has one number type and JSON Schema's integer includes 2.0, which some clients send for 2."""
+    r = post(chat_server, ask("hello") | {"max_tokens": 2.0, "n": 1.0, "seed": 7.0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
 
 
 @pytest.mark.parametrize("body,status,code", [
