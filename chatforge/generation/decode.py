@@ -62,18 +62,20 @@ def _forward(model: torch.nn.Module):
     return getattr(model, COMPILED, model)
 
 
-def prefill(model: torch.nn.Module, cache, slot: int, prompt_ids: list[int], chunk: int = 512) -> torch.Tensor:
-    """Write the prompt's keys into cache row `slot`, `chunk` tokens per forward; logits (V,) of the last token."""
+def prefill(model: torch.nn.Module, cache, slot: int, prompt_ids: list[int], chunk: int = 512,
+            start: int = 0) -> torch.Tensor:
+    """Write the prompt's keys from position `start` on (the row holds the ones before: a reused prefix or an
+    earlier chunk) into cache row `slot`, `chunk` tokens per forward; logits (V,) of the last token."""
     device = cache.k.device
     n = len(prompt_ids)
     cache.use_rows([slot])
     cache.reserve(n)
-    ids = torch.tensor([prompt_ids], device=device)
+    ids = torch.tensor([prompt_ids[start:]], device=device)
     logits = None
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        pos = torch.arange(start, end, device=device)[None]
-        logits = model(ids[:, start:end], position_ids=pos, cache=cache, kv_len=end, last_only=True)
+    for begin in range(start, n, chunk):
+        end = min(n, begin + chunk)
+        pos = torch.arange(begin, end, device=device)[None]
+        logits = model(ids[:, begin - start:end - start], position_ids=pos, cache=cache, kv_len=end, last_only=True)
     return logits[0, 0]
 
 

@@ -129,6 +129,12 @@ class KVCache:
             self.v[:, :, :, self._zeroed:end].zero_()
             self._zeroed = end
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the keys/values of positions 0..length-1 from row `src` to row `dst` in place (prefix caching; not
+        for a ring, whose row holds only the last `window` positions)."""
+        self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+        self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+
     def use_rows(self, slots: list[int]) -> None:
         """Run the next forwards on these cache rows; a prefix 0..B-1 reads without a gather."""
         self.rows = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.k.device)
