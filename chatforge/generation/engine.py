@@ -2,10 +2,19 @@
 
 The CLI chat, the Python API (chat.Bot), evaluation and the server all generate through `Engine`. Requests wait in
 a queue, take a free slot (one row of a shared KV cache) when one opens, and leave at the token boundary where they
-finish, so a batch is never held up by its longest member. Each step prefills newly admitted prompts one at a time
-(the prompt's keys depend only on the prompt) and runs one decode forward for all other running rows, so a request's
-tokens depend on its batch neighbours only through float rounding of the batched matmuls (measured: < 1e-6 on the
-logits). Sampling uses each request's own torch.Generator, so a seeded request gives the same text whatever else runs.
+finish, so a batch is never held up by its longest member. Each step runs one decode forward for all running rows
+that have a token to feed, then prefills admitted prompts, one at a time (the prompt's keys depend only on the
+prompt), so a request's tokens depend on its batch neighbours only through float rounding of the batched matmuls
+(measured: < 1e-6 on the logits). Sampling uses each request's own torch.Generator, so a seeded request gives the
+same text whatever else runs.
+
+Chunked prefill: a step prefills at most `prefill_chunk` prompt tokens in all, so a long prompt is written over
+several steps while the running streams still get one token in every step. Prefix caching: a cache row keeps the
+keys of its last occupant (prompt and reply) after it finishes; a new prompt takes the free row holding the longest
+common token prefix (or gets that prefix copied from a running row) and prefills only the rest, so a shared system
+prompt or a conversation's earlier turns are prefilled once. The keys of a position depend only on the tokens up to
+it, so the reused keys are the ones a fresh prefill would write, up to float rounding. A sliding-window model's ring
+rows hold only the last `window` positions: they are never reused.
 
 Text is streamed through the tokenizer's UTF-8-safe decoder and a stop-string hold-back: text that could still turn
 out to be the start of a stop string is held until it can't, so a stop string (or a prefix of one) never reaches the
@@ -28,6 +37,7 @@ from chatforge.generation.constraint import Constraint
 from chatforge.tokenizer import token_bytes
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the attention scores' memory for long prompts
+PREFILL_PER_STEP = 256  # default prompt tokens prefilled per engine step (chunked prefill), across all prompts
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing logits by 1e-300 overflows to inf
 
@@ -131,11 +141,13 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.output_ids: list[int] = []
+        self.cached_tokens = 0  # prompt tokens whose keys were reused from another request (prefix cache)
         self.finished = False
         self.finish_reason: str | None = None
         self.text = ""  # everything streamed so far
         self._limit = limit  # new tokens allowed: max_new_tokens, or what is left of the context
         self._slot: int | None = None
+        self._prefilled = 0  # prompt positions whose keys are in the slot (reused prefix + prefilled chunks)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._generator = torch.Generator().manual_seed(seed)
         self._decoder = None  # the tokenizer's StreamDecoder, made on admission
@@ -224,7 +236,33 @@ def find_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists (binary search over C-speed slice compares)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 # ---------------------------------------------------------------- the engine
+
+@dataclass
+class EngineStats:
+    """Counters since the engine was made: what prefix caching and chunked prefill do (tests, benchmarks)."""
+
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    cached_tokens: int = 0  # of those, keys reused from another request's row (not prefilled)
+    prefill_tokens: int = 0  # prompt tokens run through prefill forwards
+    decode_tokens: int = 0  # rows of decode forwards
+    steps: int = 0
+
 
 class Engine:
     """Continuous-batching generator over one model and one KV cache of `max_batch_size` rows.
@@ -234,11 +272,15 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None, device=None,
-                 dtype=None):
+                 dtype=None, prefix_cache: bool = True, prefill_chunk: int | None = PREFILL_PER_STEP):
+        """prefix_cache: reuse the keys of a shared prompt prefix from another request's row. prefill_chunk: the
+        most prompt tokens prefilled per step (None: every admitted prompt whole, in the step that admits it)."""
         from chatforge.device import pick_device, resolve_dtype
 
         if max_batch_size < 1:
             raise ChatforgeError(f"engine: max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ChatforgeError(f"engine: prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
         param = next(model.parameters())
         self.device = param.device if device is None else (
             pick_device(device) if isinstance(device, str) else torch.device(device))
@@ -254,14 +296,19 @@ class Engine:
         if max_seq_len is not None and max_seq_len < 2:
             raise ChatforgeError(f"engine: max_seq_len must be >= 2, got {max_seq_len}")
         self._context = min(max_seq_len or model_len, model_len)
+        window = model.config.sliding_window
+        self.prefix_cache = prefix_cache and not (window and window < self._context)  # a ring row is not reusable
+        self.prefill_chunk = prefill_chunk
+        self.stats = EngineStats()
         # Sample only ids the tokenizer can decode (a model may pad its vocabulary past the tokenizer's).
         self._vocab = min(model.config.vocab_size, tokenizer.vocab_size)
         self._stop_ids = set(tokenizer.stop_ids)
         self._ids = itertools.count()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admitted, not finished
-        self._free = list(range(max_batch_size))
-        self._cache = None  # KVCache, grown on demand up to the context length
+        self._free = list(range(max_batch_size))  # least recently used first
+        self._held: list[Request | None] = [None] * max_batch_size  # whose keys each row holds (current or last)
+        self._cache = None  # KVCache, made on first use
         self._bytes: dict[int, bytes] = {}
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -307,20 +354,22 @@ class Engine:
         self._finish(request, "abort")
 
     def step(self) -> list[tuple[Request, Delta]]:
-        """Admit waiting requests into free slots (prefill), then decode one token for every running request.
+        """Admit waiting requests into free slots, decode one token for every running request past its prompt,
+        then prefill up to `prefill_chunk` prompt tokens.
 
-        Every running request gets exactly one new token (a newly admitted one from its prefill). Finished requests
-        leave the batch here, so their slots take waiting requests in the next step.
+        Every request past its prompt gets exactly one new token; one whose prompt is now fully written gets its
+        first. Finished requests leave the batch here, so their slots take waiting requests in the next step.
         """
         out: list[tuple[Request, Delta]] = []
         with torch.inference_mode():
-            decoding = list(self._running)
-            admitted = self._admit()
+            self.stats.steps += 1
+            self._admit()
+            decoding = sorted((r for r in self._running if r.output_ids), key=lambda r: r._slot)  # rows in order
             if decoding:
                 logits = self._decode(decoding)
                 for req, row in zip(decoding, logits):
                     out.append((req, self._next_token(req, row)))
-            for req, row in admitted:
+            for req, row in self._prefill_step():
                 out.append((req, self._next_token(req, row)))
         return out
 
@@ -379,25 +428,72 @@ class Engine:
                                   dtype=self.dtype)
         self._cache.reserve(length)
 
-    def _admit(self) -> list[tuple[Request, torch.Tensor]]:
-        admitted = []
+    def _admit(self) -> None:
+        """Give waiting requests free rows, each with whatever prefix of its prompt is cached (no forwards here)."""
         while self._waiting and self._free:
             req = self._waiting.popleft()
-            req._slot = self._free.pop(0)
+            self._ensure_cache(len(req.prompt_ids) + req._limit - 1)
+            req._slot, req._prefilled = self._place(req.prompt_ids)
+            req.cached_tokens = req._prefilled
+            self._held[req._slot] = req
             req._decoder = self.tokenizer.stream_decoder(skip_special=True)
             self._running.append(req)
-            admitted.append((req, self._prefill(req)))
-        return admitted
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            self.stats.cached_tokens += req._prefilled
 
-    def _prefill(self, req: Request) -> torch.Tensor:
-        """Write the prompt's keys into the request's slot; the logits for its first new token."""
-        n = len(req.prompt_ids)
-        self._ensure_cache(n + req._limit - 1)
-        logits = decode.prefill(self.model, self._cache, req._slot, req.prompt_ids, PREFILL_CHUNK)
-        return logits[: self._vocab].float().cpu()
+    def _place(self, prompt: list[int]) -> tuple[int, int]:
+        """A free row for `prompt` and how many of its first positions already hold its keys.
+
+        The longest common prefix with any row's keys wins (a free row on a tie: no copy); at least the last prompt
+        token is always prefilled, for the logits of the first new token. A prefix found in a running row, or in a
+        free row other than the one taken, is copied in place; otherwise the least recently used free row is taken.
+        """
+        if not self.prefix_cache:
+            return self._free.pop(0), 0
+        best_row, best = None, 0
+        for row, held in enumerate(self._held):
+            if held is None:
+                continue
+            n = min(common_prefix(self._keys_of(held), prompt), len(prompt) - 1)
+            if n > best or (n == best and n and row in self._free and best_row not in self._free):
+                best_row, best = row, n
+        if best and best_row in self._free:
+            self._free.remove(best_row)
+            return best_row, best
+        row = self._free.pop(0)
+        if best:
+            self._cache.copy_row(best_row, row, best)
+        return row, best
+
+    @staticmethod
+    def _keys_of(req: Request) -> list[int]:
+        """The ids whose keys a request has written into its row, position by position."""
+        if req._prefilled < len(req.prompt_ids):
+            return req.prompt_ids[: req._prefilled]
+        return req.prompt_ids + req.output_ids[:-1]  # the last sampled token is fed (written) by the next step
+
+    def _prefill_step(self) -> list[tuple[Request, torch.Tensor]]:
+        """Prefill up to `prefill_chunk` prompt tokens, oldest request first; (request, logits of its first new
+        token) for each prompt that is now fully written."""
+        budget = self.prefill_chunk or float("inf")
+        done = []
+        for req in [r for r in self._running if r._prefilled < len(r.prompt_ids)]:
+            if budget <= 0:
+                break
+            n = len(req.prompt_ids)
+            end = int(min(n, req._prefilled + budget))
+            logits = decode.prefill(self.model, self._cache, req._slot, req.prompt_ids[:end], PREFILL_CHUNK,
+                                    start=req._prefilled)
+            budget -= end - req._prefilled
+            self.stats.prefill_tokens += end - req._prefilled
+            req._prefilled = end
+            if end == n:
+                done.append((req, logits[: self._vocab].float().cpu()))
+        return done
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """One forward for all running rows: each feeds its last token at its own position into its own slot."""
+        self.stats.decode_tokens += len(reqs)
         logits = decode.step(self.model, self._cache, [r._slot for r in reqs], [r.output_ids[-1] for r in reqs],
                              [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs])
         return logits[:, : self._vocab].float().cpu()
@@ -444,8 +540,7 @@ class Engine:
         if req in self._running:
             self._running.remove(req)
         if req._slot is not None:
-            self._free.append(req._slot)
-            self._free.sort()
+            self._free.append(req._slot)  # its keys stay in the row for a later prompt that shares a prefix
             req._slot = None
 
     def _token_info(self, token_id: int) -> dict:
