@@ -60,6 +60,24 @@ def test_kv_cache_decoding_matches_full_forward(family):
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("n_kv_head,window", [(4, None), (2, None), (1, 6)])
+def test_bf16_decode_matches_an_fp32_full_forward(n_kv_head, window):
+    """Half-precision decode steps take decode_attention instead of the CPU flash kernel: same logits to bf16 error."""
+    config = ModelConfig(n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=64, vocab_size=97, max_seq_len=32,
+                         sliding_window=window)
+    model = GPT(config).eval()
+    half = GPT(config).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(config, batch_size=2, max_len=32, dtype=torch.bfloat16)
+        half(ids[:, :12], position_ids=torch.arange(12).expand(2, 12), cache=cache)
+        steps = [half(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache) for t in range(12, 20)]
+    assert (torch.cat(steps, 1).float() - full[:, 12:]).abs().max().item() <= 0.02
+
+
 def test_packed_conversations_do_not_attend_to_each_other():
     model = _random_model(FAMILIES["llama-gqa"])
     a = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(5))
