@@ -36,11 +36,9 @@ def _set(**flags) -> dict:
 def model_key(key_file: str | None, passphrase: bool):
     """The key for an encrypted model or dataset from --key-file / --passphrase; None leaves the choice to the
     loader (CHATFORGE_KEY when the folder is encrypted, nothing for a plain one)."""
-    if not key_file and not passphrase:
-        return None
-    from chatforge.commands.privacy import command_key
+    from chatforge.commands.privacy import given_key
 
-    return command_key(key_file, passphrase)
+    return given_key(key_file, passphrase)
 
 
 def load_bot(model: str, *, device: str, dtype: str | None, quantize: str | None, key_file: str | None,

@@ -100,6 +100,9 @@ def prepare(
     canary_digits: int = 6,
     scrub_pii: str | None = None,
     refusals: str | None = None,
+    key_file: str | None = None,
+    passphrase: bool = False,
+    encrypt: bool = False,
 ) -> dict:
     """Clean, de-duplicate and split conversations into train/val JSONL files with a report of what was dropped.
 
@@ -130,7 +133,12 @@ def prepare(
             (<EMAIL_1a2b3c4d5e>, keyed by CHATFORGE_PII_KEY, else by a key drawn for this run)
         refusals: a file of unsafe prompts ("category<TAB>prompt" lines, e.g. chatforge/guard/data/unsafe_zh.txt,
             or JSONL {prompt, category}); each is added as a conversation answered with a refusal in its language
+        key_file: key of encrypted inputs (NAME.cfenc from `chatforge encrypt`, decrypted in memory only; base64,
+            mode 0600); default: CHATFORGE_KEY. With an encrypted input every output file is encrypted too
+        passphrase: the inputs were encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for
+        encrypt: encrypt the output files (train.jsonl.cfenc, ...) with the key even when no input is encrypted
     """
+    from chatforge.commands.privacy import given_key
     from chatforge.data.prepare import PrepareOptions
     from chatforge.data.prepare import prepare as prepare_data
 
@@ -141,9 +149,12 @@ def prepare(
         canaries=canaries, canary_repeats=canary_repeats, canary_digits=canary_digits,
         scrub_pii=scrub_pii, refusals=refusals,
     )
-    report = prepare_data(inputs, out, options)
+    report = prepare_data(inputs, out, options, key=given_key(key_file, passphrase), encrypt=encrypt)
     print(format_report(report))
-    print(f"wrote {os.path.join(out, 'train.jsonl')} and {os.path.join(out, 'val.jsonl')}")
+    suffix = ".cfenc" if report.get("encrypted") else ""
+    print(f"wrote {os.path.join(out, 'train.jsonl' + suffix)} and {os.path.join(out, 'val.jsonl' + suffix)}"
+          + (" (encrypted; chatforge train reads them with the key in CHATFORGE_KEY or CHATFORGE_PASSPHRASE)"
+             if suffix else ""))
     if report.get("canaries"):
         c = report["canaries"]
         print(f"planted {c['canaries']} canaries ({c['records']} records, repeats {c['repeats']}) in train.jsonl; "

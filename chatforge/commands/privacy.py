@@ -27,6 +27,14 @@ def command_key(key_file: str | None, passphrase: bool, confirm: bool = False) -
     return crypto.key_from_passphrase(value)
 
 
+def given_key(key_file: str | None, passphrase: bool) -> crypto.Key | None:
+    """The key from --key-file / --passphrase, for a command that reads a model or a dataset that may be encrypted;
+    None leaves it to the reader (the environment's key when it meets an encrypted file, nothing for a plain one)."""
+    if not key_file and not passphrase:
+        return None
+    return command_key(key_file, passphrase)
+
+
 def encrypt_command(path: str, *, out: str, key_file: str | None = None, passphrase: bool = False,
                     chunk_size: int = crypto.DEFAULT_CHUNK) -> int:
     """Encrypt a file, or a folder (a model folder, a dataset) file by file as NAME.cfenc.

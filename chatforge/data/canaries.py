@@ -106,16 +106,26 @@ def canaries_to_json(canaries: list[Canary]) -> dict:
             "canaries": [asdict(c) for c in canaries]}
 
 
-def read_canaries(path: str) -> list[Canary]:
-    """canaries.json (or a prepared folder holding one) -> Canary list, each field checked."""
+def read_canaries(path: str, key=None) -> list[Canary]:
+    """canaries.json (or a prepared folder holding one) -> Canary list, each field checked; an encrypted one
+    (canaries.json.cfenc, as `prepare` writes beside encrypted data) decrypted in memory with `key`, else the
+    environment's."""
     import json
     import os
 
+    from chatforge.data.sources import data_key, is_encrypted_file
+    from chatforge.privacy.crypto import SUFFIX, decrypt_bytes
+
     if os.path.isdir(path):
         path = os.path.join(path, CANARY_FILE)
+        if not os.path.exists(path) and os.path.exists(path + SUFFIX):
+            path += SUFFIX
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        if is_encrypted_file(path):
+            data = json.loads(decrypt_bytes(path, data_key(key)))
+        else:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
     except FileNotFoundError:
         raise ChatforgeError(f"{path}: canary file not found") from None
     except (OSError, ValueError) as e:

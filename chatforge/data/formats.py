@@ -123,7 +123,10 @@ def check_readable(path: str, name: str | None = None) -> None:
         raise ChatforgeError(f"{name}: permission denied")
 
 
-def _read_bytes(path: str, name: str) -> bytes:
+def _read_bytes(path: str, name: str, data: bytes | None = None) -> bytes:
+    """The file's bytes; `data` when given (an encrypted file's plaintext, decrypted in memory: see data/sources.py)."""
+    if data is not None:
+        return data
     check_readable(path, name)
     try:
         with open(path, "rb") as f:
@@ -227,10 +230,12 @@ def _format_of(first: Any, name: str) -> str:
     raise ChatforgeError(f"{name}: cannot tell the format: the first record is a {_kind(first)}, expected an object")
 
 
-def detect_format(path: str, name: str | None = None) -> str:
-    """The format of a file: by extension, then for JSON/JSONL by the fields of the first record."""
+def detect_format(path: str, name: str | None = None, data: bytes | None = None) -> str:
+    """The format of a file: by extension, then for JSON/JSONL by the fields of the first record (of `data`, the
+    file's bytes, when given)."""
     name = name or path
-    check_readable(path, name)
+    if data is None:
+        check_readable(path, name)
     ext = _ext(path)
     if ext in YAML_EXTS:
         return "chatterbot"
@@ -239,9 +244,12 @@ def detect_format(path: str, name: str | None = None) -> str:
     if ext in TEXT_EXTS:
         return "text"
     if ext in JSONL_EXTS + JSON_EXTS:
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-            complete = not f.read(1)
+        if data is not None:
+            head, complete = data, True
+        else:
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+                complete = not f.read(1)
         first = _first_json_value(head.decode("utf-8", "replace").lstrip(_BOM))
         if first is None and not complete:  # the first record may be longer than the peek
             first = _first_json_value(_read_bytes(path, name).decode("utf-8", "replace").lstrip(_BOM))
@@ -280,14 +288,18 @@ def _jsonl_records(
             yield loc, Invalid(f"invalid JSON ({e.msg})")
 
 
-def _read_jsonl(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
-    check_readable(path, name)
+def _read_jsonl(path: str, name: str, encoding: str = "utf-8", data: bytes | None = None) -> Iterator[tuple[str, Any]]:
+    if data is None:
+        check_readable(path, name)
     if not _ascii_compatible(encoding):  # UTF-16 and the like: decode first, then split
-        text = _decode_strict(_read_bytes(path, name), name, encoding)
+        text = _decode_strict(_read_bytes(path, name, data), name, encoding)
         if isinstance(text, tuple):
             yield text
         else:
             yield from _jsonl_records(enumerate(text.split("\n"), 1), name)
+        return
+    if data is not None:
+        yield from _jsonl_records(enumerate(io.BytesIO(data), 1), name, encoding)
         return
     try:
         with open(path, "rb") as f:
@@ -296,9 +308,9 @@ def _read_jsonl(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple
         raise ChatforgeError(f"{name}: cannot read ({e.strerror})") from None
 
 
-def _read_json(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
+def _read_json(path: str, name: str, encoding: str = "utf-8", data: bytes | None = None) -> Iterator[tuple[str, Any]]:
     """A JSON array of records, a single record, or JSONL that happens to be named .json."""
-    text = _decode_strict(_read_bytes(path, name), name, encoding)
+    text = _decode_strict(_read_bytes(path, name, data), name, encoding)
     if isinstance(text, tuple):
         yield text
         return
@@ -319,14 +331,14 @@ def _read_json(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[
         yield f"{name}:record 1", doc
 
 
-def _read_yaml(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
+def _read_yaml(path: str, name: str, encoding: str = "utf-8", data: bytes | None = None) -> Iterator[tuple[str, Any]]:
     """chatterbot-corpus YAML: `conversations: [[prompt, reply, ...], ...]`.
 
     Read with the base loader, which keeps every scalar a string: `- 1984` stays "1984", `- yes` stays "yes".
     """
     import yaml
 
-    text = _decode_strict(_read_bytes(path, name), name, encoding)
+    text = _decode_strict(_read_bytes(path, name, data), name, encoding)
     if isinstance(text, tuple):
         yield text
         return
@@ -471,8 +483,9 @@ def _column_index(column: str, header: list[str] | None, name: str) -> int:
     return names.index(column.lower())
 
 
-def _read_csv(path: str, name: str, encoding: str, options: CsvOptions) -> Iterator[tuple[str, Any]]:
-    text = _decode_lenient(_read_bytes(path, name), encoding)
+def _read_csv(path: str, name: str, encoding: str, options: CsvOptions,
+              data: bytes | None = None) -> Iterator[tuple[str, Any]]:
+    text = _decode_lenient(_read_bytes(path, name, data), encoding)
     delimiter = options.delimiter or ("\t" if _ext(path) == ".tsv" else sniff_delimiter(text[: 1 << 16]))
     rows = _csv_rows(text, delimiter, name)
     head = [next(rows, None) for _ in range(51)]  # the first row and a sample to judge it by
@@ -508,11 +521,11 @@ def _read_csv(path: str, name: str, encoding: str, options: CsvOptions) -> Itera
             yield loc, row if picks is None else [row[picks[0]], row[picks[1]]]
 
 
-def _read_text(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
+def _read_text(path: str, name: str, encoding: str = "utf-8", data: bytes | None = None) -> Iterator[tuple[str, Any]]:
     """Plain text: each block of lines separated by a blank line is one record (a paragraph or document)."""
     block: list[str] = []
     start = 0
-    lines = _decode_lenient(_read_bytes(path, name), encoding).split("\n")
+    lines = _decode_lenient(_read_bytes(path, name, data), encoding).split("\n")
     for lineno, line in enumerate(lines + [""], 1):
         line = line.rstrip("\r")
         if line.strip():
@@ -531,9 +544,11 @@ def _read_text(path: str, name: str, encoding: str = "utf-8") -> Iterator[tuple[
 
 def read_records(
     path: str, fmt: str | None = None, *, name: str | None = None, encoding: str = "utf-8",
-    csv_options: CsvOptions | None = None,
+    csv_options: CsvOptions | None = None, data: bytes | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """Yield (location, raw record) for every record of one file; `name` is how the file is shown in locations.
+    `data`: the file's bytes, read instead of `path` (which then only gives the extension): an encrypted file's
+    plaintext, decrypted in memory.
 
     The container follows the format and the extension: chatterbot is YAML (or JSON), csv is CSV (tab-separated
     for .tsv, else the sniffed delimiter; a header row is yielded as `Header`), text is blank-line-separated blocks
@@ -543,21 +558,22 @@ def read_records(
     name = name or path
     check_format(fmt)
     check_encoding(encoding)
-    check_readable(path, name)
-    fmt = fmt or detect_format(path, name)
+    if data is None:
+        check_readable(path, name)
+    fmt = fmt or detect_format(path, name, data)
     ext = _ext(path)
     if fmt == "chatterbot":  # YAML, or JSON (which YAML reads too)
-        yield from _read_yaml(path, name, encoding)
+        yield from _read_yaml(path, name, encoding, data)
     elif fmt == "csv":
-        yield from _read_csv(path, name, encoding, csv_options or CsvOptions())
+        yield from _read_csv(path, name, encoding, csv_options or CsvOptions(), data)
     elif fmt == "text" and ext not in JSON_EXTS + JSONL_EXTS:
-        yield from _read_text(path, name, encoding)
+        yield from _read_text(path, name, encoding, data)
     elif ext in YAML_EXTS:
         raise ChatforgeError(f"{name}: format '{fmt}' is read from JSON or JSONL files, not YAML")
     elif ext in JSONL_EXTS:
-        yield from _read_jsonl(path, name, encoding)
+        yield from _read_jsonl(path, name, encoding, data)
     else:
-        yield from _read_json(path, name, encoding)
+        yield from _read_json(path, name, encoding, data)
 
 
 # ---------------------------------------------------------------------------------------------------------------

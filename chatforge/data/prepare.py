@@ -18,13 +18,15 @@ from chatforge.data.builtin import builtin_sources, is_builtin_spec
 from chatforge.data.clean import NORMAL_FORMS, clean, dedup, split
 from chatforge.data.formats import (
     SUPPORTED_EXTS, TEXT_EXTS, CsvOptions, check_encoding, check_format, check_readable, detect_format,
-    read_records,
 )
 from chatforge.data.preference import read_record
 from chatforge.data.report import Report
-from chatforge.data.sources import Source, read_sources
+from chatforge.data.sources import (
+    Source, data_key, is_encrypted_file, plain_view, read_data_file, read_sources,
+)
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_write_text
+from chatforge.privacy.crypto import SUFFIX as ENCRYPTED  # NAME.cfenc: how `chatforge encrypt` stores NAME
 from chatforge.privacy.pii import MODES as PII_MODES
 from chatforge.privacy.pii import Scrubber, pseudonym_key
 
@@ -75,9 +77,17 @@ class PrepareOptions:
             raise ChatforgeError(f"scrub_pii: expected {' or '.join(PII_MODES)}, got {self.scrub_pii!r}")
 
 
+def _stored(folder: str, name: str) -> str | None:
+    """The path of prepared file `name` in `folder`: NAME, or NAME.cfenc when encrypted; None when neither."""
+    for path in (os.path.join(folder, name), os.path.join(folder, name + ENCRYPTED)):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def is_prepared(path: str) -> bool:
-    """A folder written by `prepare` (or by hand in its layout): has train.jsonl."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "train.jsonl"))
+    """A folder written by `prepare` (or by hand in its layout): has train.jsonl (or train.jsonl.cfenc)."""
+    return os.path.isdir(path) and _stored(path, "train.jsonl") is not None
 
 
 def _folder_files(folder: str, report: Report, exclude: str | None, include_text: bool) -> list[str]:
@@ -85,7 +95,7 @@ def _folder_files(folder: str, report: Report, exclude: str | None, include_text
     nothing else: a README or notes beside the conversations are not training data. Everything not read is listed
     in the report with the reason."""
     if is_prepared(folder):
-        return [os.path.join(folder, f) for f in PREPARED_FILES if os.path.isfile(os.path.join(folder, f))]
+        return [p for p in (_stored(folder, f) for f in PREPARED_FILES) if p]
     skip = os.path.realpath(exclude) if exclude else None
     files: list[str] = []
     texts: list[str] = []
@@ -96,7 +106,7 @@ def _folder_files(folder: str, report: Report, exclude: str | None, include_text
             if name.startswith("."):
                 continue
             path = os.path.join(root, name)
-            ext = os.path.splitext(name)[1].lower()
+            ext = os.path.splitext(name.removesuffix(ENCRYPTED))[1].lower()  # NAME.cfenc: NAME's type
             if ext in TEXT_EXTS:
                 texts.append(path)
             elif ext in SUPPORTED_EXTS:
@@ -114,10 +124,11 @@ def _folder_files(folder: str, report: Report, exclude: str | None, include_text
 
 
 def resolve_inputs(
-    inputs: list[str], options: PrepareOptions, report: Report, exclude: str | None = None
+    inputs: list[str], options: PrepareOptions, report: Report, exclude: str | None = None, key=None
 ) -> list[Source]:
     """The resolve step: every file behind the inputs (files, folders, builtin specs), with its format, in a stable
-    order. With --skip-invalid a file whose format cannot be told is skipped and listed, like any stray file."""
+    order. With --skip-invalid a file whose format cannot be told is skipped and listed, like any stray file.
+    An encrypted file is read with `key` (else the environment's), in memory (data/sources.py)."""
     if isinstance(inputs, str):
         inputs = [inputs]
     if not inputs:
@@ -133,14 +144,15 @@ def resolve_inputs(
         include_text = options.include_text or options.format == "text"
         for path in _folder_files(spec, report, exclude, include_text) if in_folder else [spec]:
             check_readable(path)
+            view, data = plain_view(path, key)  # an encrypted file: a wrong key stops here, skipped or not
             try:
-                fmt = options.format or detect_format(path)
+                fmt = options.format or detect_format(view, path, data)
             except ChatforgeError as e:
                 if options.skip_invalid:
                     report.ignore(path, str(e).removeprefix(f"{path}: "))
                     continue
                 raise ChatforgeError(f"{e} (or --skip-invalid to skip such files)" if in_folder else str(e)) from None
-            sources.append(Source(path, fmt, path))
+            sources.append(Source(path, fmt, path, key=None if data is None else data_key(key)))
     return sources
 
 
@@ -154,13 +166,14 @@ def scrub_pii(items, report: Report, mode: str):
 
 
 def build(
-    inputs: list[str], options: PrepareOptions | None = None, exclude: str | None = None
+    inputs: list[str], options: PrepareOptions | None = None, exclude: str | None = None, key=None
 ) -> tuple[list[dict], list[dict], Report]:
-    """The pipeline: (train records, validation records, report)."""
+    """The pipeline: (train records, validation records, report); encrypted inputs read with `key`."""
     options = options or PrepareOptions()
     report = Report()
     report.settings = {"inputs": list(inputs), **asdict(options)}
-    sources = resolve_inputs(inputs, options, report, exclude)
+    sources = resolve_inputs(inputs, options, report, exclude, key)
+    report.settings["encrypted_inputs"] = sum(s.key is not None for s in sources)
     if options.refusals:
         from chatforge.data.refusals import read_prompts, refusal_raw
 
@@ -200,10 +213,13 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None = None, **settings) -> dict:
+def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None = None, *, key=None,
+            encrypt: bool = False, **settings) -> dict:
     """Run the pipeline and write out/train.jsonl, out/val.jsonl and out/report.json; returns the report.
 
-    `settings` are PrepareOptions fields (e.g. val_fraction=0.2), applied over `options`.
+    `settings` are PrepareOptions fields (e.g. val_fraction=0.2), applied over `options`. Encrypted inputs are read
+    with `key` (else the environment's); when any input is encrypted, or `encrypt`, every file written is encrypted
+    with that key (train.jsonl.cfenc, ...), so the prepared data never reaches the disk in plaintext.
     """
     if not out:  # a flag rather than a second positional, so `prepare a.jsonl b.jsonl --out DIR` reads clearly
         raise ChatforgeError("prepare: no output folder given; pass --out DIR")
@@ -211,64 +227,94 @@ def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None =
         raise ChatforgeError(f"{out}: exists and is not a folder")
     options = replace(options, **settings) if options is not None else PrepareOptions(**settings)
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    train, val, report = build(inputs, options, exclude=out)
+    train, val, report = build(inputs, options, exclude=out, key=key)
+    out_key = data_key(key) if encrypt or report.settings["encrypted_inputs"] else None
     canaries = []
     if options.canaries:  # after de-duplication and the split: every copy stays, in train only
         from chatforge.data.canaries import insert_canaries, make_canaries
 
         canaries = make_canaries(options.canaries, options.canary_repeats, options.canary_digits, seed=options.seed)
         train = insert_canaries(train, canaries, options.seed)
-    report_path = os.path.join(out, "report.json")
     try:
         os.makedirs(out, exist_ok=True)
-        if os.path.exists(report_path):
-            os.remove(report_path)
+        _remove(out, "report.json")
     except OSError as e:
         raise ChatforgeError(f"{out}: cannot write there ({e.strerror})") from None
-    atomic_write_text(os.path.join(out, "train.jsonl"), _jsonl(train))
-    atomic_write_text(os.path.join(out, "val.jsonl"), _jsonl(val))
-    _write_canaries(out, canaries)
+    _write(out, "train.jsonl", _jsonl(train), out_key)
+    _write(out, "val.jsonl", _jsonl(val), out_key)
+    _write_canaries(out, canaries, out_key)
     # Each file is replaced atomically; the report goes last, so its presence says the three belong together.
     result = report.to_dict()
+    if out_key is not None:
+        result["encrypted"] = True  # every file of the folder is NAME.cfenc
     if canaries:
         result["canaries"] = {"canaries": len(canaries), "records": sum(c.repeats for c in canaries),
                               "repeats": sorted({c.repeats for c in canaries}), "digits": options.canary_digits,
-                              "file": "canaries.json"}
+                              "file": "canaries.json" + (ENCRYPTED if out_key else "")}
         result["train"] = len(train)
-    atomic_write_text(report_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    _write(out, "report.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", out_key)
     return result
 
 
-def _write_canaries(out: str, canaries: list) -> None:
+def _remove(out: str, name: str) -> None:
+    """Remove NAME and NAME.cfenc (a stale file of an earlier prepare, plain or encrypted)."""
+    for path in (os.path.join(out, name), os.path.join(out, name + ENCRYPTED)):
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _write(out: str, name: str, text: str, key=None) -> str:
+    """out/NAME atomically, or out/NAME.cfenc encrypted with `key` (the plaintext stays in memory); the other
+    variant, left by an earlier prepare, is removed so the folder holds one version of each file."""
+    path = os.path.join(out, name)
+    if key is None:
+        atomic_write_text(path, text)
+    else:
+        from chatforge.privacy.crypto import encrypt_bytes
+
+        path += ENCRYPTED
+        encrypt_bytes(text.encode("utf-8"), path, key)
+    stale = os.path.join(out, name) if key is not None else path + ENCRYPTED
+    if os.path.exists(stale):
+        os.remove(stale)
+    return path
+
+
+def _write_canaries(out: str, canaries: list, key=None) -> None:
     """canaries.json beside the data (mode 0600: it holds the secrets the audit looks for); a stale one from an
     earlier prepare without canaries is removed, so the file always describes this train.jsonl."""
     from chatforge.data.canaries import CANARY_FILE, canaries_to_json
 
-    path = os.path.join(out, CANARY_FILE)
     if not canaries:
-        if os.path.exists(path):
-            os.remove(path)
+        _remove(out, CANARY_FILE)
         return
-    atomic_write_text(path, json.dumps(canaries_to_json(canaries), indent=1, ensure_ascii=False) + "\n")
+    path = _write(out, CANARY_FILE, json.dumps(canaries_to_json(canaries), indent=1, ensure_ascii=False) + "\n", key)
     os.chmod(path, 0o600)
 
 
-def _read_prepared(folder: str) -> tuple[list[dict], list[dict], dict]:
-    """A prepared folder as is: validated record by record, not re-cleaned or re-split."""
+def _read_prepared(folder: str, key=None) -> tuple[list[dict], list[dict], dict]:
+    """A prepared folder as is: validated record by record, not re-cleaned or re-split; an encrypted one
+    (NAME.cfenc) decrypted in memory with `key`, else the environment's."""
     parts: list[list[dict]] = []
     for name in PREPARED_FILES:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
+        path = _stored(folder, name)
+        if path is None:
             parts.append([])
             continue
-        parts.append([read_record(raw, "messages", loc) for loc, raw in read_records(path, "messages")])
+        parts.append([read_record(raw, "messages", loc)
+                      for loc, raw in read_data_file(path, "messages", key=key)])
     train, val = parts
     report: dict = {}
-    report_path = os.path.join(folder, "report.json")
-    if os.path.isfile(report_path):
+    report_path = _stored(folder, "report.json")
+    if report_path is not None:
         try:
-            with open(report_path, encoding="utf-8") as f:
-                report = json.load(f)
+            if is_encrypted_file(report_path):
+                from chatforge.privacy.crypto import decrypt_bytes
+
+                report = json.loads(decrypt_bytes(report_path, data_key(key)))
+            else:
+                with open(report_path, encoding="utf-8") as f:
+                    report = json.load(f)
         except (OSError, ValueError):
             report = {}
     if not isinstance(report, dict):
@@ -281,15 +327,16 @@ def _read_prepared(folder: str) -> tuple[list[dict], list[dict], dict]:
 
 
 def load_dataset(
-    spec: str | list[str], val_fraction: float = 0.1, seed: int = 0
+    spec: str | list[str], val_fraction: float = 0.1, seed: int = 0, key=None
 ) -> tuple[list[dict], list[dict], dict]:
     """(train, val, report) for whatever a user wrote as `data:`.
 
     A prepared folder is read as is; a builtin spec, a raw file or a folder of raw files goes through the same
-    read -> clean -> de-duplicate -> split path as `prepare`, in memory.
+    read -> clean -> de-duplicate -> split path as `prepare`, in memory. Encrypted files and folders are decrypted
+    in memory with `key` (a privacy.crypto.Key), else the environment's (CHATFORGE_KEY, CHATFORGE_PASSPHRASE).
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if len(specs) == 1 and is_prepared(specs[0]):
-        return _read_prepared(specs[0])
-    train, val, report = build(specs, PrepareOptions(val_fraction=val_fraction, seed=seed))
+        return _read_prepared(specs[0], key)
+    train, val, report = build(specs, PrepareOptions(val_fraction=val_fraction, seed=seed), key=key)
     return train, val, report.to_dict()

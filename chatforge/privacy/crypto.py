@@ -123,13 +123,16 @@ def write_key_file(path: str) -> None:
 
 
 def resolve_key(key_file: str | None = None, passphrase: str | None = None, env: str = KEY_ENV) -> Key:
-    """The key a command was given: a key file, else a passphrase, else the environment variable `env`."""
+    """The key a command was given: a key file, else a passphrase, else the environment variable `env`, else
+    CHATFORGE_PASSPHRASE (so a command with no key flags, such as `chatforge train`, can read either kind)."""
     if key_file and passphrase is not None:
         raise ChatforgeError("give a key file or a passphrase, not both")
     if key_file:
         return key_from_file(key_file)
     if passphrase is not None:
         return key_from_passphrase(passphrase)
+    if not os.environ.get(env) and os.environ.get(PASSPHRASE_ENV):
+        return key_from_passphrase(os.environ[PASSPHRASE_ENV])
     return key_from_env(env)
 
 
@@ -313,6 +316,15 @@ def encrypt_file(src: str, dst: str, key: Key, chunk_size: int = DEFAULT_CHUNK) 
     return n
 
 
+def encrypt_bytes(data: bytes, dst: str, key: Key, chunk_size: int = DEFAULT_CHUNK) -> int:
+    """Encrypt `data` (plaintext held in memory) into file `dst`, written atomically: the only copy on disk is the
+    ciphertext. Returns the plaintext size."""
+    import io
+
+    with atomic_path(dst) as tmp, open(tmp, "wb") as out:
+        return encrypt_stream(io.BytesIO(data), out, key, chunk_size)
+
+
 def decrypt_file(src: str, dst: str, key: Key) -> int:
     """Decrypt file `src` into `dst`, created readable by its owner only; nothing is left at `dst` unless the whole
     file verified. Returns the plaintext size."""
@@ -345,6 +357,11 @@ def is_encrypted(path: str) -> bool:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
+
+
+def plain_name(path: str) -> str:
+    """The name a file had before `chatforge encrypt` (NAME.cfenc -> NAME): what its format is told from."""
+    return path[: -len(SUFFIX)] if path.endswith(SUFFIX) else path
 
 
 def read_file(folder: str, name: str, key: Key) -> bytes:
