@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("chatforge.commands.chat:chat_command", "chat with a model in the terminal"),
     "import": ("chatforge.commands.weights:import_command", "convert a pretrained checkpoint (HF folder, GGUF) to a model folder"),
     "merge": ("chatforge.commands.weights:merge_command", "fold a LoRA adapter into a standalone model folder"),
+    "export": ("chatforge.commands.weights:export_command", "write a model as a GGUF file for llama.cpp / Ollama"),
     "serve": ("chatforge.commands.serve:serve_command", "serve an OpenAI-compatible API and a chat page"),
     "guard": ("chatforge.commands.guard:guard_command", "safety guard: calibrate MODEL's perplexity filter | train-moderation"),
     "score": ("chatforge.commands.preference:score_command", "rate replies with a reward model (stage: reward)"),

@@ -1,5 +1,5 @@
-"""`chatforge import` and `chatforge merge`: flags -> the one loader -> a model folder written by save_model, and
-what was written, printed."""
+"""`chatforge import`, `chatforge merge` and `chatforge export`: flags -> the one loader -> a model folder written by
+save_model (or a GGUF file written by weights.gguf_export), and what was written, printed."""
 
 from __future__ import annotations
 
@@ -63,6 +63,35 @@ def merge_command(base: str, adapter: str, out: str | None = None, dtype: str = 
     merged = merge_adapter(load(base), adapter)
     save_model(merged.model, merged.tokenizer, out, merged.generation_config, dtype=torch_dtype)
     print(f"merged {adapter} into {base}: {merged.model.num_params():,} parameters")
+    print(f"saved to {out}")
+
+
+def export_command(model: str, *, out: str, format: str = "gguf", quantize: str = "f16", key_file: str | None = None,
+                   passphrase: bool = False) -> None:
+    """Export a model as a GGUF file for llama.cpp, Ollama and other GGUF runtimes (tokenizer and chat template inside).
+
+    Args:
+        model: a model folder, .gguf file, known model name (smollm2-135m-instruct), LoRA adapter folder (merged
+            onto its base first) or encrypted model folder (key from CHATFORGE_KEY).
+        out: the .gguf file to write (replaced atomically if it exists).
+        format: the output format; gguf is the one there is.
+        quantize: f16 (what llama.cpp's converter writes), q8_0 (about half the size) or f32 (exact).
+        key_file: key of an encrypted model folder (base64, mode 0600); default: CHATFORGE_KEY.
+        passphrase: ask for the passphrase of an encrypted model folder instead of a key file.
+    """
+    from chatforge.commands.privacy import given_key
+    from chatforge.weights.gguf_export import QUANTIZE, export_gguf
+    from chatforge.weights.loader import load
+
+    if format != "gguf":
+        raise ChatforgeError(f"export: unknown --format {format!r} (use gguf)")
+    if quantize not in QUANTIZE:  # before the weights are read
+        raise ChatforgeError(f"export: unknown --quantize {quantize!r} (use {', '.join(QUANTIZE)})")
+    loaded = load(model, dtype="fp32", key=given_key(key_file, passphrase))
+    summary = export_gguf(loaded.model, loaded.tokenizer, out, quantize=quantize, name=Path(loaded.source).name)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensor_types"].items()))
+    print(f"exported {model} as GGUF ({summary['arch']}, {quantize}): {loaded.model.num_params():,} parameters, "
+          f"{summary['tensors']} tensors ({types}), {summary['bytes'] / 2**20:.1f} MiB")
     print(f"saved to {out}")
 
 

@@ -1,4 +1,5 @@
-"""GGUF file -> chatforge model folder (a transformers folder), known model names, and the cache of converted folders.
+"""GGUF file -> chatforge model folder (a transformers folder), known model names, and the cache of converted folders;
+the name/layout mapping and pre-tokenizer table here are shared with the writer (weights/gguf_export.py).
 
 llama.cpp's GGUF is how most small chat models are shipped; converting once to safetensors with transformers'
 names lets the one model implementation, transformers and every tool here read it. What llama.cpp's converter
@@ -167,6 +168,30 @@ def _hf_name(arch: str, name: str) -> str | None:
     return f"{top}.{m[2]}" if top else None
 
 
+def to_gguf(arch: str, hf: str, w: np.ndarray, n_head: int, n_kv_head: int) -> tuple[str, np.ndarray]:
+    """llama.cpp's name and layout for one transformers tensor: the inverse of what _tensors undoes on import
+    (the same name tables, the rotary row order of Llama's q/k, GPT-2's Conv1D transposed), so export and
+    import keep one mapping. n_head / n_kv_head: the heads q and k are permuted by (Llama only)."""
+    layer, top, prefix = ((_GPT2_LAYER, _GPT2_TOP, "transformer.h") if arch == "gpt2"
+                          else (_LLAMA_LAYER, _LLAMA_TOP, "model.layers"))
+    m = re.fullmatch(rf"{re.escape(prefix)}\.(\d+)\.(.+)\.(weight|bias)", hf)
+    if m:
+        leaf = {v: k for k, v in layer.items()}.get(m[2])
+        name = f"blk.{m[1]}.{leaf}.{m[3]}" if leaf else None
+    else:
+        m = re.fullmatch(r"(.+)\.(weight|bias)", hf)
+        leaf = {v: k for k, v in top.items()}.get(m[1]) if m else None
+        name = f"{leaf}.{m[2]}" if leaf else None
+    if name is None:
+        raise ChatforgeError(f"export: tensor {hf} has no GGUF name for architecture {arch}")
+    if arch == "llama" and leaf in ("attn_q", "attn_k"):
+        heads = n_head if leaf == "attn_q" else n_kv_head
+        w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    if arch == "gpt2" and leaf in _GPT2_TRANSPOSED and name.endswith(".weight"):
+        w = w.T
+    return name, w
+
+
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every parameter transformers' model has for this config, so a missing or misshapen tensor is caught."""
     if config["model_type"] == "gpt2":
@@ -291,9 +316,25 @@ def _sentencepiece_merges(vocab: dict[str, int], scores: list[float]) -> list[tu
     return [(m[-2], m[-1]) for m in merges]
 
 
+def byte_level_pre_tokenizer(pre: str):
+    """The `tokenizers` pre-tokenizer a tokenizer.ggml.pre name stands for (None: not a name chatforge knows);
+    export picks the name whose pre-tokenizer splits text as the model's own does."""
+    from tokenizers import Regex, pre_tokenizers
+
+    split = _PRE_TOKENIZERS.get(pre)
+    if split is None:
+        return None
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in ("gpt2", "digits"))
+    if split == "gpt2":
+        return byte_level
+    if split == "digits":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+
+
 def _byte_level_bpe(g: _Gguf, vocab: dict[str, int]) -> Tokenizer:
     """GPT-2-style BPE ("gpt2" in GGUF): tokens already spelled in the byte alphabet, merges listed."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, processors
 
     merges = []
     for m in _get(g, "tokenizer.ggml.merges"):
@@ -303,18 +344,10 @@ def _byte_level_bpe(g: _Gguf, vocab: dict[str, int]) -> Tokenizer:
         merges.append(pair)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     pre = _get(g, "tokenizer.ggml.pre", "default")
-    split = _PRE_TOKENIZERS.get(pre)
-    if split is None:
+    tok.pre_tokenizer = byte_level_pre_tokenizer(pre)
+    if tok.pre_tokenizer is None:
         raise ChatforgeError(f"{g.path}: tokenizer.ggml.pre {pre!r} is not supported "
                              f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in ("gpt2", "digits"))
-    if split == "gpt2":
-        tok.pre_tokenizer = byte_level
-    elif split == "digits":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                     byte_level])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
