@@ -13,7 +13,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 
-VARIANTS = ("bf16", "int8-wo", "int8-dyn")  # the first is the reference
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 def greedy_agreement(candidate, prompts: list[list[int]], continuations: list[list[int]]) -> tuple[float, int]:
@@ -60,36 +60,63 @@ def compare(reference, candidates: dict, tokenizer, records: list[dict], prompts
     return result
 
 
+def variant_names() -> tuple[str, ...]:
+    """What a variant may be: a dtype, or a model.quantize method applied to the bf16 weights."""
+    from chatforge.model.quantize import METHODS
+
+    return DTYPES + METHODS
+
+
+def check_variant(variant: str) -> None:
+    if variant not in variant_names():
+        raise ChatforgeError(f"compare: unknown variant {variant!r} (use {', '.join(variant_names())})")
+
+
 def load_variant(name_or_path: str, variant: str, device: str = "cpu"):
     """The model and tokenizer for one variant: a dtype (fp32, bf16) or a quantization method on bf16 weights."""
     from chatforge.model.quantize import METHODS, quantize
     from chatforge.weights.loader import load
 
-    if variant not in METHODS + ("fp32", "bf16", "fp16"):
-        raise ChatforgeError(f"compare: unknown variant {variant!r} (use fp32, bf16, fp16, {', '.join(METHODS)})")
-    loaded = load(name_or_path, device=device, dtype=variant if variant in ("fp32", "bf16", "fp16") else "bf16")
+    check_variant(variant)
+    loaded = load(name_or_path, device=device, dtype=variant if variant in DTYPES else "bf16")
     if variant in METHODS:
         quantize(loaded.model, variant)
     return loaded.model, loaded.tokenizer
 
 
-def compare_variants(name_or_path: str, variants: tuple[str, ...] = VARIANTS, data: str = "builtin", *,
-                     max_samples: int = 100, n_prompts: int = 16, new_tokens: int = 32, seq_len: int = 512,
-                     seed: int = 0, val_fraction: float = 0.1, device: str = "cpu") -> dict:
-    """`compare` for one model in several variants (the first is the reference) on `data`'s held-out split; the
-    fixed prompts are the first n_prompts held-out conversations up to their last assistant turn."""
-    from chatforge.data import load_dataset
-    from chatforge.eval.evaluate import pick_records, split_for_generation
+def compare_variants(name_or_path: str, variants: tuple[str, ...] | list[str], records: list[dict],
+                     prompt_messages: list[list[dict]], *, reference: str = "bf16", new_tokens: int = 32,
+                     seq_len: int = 512, batch_size: int = 4, device: str = "cpu") -> dict:
+    """`compare` for one model in several variants against `reference` (bf16): perplexity on the held-out `records`,
+    greedy agreement on the fixed prompts (`prompt_messages`, rendered with the generation prompt). A variant
+    equal to the reference is measured on the same loaded model (a check: ratio and agreement must come out 1)."""
+    if not variants:
+        raise ChatforgeError("compare: give at least one variant to compare with the reference")
+    for v in (reference, *variants):  # every name checked before the first model loads
+        check_variant(v)
+    if not prompt_messages:
+        raise ChatforgeError("compare: no prompts (no held-out conversation has an assistant reply)")
+    ref_model, tokenizer = load_variant(name_or_path, reference, device)
+    prompts = [tokenizer.render(m, add_generation_prompt=True)[0] for m in prompt_messages]
+    candidates = {v: ref_model if v == reference else load_variant(name_or_path, v, device)[0] for v in variants}
+    result = compare(ref_model, candidates, tokenizer, records, prompts, seq_len=seq_len, batch_size=batch_size,
+                     new_tokens=new_tokens)
+    return result | {"model": str(name_or_path), "records": len(records), "reference_variant": reference}
 
-    if len(variants) < 2:
-        raise ChatforgeError("compare: give a reference and at least one variant to compare with it")
-    _, val, _ = load_dataset(data, val_fraction, seed)
-    records = pick_records(val, max_samples, seed)
-    if not records:
-        raise ChatforgeError(f"{data}: the held-out split is empty")
-    reference, tokenizer = load_variant(name_or_path, variants[0], device)
-    cuts = [split_for_generation(r["messages"]) for r in records if "messages" in r]
-    prompts = [tokenizer.render(c[0], add_generation_prompt=True)[0] for c in cuts if c][:n_prompts]
-    candidates = {v: load_variant(name_or_path, v, device)[0] for v in variants[1:]}
-    result = compare(reference, candidates, tokenizer, records, prompts, seq_len=seq_len, new_tokens=new_tokens)
-    return result | {"model": str(name_or_path), "data": data, "reference_variant": variants[0]}
+
+def compare_table(result: dict) -> str:
+    """A Markdown table of `compare_variants`' result: one row per variant, the reference's first."""
+    ref, name = result["reference"], result["reference_variant"]
+    lines = [f"| variant | perplexity | ppl / {name} | bits per byte | greedy agreement vs {name} | "
+             f"within 2% of {name} |", "|---|---:|---:|---:|---:|---|",
+             f"| {name} (reference) | {ref['ppl']:.3f} | 1.0000 | {ref['bpb']:.4f} | - | - |"]
+    for variant, c in result["candidates"].items():
+        ratio = c["ppl"] / ref["ppl"]
+        lines.append(f"| {variant} | {c['ppl']:.3f} | {ratio:.4f} | {c['bpb']:.4f} | {c['greedy_agreement']:.3f} "
+                     f"({c['agreement_tokens']} tokens) | {'yes' if abs(ratio - 1) <= 0.02 else 'no'} |")
+    lines.append("")
+    lines.append(f"held out: {result.get('data', '?')} ({result.get('split', '?')} split), {result['records']} "
+                 f"conversations, "
+                 f"{ref['tokens']:,} assistant tokens scored; greedy agreement teacher-forced on the reference's "
+                 f"greedy replies to {result['prompts']} prompts of up to {result['new_tokens']} tokens")
+    return "\n".join(lines)

@@ -120,6 +120,24 @@ def pick_records(records: list[dict], max_samples: int | None, seed: int) -> lis
     return [records[i] for i in keep]
 
 
+def check_split(split: str) -> None:
+    if split not in ("val", "train", "all"):
+        raise ChatforgeError(f"eval: --split must be val, train or all, got {split!r}")
+
+
+def held_out_records(data: str, split: str, val_fraction: float, seed: int, max_samples: int | None) -> list[dict]:
+    """The conversations evaluated: `split` (val, train or all) of `data` split as training splits it, then a
+    seeded subset of max_samples; evaluate and compare (eval --compare VARIANTS) score the same ones."""
+    from chatforge.data import load_dataset
+
+    check_split(split)
+    train_records, val_records, _report = load_dataset(data, 0.0 if split == "all" else val_fraction, seed)
+    records = {"val": val_records, "train": train_records, "all": train_records + val_records}[split]
+    if not records:
+        raise ChatforgeError(f"{data}: the {split} split is empty (try --split all for a held-out file)")
+    return pick_records(records, max_samples, seed)
+
+
 def generate_replies(bot, conversations: list[list[dict]], max_new_tokens: int, seed: int) -> tuple[list, int]:
     """(completions or None per conversation, number skipped): greedy replies through the engine, batched.
 
@@ -231,12 +249,10 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
     import torch
 
     from chatforge.generation.bot import Bot
-    from chatforge.data import load_dataset
     from chatforge.device import pick_device
     from chatforge.train.loss import evaluate_loss
 
-    if split not in ("val", "train", "all"):
-        raise ChatforgeError(f"eval: --split must be val, train or all, got {split!r}")
+    check_split(split)
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if value < 1:
             raise ChatforgeError(f"eval: --{name.replace('_', '-')} must be at least 1, got {value}")
@@ -247,11 +263,7 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
     result: dict = {"model": str(model_folder), "data": data, "split": split, "seed": seed, "dtype": dtype,
                     "params": model.num_params()}
     if data:
-        train_records, val_records, _report = load_dataset(data, 0.0 if split == "all" else val_fraction, seed)
-        records = {"val": val_records, "train": train_records, "all": train_records + val_records}[split]
-        if not records:
-            raise ChatforgeError(f"{data}: the {split} split is empty (try --split all for a held-out file)")
-        records = pick_records(records, max_samples, seed)
+        records = held_out_records(data, split, val_fraction, seed, max_samples)
         context = model.config.max_seq_len if seq_len is None else seq_len
         loss = evaluate_loss(model, tok, records, min(context, model.config.max_seq_len), batch_size, dev, dtype)
         result["records"] = len(records)
@@ -361,7 +373,9 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
     Args:
         model: a model folder (or .gguf file / known model name).
         data: conversations (as for train); the validation split of the same val_fraction and seed is used.
-        compare: a second model evaluated on exactly the same samples, side by side.
+        compare: a second model evaluated on exactly the same samples, side by side; or comma-separated variants
+            of MODEL (fp32, bf16, fp16, int8-wo, int8-dyn, int4-wo), e.g. bf16,int8-wo,int8-dyn: held-out perplexity
+            of each and its ratio to bf16, and greedy-token agreement with bf16 on a fixed prompt set (eval/compare.py).
         mc: a JSONL of {question, choices, answer} scored by log-likelihood (acc and acc_norm).
         facts: a JSONL of {messages, expect} held-out questions: a greedy reply is right when it contains every
             expected string (full/half-width and case ignored); accuracy per language (eval/facts.py).
@@ -379,6 +393,11 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
         robustness: also the loss and bits-per-byte of the replies with perturbed user turns (typos, swaps,
             homoglyphs, zero-width characters, casing, whitespace), each kind and all mixed, against clean ones.
     """
+    variants = variant_list(compare)
+    if variants is not None:
+        return _compare_variants_command(model, variants, data, split=split, max_samples=max_samples,
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size, seq_len=seq_len,
+                                         out=out, seed=seed, device=device, val_fraction=val_fraction)
     results = [evaluate(m, data, mc=mc, facts=facts, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, dtype=dtype,
                         val_fraction=val_fraction, generate=generate, robustness=robustness)
@@ -391,6 +410,50 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
         from chatforge.io import atomic_write_text
 
         write_json(path, results[0] if len(results) == 1 else {"results": results})
+        atomic_write_text(os.path.splitext(path)[0] + ".md", table + "\n")
+        print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+COMPARE_PROMPTS = 16  # the fixed prompt set of --compare VARIANTS: the first held-out conversations
+
+
+def variant_list(compare: str | None) -> list[str] | None:
+    """--compare's variants (fp32, bf16, int8-wo, ...) when it names them and no path; None: a second model.
+    A list naming some variants and some unknown names is a typo: the unknown one is named."""
+    from chatforge.eval.compare import check_variant, variant_names
+
+    if not compare or os.path.exists(compare):
+        return None
+    items = [v.strip() for v in compare.split(",")]
+    if not any(v in variant_names() for v in items):
+        return None
+    for v in items:
+        check_variant(v)
+    return items
+
+
+def _compare_variants_command(model: str, variants: list[str], data: str, *, split: str, max_samples: int,
+                              max_new_tokens: int, batch_size: int, seq_len: int | None, out: str | None, seed: int,
+                              device: str, val_fraction: float) -> int:
+    from chatforge.device import pick_device
+    from chatforge.eval.compare import compare_table, compare_variants
+
+    check_split(split)
+    records = held_out_records(data, split, val_fraction, seed, max_samples)
+    cuts = [split_for_generation(r["messages"]) for r in records if "messages" in r]
+    prompts = [c[0] for c in cuts if c is not None][:COMPARE_PROMPTS]
+    result = compare_variants(model, variants, records, prompts, new_tokens=max_new_tokens,
+                              seq_len=seq_len or 512, batch_size=batch_size, device=str(pick_device(device)))
+    result |= {"data": data, "split": split, "seed": seed}
+    table = compare_table(result)
+    print(table)
+    path = out or (os.path.join(model, "compare.json") if os.path.isdir(model) else None)
+    if path:
+        from chatforge.io import atomic_write_text
+        from chatforge.weights.folder import write_json
+
+        write_json(path, result)
         atomic_write_text(os.path.splitext(path)[0] + ".md", table + "\n")
         print(f"\nwrote {path}", file=sys.stderr)
     return 0

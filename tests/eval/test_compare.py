@@ -60,3 +60,55 @@ def test_unknown_variant_is_one_line():
     with pytest.raises(ChatforgeError, match=r"^compare: unknown variant 'int2' \(use fp32, bf16, fp16, int8-dyn, "
                                              r"int8-wo, int4-wo\)$"):
         load_variant("whatever", "int2")
+
+
+@pytest.fixture(scope="module")
+def saved(setup, tmp_path_factory):
+    """The tiny model as a folder and the records as a conversations file, for the command."""
+    import json
+
+    from chatforge.weights.folder import save_model
+
+    tok, model, _ = setup
+    root = tmp_path_factory.mktemp("compare")
+    data = root / "dialogs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return save_model(model, tok, root / "model"), data
+
+
+def test_eval_compare_variants_prints_one_row_per_variant_against_bf16(saved, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    import json
+
+    from chatforge.cli import main
+
+    folder, data = saved
+    out = tmp_path / "cmp.json"
+    assert main(["eval", str(folder), "--compare", "bf16,int8-wo,fp32", "--data", str(data), "--split", "all",
+                 "--max-new-tokens", "8", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| variant | perplexity | ppl / bf16 | bits per byte | greedy agreement vs bf16 | "
+                        "within 2% of bf16 |")
+    assert [line.split(" | ")[0] for line in lines[2:6]] == ["| bf16 (reference)", "| bf16", "| int8-wo", "| fp32"]
+    bf16_row = lines[3].split(" | ")
+    assert bf16_row[2] == "1.0000" and bf16_row[4] == "1.000 (32 tokens)" and bf16_row[5] == "yes |"
+    assert lines[-1].startswith(f"held out: {data} (all split), 4 conversations, ")
+    result = json.loads(out.read_text())
+    ref, same = result["reference"], result["candidates"]["bf16"]
+    assert same["ppl"] == ref["ppl"] and same["greedy_agreement"] == 1.0 and same["ppl_change"] == 0.0
+    assert set(result["candidates"]) == {"bf16", "int8-wo", "fp32"} and result["prompts"] == 4
+    assert all(c["tokens"] == ref["tokens"] for c in result["candidates"].values())  # the very same records
+    assert (tmp_path / "cmp.md").read_text() == "\n".join(lines) + "\n"
+
+
+def test_compare_flag_tells_variants_from_a_model_and_names_a_typo(saved, tmp_path, capsys):
+    from chatforge.cli import main
+    from chatforge.eval.evaluate import variant_list
+
+    folder, data = saved
+    assert variant_list("bf16,int8-dyn") == ["bf16", "int8-dyn"]
+    assert variant_list(str(folder)) is None and variant_list(None) is None
+    assert variant_list("some/other-model") is None  # a model name: evaluated side by side, as before
+    assert main(["eval", str(folder), "--compare", "bf16,int9", "--data", str(data)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: compare: unknown variant 'int9' (use fp32, bf16, fp16, "
+                                               "int8-dyn, int8-wo, int4-wo)")
