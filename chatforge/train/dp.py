@@ -1,6 +1,7 @@
 """Differentially private training: DP-SGD through Opacus, one conversation as the privacy unit.
 
-With `privacy:` in the training config the loop trains differently in three places, all set up here:
+With `privacy:` in the training config the loop trains differently in three places, all set up here (ghost
+clipping is not offered: asking for it, with or without tied embeddings, is one refusal):
 
 - data: every training record (one conversation, or one text) is its own row, never packed with another and never
   split across rows (a longer one is truncated to seq_len), so one person's conversation touches one per-sample
@@ -37,10 +38,11 @@ PRIVACY_FILE = "privacy.json"  # beside config.json in a model folder
 
 def check_model(spec, cfg, core) -> None:
     """Refuse what the built model makes incompatible (the config-only refusals are in config.PrivacySpec)."""
-    if spec.clipping == "ghost" and core.config.tie_embeddings:
-        raise ChatforgeError("privacy: clipping ghost cannot clip tied embeddings (the input embedding is the output "
-                             "layer, and ghost clipping computes each layer's per-sample norm apart); use "
-                             "clipping: flat, or model.tie_embeddings: false")
+    if spec.clipping == "ghost":  # one refusal: not offered, and with tied embeddings not possible at all
+        tied = (" (nor could it clip this model's tied embeddings: the input embedding is the output layer, and "
+                "ghost clipping computes each layer's per-sample norm apart)") if core.config.tie_embeddings else ""
+        raise ChatforgeError("privacy: clipping ghost is not offered: chatforge computes each record's whole "
+                             f"per-sample gradient and clips that{tied}; use clipping: flat")
     if cfg.freeze_embeddings and core.model.embed_tokens.weight.requires_grad:
         raise ChatforgeError("privacy: freeze_embeddings with new token rows trains only those rows through a "
                              "gradient mask, which per-sample gradients bypass (the noise would change the frozen "
@@ -258,8 +260,6 @@ def make_private(run, train_records) -> PrivateTraining:
     sigma = spec.noise_multiplier
     if sigma is None:
         sigma = calibrate(spec.target_epsilon, delta, q, steps, spec.accountant)
-    if spec.clipping == "ghost":
-        raise ChatforgeError("privacy: clipping ghost is not supported yet; use clipping: flat")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the embedding's integer inputs
     module = GradSampleModule(run.model, batch_first=True, loss_reduction="mean", strict=True)
     optimizer = DPOptimizer(run.optimizer, noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm,

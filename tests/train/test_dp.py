@@ -61,6 +61,17 @@ def test_poisson_draws_depend_on_seed_and_step_only():
     assert abs(np.mean(sizes) - 20) < 1.0 and np.std(sizes) > 2  # Poisson: varying sizes around q * N
 
 
+def test_private_rows_hold_one_record_each_never_packed():
+    """The privacy unit is one conversation: DP-SGD's rows are never packed across records (packing is what the
+    plain stream does), so each per-sample gradient is one record's, cut to seq_len + 1 at most."""
+    enc = _records(40)
+    stream = PoissonStream(enc, 16, 0, 0.5, 0)
+    assert len(stream) == 40 and stream.rows.doc.max() == 0  # document 0 of its row, or padding (-1)
+    for r, ids in enumerate(enc.ids):
+        assert stream.rows.tokens[r, :len(ids)].tolist() == ids.tolist()
+        assert (stream.rows.doc[r, len(ids):] == -1).all()
+
+
 def _run(tmp: Path, name: str, *extra: str) -> Path:
     data = write_dataset(tmp, 120)
     cfg = load_config(None, tiny_config(tmp, data, name, max_steps=6, val_fraction=0.0, warmup_steps=1,
@@ -153,9 +164,11 @@ def test_yaml_privacy_errors_name_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("over, message", [
-    (["privacy.clipping=ghost"], "privacy: clipping ghost cannot clip tied embeddings (the input embedding is the "
-     "output layer, and ghost clipping computes each layer's per-sample norm apart); use clipping: flat, or "
-     "model.tie_embeddings: false"),
+    (["privacy.clipping=ghost"], "privacy: clipping ghost is not offered: chatforge computes each record's whole "
+     "per-sample gradient and clips that (nor could it clip this model's tied embeddings: the input embedding is "
+     "the output layer, and ghost clipping computes each layer's per-sample norm apart); use clipping: flat"),
+    (["privacy.clipping=ghost", "model.tie_embeddings=false"], "privacy: clipping ghost is not offered: chatforge "
+     "computes each record's whole per-sample gradient and clips that; use clipping: flat"),
     (["batch_size=64"], "privacy: batch_size x grad_accum (128) is more than the 102 training records; the sample "
      "rate would exceed 1"),
     (["stage=pretrain", "seq_len=16"], "privacy: 102 training records are longer than seq_len (16 tokens); "
