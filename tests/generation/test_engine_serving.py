@@ -157,3 +157,25 @@ def test_abort_during_chunked_prefill_keeps_the_written_prefix_reusable(tok, mod
 def test_prefill_chunk_must_be_positive(tok, model):
     with pytest.raises(ChatforgeError, match=r"engine: prefill_chunk must be None or an integer >= 1, got 0"):
         Engine(model, tok, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])  # flat (nucleus past the top-256 head), usual, peaked
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_keeps_exactly_the_nucleus_of_a_full_sort(scale, top_p):
+    from chatforge.generation.engine import process_logits
+
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    sorted_x, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_x, -1)
+    keep = (torch.cumsum(probs, -1) - probs) < top_p
+    keep[0] = True
+    want = torch.full_like(logits, float("-inf"))
+    want[order[keep]] = logits[order[keep]]
+    assert torch.equal(process_logits(logits, SamplingParams(temperature=1.0, top_p=top_p)), want)
+
+
+def test_greedy_ignores_top_k_and_top_p():
+    from chatforge.generation.engine import process_logits
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    assert torch.equal(process_logits(logits, SamplingParams(temperature=0.0, top_k=1, top_p=0.1)), logits)
