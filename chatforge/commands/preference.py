@@ -18,14 +18,14 @@ def score_command(model: str, input: str, batch_size: int = 8, device: str = "au
         batch_size: conversations scored together.
         device: auto, cpu, cuda.
     """
-    from chatforge.data.formats import read_records
     from chatforge.data.preference import is_pair, read_record
+    from chatforge.data.sources import read_data_file
     from chatforge.device import pick_device
     from chatforge.model.reward import score_conversations
     from chatforge.weights.reward import load_reward_model
 
     rm, tok = load_reward_model(model, device=str(pick_device(device)))
-    records = [read_record(raw, "messages", loc) for loc, raw in read_records(input, "messages")]
+    records = [read_record(raw, "messages", loc) for loc, raw in read_data_file(input, "messages")]  # or .cfenc
     if not records:
         raise ChatforgeError(f"{input}: no records to score")
     convs, kinds = [], []
