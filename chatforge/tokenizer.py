@@ -121,6 +121,93 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+
+# -- tools: the Hermes/Qwen2.5 convention for templates that do not read `tools` (generation/tools.py) --------
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+HERMES_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
+)
+
+
+def uses_tools(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer's chat template reads `tools` (then it renders them itself)."""
+    return _reads_tools(tokenizer.chat_template or "")
+
+
+@lru_cache(maxsize=16)
+def _reads_tools(template: str) -> bool:
+    import jinja2.meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        parsed = ImmutableSandboxedEnvironment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False  # the renderer reports the template's own error
+    return "tools" in jinja2.meta.find_undeclared_variables(parsed)
+
+
+def _arguments_object(call: dict, where: str) -> dict:
+    """A call's arguments as an object (OpenAI sends a JSON string; templates expect a mapping)."""
+    args = call.get("function", {}).get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ChatforgeError(f"{where}.function.arguments: not valid JSON ({e.msg})") from None
+    if not isinstance(args, dict):
+        raise ChatforgeError(f"{where}.function.arguments: must be a JSON object")
+    return args
+
+
+def format_call(name: str, arguments: dict) -> str:
+    """One call as the model writes it (and as tool_constraint allows it)."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
+
+
+def tool_messages(messages: list[dict], tools: list[dict] | None, native: bool) -> list[dict]:
+    """Messages ready for Tokenizer.render: for a `native` template, assistant calls with object arguments;
+    otherwise rewritten in the Hermes convention (module docstring), which any chat template can render."""
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        calls = m.get("tool_calls") or []
+        if m.get("content") is None:
+            m["content"] = ""
+        if native:
+            if calls:
+                m["tool_calls"] = [{**c, "function": {**c["function"],
+                                                      "arguments": _arguments_object(c, f"messages[{i}].tool_calls[{j}]")}}
+                                   for j, c in enumerate(calls)]
+            out.append(m)
+            continue
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("_responses"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_responses": True})
+            continue
+        if calls:
+            blocks = [format_call(c["function"]["name"], _arguments_object(c, f"messages[{i}].tool_calls[{j}]"))
+                      for j, c in enumerate(calls)]
+            m = {"role": "assistant", "content": "\n".join(([m["content"]] if m["content"] else []) + blocks)}
+        out.append({k: v for k, v in m.items() if k in ("role", "content")})
+    out = [{k: v for k, v in m.items() if k != "_responses"} for m in out]
+    if tools and not native:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        section = HERMES_SYSTEM.format(tools=listing)
+        if out and out[0]["role"] in ("system", "developer"):
+            out[0] = {"role": out[0]["role"], "content": f"{out[0]['content']}\n\n{section}"}
+        else:
+            out.insert(0, {"role": "system", "content": section})
+    return out
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus its chat template and named special tokens.
 
@@ -211,9 +298,20 @@ class Tokenizer:
         except jinja2.exceptions.TemplateError as e:
             raise ChatforgeError(f"chat template: {e}") from None
 
+    def _with_tools(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+        """Messages and tools as the template gets them: a conversation that defines, calls or answers tools goes
+        through tool_messages (native for a template that reads `tools`, else the Hermes rewrite), so training data,
+        generation prompts and the server render tools one way."""
+        if not tools and not any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                 for m in messages or []):
+            return messages, None
+        native = uses_tools(self)
+        return tool_messages(messages, tools, native), tools if native else None
+
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False,
                     tools: list[dict] | None = None) -> str:
         """The conversation as the chat template writes it (what the model sees, before tokenization)."""
+        messages, tools = self._with_tools(messages, tools)
         return self._render(_check_messages(messages), add_generation_prompt, tools)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False,
@@ -221,8 +319,10 @@ class Tokenizer:
         """Token ids and the loss mask: 1 on each assistant message's content and its closing end-of-turn token.
 
         The end-of-turn token is in the mask so the model learns to stop. `tools` (OpenAI function definitions) go
-        to the template as transformers' apply_chat_template(tools=...) passes them (generation/tools.py).
+        to the template as transformers' apply_chat_template(tools=...) passes them (generation/tools.py); assistant
+        `tool_calls` are trained like any assistant reply, `tool` results are context (not in the mask).
         """
+        messages, tools = self._with_tools(messages, tools)
         marked = _mark(_check_messages(messages), self._control_re)
         tools = _mark(tools, self._control_re) if tools else None  # a description cannot forge a control token
         text = self._render(marked, add_generation_prompt, tools)

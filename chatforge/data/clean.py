@@ -139,7 +139,7 @@ class Cleaned(NamedTuple):
 
 def _alternates(messages: list[dict]) -> bool:
     start = 1 if messages and messages[0]["role"] == "system" else 0
-    body = [m["role"] for m in messages[start:]]
+    body = [m["role"] for m in messages[start:] if m["role"] != "tool" and not m.get("tool_calls")]  # round trips
     return len(body) >= 2 and len(body) % 2 == 0 and all(
         role == ("user" if i % 2 == 0 else "assistant") for i, role in enumerate(body)
     )
@@ -165,12 +165,13 @@ def clean_record(record: dict, max_turn_chars: int = 4000, clean: Callable[[str]
         text = clean(record["text"])
         return Cleaned({"text": text}, None, None, 0) if text else Cleaned(None, EMPTY, "empty after cleaning", 0)
     messages = record["messages"]
+    tools = {"tools": record["tools"]} if record.get("tools") else {}
     kept: list[dict] = []
     reason = detail = None
     for n, m in enumerate(messages, 1):
         content = clean(m["content"])
-        if content and len(content) <= max_turn_chars:
-            kept.append({"role": m["role"], "content": content})
+        if (content or m.get("tool_calls")) and len(content) <= max_turn_chars:  # a call may have no text
+            kept.append({**m, "content": content})
             continue
         reason = EMPTY if not content else TOO_LONG
         detail = (f"message {n} ({m['role']}) is empty after cleaning" if reason == EMPTY else
@@ -181,16 +182,18 @@ def clean_record(record: dict, max_turn_chars: int = 4000, clean: Callable[[str]
             reason = detail = None  # an empty system prompt is no prompt
             continue
         break
+    while kept and (kept[-1]["role"] == "tool" or kept[-1].get("tool_calls")):  # a round trip cut short
+        kept.pop()
     if reason is None and kept and kept[-1]["role"] == "user":
         kept.pop()
-        return Cleaned({"messages": kept}, TRAILING_USER, None, 1) if _alternates(kept) else \
+        return Cleaned({"messages": kept, **tools}, TRAILING_USER, None, 1) if _alternates(kept) else \
             Cleaned(None, EMPTY, "no reply left", 0)
     if kept and kept[-1]["role"] == "user":
         kept.pop()
     if not _alternates(kept):
         return Cleaned(None, reason or EMPTY, detail or "no user -> assistant exchange left", 0)
     removed = len([m for m in messages if m["role"] != "system"]) - len([m for m in kept if m["role"] != "system"])
-    return Cleaned({"messages": kept}, reason if removed else None, detail, removed)
+    return Cleaned({"messages": kept, **tools}, reason if removed else None, detail, removed)
 
 
 def clean(

@@ -656,6 +656,9 @@ def _from_messages(raw: Any, location: str) -> dict:
     msgs = obj["messages"]
     if not isinstance(msgs, list):
         _fail(location, f"field 'messages' must be a list, got {_kind(msgs)}")
+    tools = obj.get("tools")  # OpenAI tool definitions, rendered into the prompt as the server does
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        _fail(location, f"field 'tools' must be a list of tool definitions, got {_kind(tools)}")
     out = []
     for n, m in enumerate(msgs, 1):
         if not isinstance(m, dict):
@@ -663,11 +666,40 @@ def _from_messages(raw: Any, location: str) -> dict:
         for key in ("role", "content"):
             if key not in m:
                 _fail(location, f"message {n} missing field '{key}'")
+        if m["role"] == "tool" or m.get("tool_calls"):
+            out.append(_tool_turn(m, n, location))
+            continue
         role = _role(m["role"], n, "role", location)
         out.append({"role": role, "content": _content(m["content"], n, location)})
-    check_roles(out, location)
+    check_roles(tool_free(out, location), location)
+    record = {"messages": out} | ({"tools": tools} if tools else {})
     meta = obj.get("meta")  # provenance of an augmented copy (data/augment.py), kept for prepare's split
-    return {"messages": out, "meta": meta} if isinstance(meta, dict) else {"messages": out}
+    return record | {"meta": meta} if isinstance(meta, dict) else record
+
+
+def _tool_turn(m: dict, n: int, location: str) -> dict:
+    """An assistant message with OpenAI `tool_calls` (content may be empty) or a `tool` result, kept as sent."""
+    if m["role"] == "tool":
+        return {"role": "tool", "content": _content(m["content"], n, location)} | (
+            {"tool_call_id": m["tool_call_id"]} if isinstance(m.get("tool_call_id"), str) else {})
+    if _role(m["role"], n, "role", location) != "assistant":
+        _fail(location, f"message {n} has tool_calls but role {_show(m['role'])}; only assistant messages call tools")
+    calls = m["tool_calls"]
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                              and isinstance(c["function"].get("name"), str) for c in calls):
+        _fail(location, f"message {n} tool_calls must be a list of {{\"function\": {{\"name\", \"arguments\"}}}}")
+    content = "" if m["content"] is None else _content(m["content"], n, location)
+    return {"role": "assistant", "content": content, "tool_calls": calls}
+
+
+def tool_free(messages: list[dict], location: str) -> list[dict]:
+    """The conversation without its tool round trips (an assistant call and the `tool` results after it), the
+    user/assistant alternation check_roles holds; a `tool` result must follow a call."""
+    for n, m in enumerate(messages, 1):
+        after = messages[n - 2] if n > 1 else {}
+        if m["role"] == "tool" and not (after.get("tool_calls") or after.get("role") == "tool"):
+            _fail(location, f"message {n} has role 'tool' but does not follow an assistant tool call")
+    return [m for m in messages if m["role"] != "tool" and not m.get("tool_calls")]
 
 
 def _from_sharegpt(raw: Any, location: str) -> dict:

@@ -45,7 +45,7 @@ def encode_record(record: dict, tokenizer, target: str) -> tuple[list[int], list
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if "messages" in record:
-        ids, mask = tokenizer.render(record["messages"])
+        ids, mask = tokenizer.render(record["messages"], tools=record.get("tools"))
         if target == "all":
             mask = [1] * len(ids)
         elif target == "content":

@@ -24,26 +24,19 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation.constraint import JSON_STYLE, Constraint
 
+# The prompt side lives with the one renderer (Tokenizer.render rewrites tool conversations), re-exported here.
+from chatforge.tokenizer import CALL_CLOSE, CALL_OPEN, format_call, tool_messages, uses_tools  # noqa: F401
+
 if TYPE_CHECKING:
     from chatforge.tokenizer import Tokenizer
 
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-
-HERMES_SYSTEM = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
-)
-
 
 def check_tools(tools: list[dict], where: str = "tools") -> list[dict]:
     """OpenAI tool definitions, checked: type "function", a valid unique name, parameters a JSON-schema object."""
@@ -76,87 +69,9 @@ def _parameters(tool: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- the prompt
 
-def uses_tools(tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer's chat template reads `tools` (then it renders them itself)."""
-    return _reads_tools(tokenizer.chat_template or "")
-
-
-@lru_cache(maxsize=16)
-def _reads_tools(template: str) -> bool:
-    import jinja2.meta
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    try:
-        parsed = ImmutableSandboxedEnvironment().parse(template)
-    except jinja2.TemplateSyntaxError:
-        return False  # the renderer reports the template's own error
-    return "tools" in jinja2.meta.find_undeclared_variables(parsed)
-
-
-def _arguments_object(call: dict, where: str) -> dict:
-    """A call's arguments as an object (OpenAI sends a JSON string; templates expect a mapping)."""
-    args = call.get("function", {}).get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ChatforgeError(f"{where}.function.arguments: not valid JSON ({e.msg})") from None
-    if not isinstance(args, dict):
-        raise ChatforgeError(f"{where}.function.arguments: must be a JSON object")
-    return args
-
-
-def format_call(name: str, arguments: dict) -> str:
-    """One call as the model writes it (and as tool_constraint allows it)."""
-    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
-
-
-def tool_messages(messages: list[dict], tools: list[dict] | None, native: bool) -> list[dict]:
-    """Messages ready for Tokenizer.render: for a `native` template, assistant calls with object arguments;
-    otherwise rewritten in the Hermes convention (module docstring), which any chat template can render."""
-    out: list[dict] = []
-    for i, m in enumerate(messages):
-        m = dict(m)
-        calls = m.get("tool_calls") or []
-        if m.get("content") is None:
-            m["content"] = ""
-        if native:
-            if calls:
-                m["tool_calls"] = [{**c, "function": {**c["function"],
-                                                      "arguments": _arguments_object(c, f"messages[{i}].tool_calls[{j}]")}}
-                                   for j, c in enumerate(calls)]
-            out.append(m)
-            continue
-        if m["role"] == "tool":
-            block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("_responses"):
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block, "_responses": True})
-            continue
-        if calls:
-            blocks = [format_call(c["function"]["name"], _arguments_object(c, f"messages[{i}].tool_calls[{j}]"))
-                      for j, c in enumerate(calls)]
-            m = {"role": "assistant", "content": "\n".join(([m["content"]] if m["content"] else []) + blocks)}
-        out.append({k: v for k, v in m.items() if k in ("role", "content")})
-    out = [{k: v for k, v in m.items() if k != "_responses"} for m in out]
-    if tools and not native:
-        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-        section = HERMES_SYSTEM.format(tools=listing)
-        if out and out[0]["role"] in ("system", "developer"):
-            out[0] = {"role": out[0]["role"], "content": f"{out[0]['content']}\n\n{section}"}
-        else:
-            out.insert(0, {"role": "system", "content": section})
-    return out
-
-
 def render_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
     """Prompt ids (with the generation prompt) for a conversation that may define, call and answer tools."""
-    native = uses_tools(tokenizer)
-    ids, _ = tokenizer.render(tool_messages(messages, tools, native), add_generation_prompt=True,
-                              tools=tools if native else None)
-    return ids
+    return tokenizer.render(messages, add_generation_prompt=True, tools=tools)[0]
 
 
 # ------------------------------------------------------------------------------------------- the grammar
