@@ -2,8 +2,8 @@
 clients, and the server's peak resident memory.
 
 Starts `chatforge serve` in its own process on loopback (a random "nano" model unless --model is given), then runs
-each concurrency level: every client sends max(1, --requests // clients) streaming chat requests one after another,
-over --prompts distinct prompts (a shared system prompt, then a question). A reply is complete when its stream ends
+each concurrency level for about --duration seconds: every client sends streaming chat requests one after another
+(closed loop), over --prompts distinct prompts (a shared system prompt, then a question). A reply is complete when its stream ends
 properly ([DONE], a finish_reason, usage counting its tokens); it is also compared with the same request answered
 alone beforehand (greedy): in fp32 it must be identical; in bf16 a batch's different rounding may change a
 near-tied token, so that column is reported, not required. A refused request (429) counts as refused, not complete.
@@ -62,9 +62,10 @@ def free_port() -> int:
 
 
 def start_server(model: str, port: int, max_batch_size: int, max_queue: int, dtype: str | None,
-                 quantize: str | None, threads: int | None) -> subprocess.Popen:
+                 quantize: str | None, threads: int | None, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "chatforge.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "bench", "--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
+           "--served-model-name", "bench", "--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue),
+           *extra]
     if dtype:
         cmd += ["--dtype", dtype]
     if quantize:
@@ -134,16 +135,18 @@ async def stream_one(client, url: str, prompt: str, max_tokens: int) -> dict:
             "tokens": usage["completion_tokens"] if usage else 0, "ttft": ttft}
 
 
-async def run_level(url: str, clients: int, per_client: int, max_tokens: int, prompts: list[str],
+async def run_level(url: str, clients: int, duration: float, max_tokens: int, prompts: list[str],
                     timeout: float) -> tuple[float, list[dict]]:
+    """Closed loop: every client sends requests one after another until `duration` seconds have passed (at least
+    one each), so the server's batch stays as full as the clients make it; the wall time includes the last replies."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def one_client(c: int) -> list[dict]:
             out = []
-            for r in range(per_client):
-                prompt = prompts[(c * per_client + r) % len(prompts)]
+            while not out or time.perf_counter() - start < duration:
+                prompt = prompts[(c + len(out)) % len(prompts)]  # each client walks the list from its own start
                 result = await stream_one(client, url, prompt, max_tokens)
                 result["prompt"] = prompt
                 out.append(result)
@@ -170,14 +173,17 @@ def main() -> int:
                                     "model of --preset)")
     ap.add_argument("--preset", default="nano")
     ap.add_argument("--clients", default="1,4,16,64", help="concurrency levels, comma-separated")
-    ap.add_argument("--requests", type=int, default=16,
-                    help="requests per level: each client sends max(1, requests // clients) one after another")
+    ap.add_argument("--duration", type=float, default=30,
+                    help="seconds per level: each client sends requests one after another until then")
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts (each answered alone first)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--quantize", default=None, help="int8-wo, int8-dyn, ... (chatforge serve --quantize)")
+    ap.add_argument("--no-guard", action="store_true",
+                    help="serve with --no-guard (the guard holds back a reply's first letters until they are safe, "
+                         "which the time to first content includes)")
     ap.add_argument("--server-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="torch threads of the server; the default leaves half the CPUs to the load generator, "
                          "which runs on the same machine (0: torch's default)")
@@ -197,7 +203,7 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(model, port, args.max_batch_size, args.max_queue, args.dtype, args.quantize,
-                            args.server_threads)
+                            args.server_threads, ["--no-guard"] if args.no_guard else [])
         try:
             wait_ready(url, proc)
             rss_idle = peak_rss_mib(proc.pid)
@@ -211,15 +217,16 @@ def main() -> int:
                     reference[p] = r["choices"][0]["message"]["content"]
             rows = []
             for clients in levels:
-                wall, results = asyncio.run(run_level(url, clients, max(1, args.requests // clients),
-                                                      args.max_tokens, prompts, args.timeout))
+                load = os.getloadavg()[0]
+                wall, results = asyncio.run(run_level(url, clients, args.duration, args.max_tokens, prompts,
+                                                      args.timeout))
                 tokens = sum(r["tokens"] for r in results)
                 ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
                 rows.append({"clients": clients, "requests": len(results), "complete": sum(r["ok"] for r in results),
                              "same": sum(r["ok"] and r["text"] == reference[r["prompt"]] for r in results),
                              "refused": sum(r["refused"] for r in results), "tokens": tokens, "wall": wall,
                              "tok_s": tokens / wall, "p50": percentile(ttfts, 0.5) * 1000,
-                             "p95": percentile(ttfts, 0.95) * 1000})
+                             "p95": percentile(ttfts, 0.95) * 1000, "load": load})
             rss_peak = peak_rss_mib(proc.pid)
         finally:
             proc.terminate()
@@ -230,18 +237,19 @@ def main() -> int:
 
     load_after = os.getloadavg()
     print(f"model: {args.model or 'random ' + args.preset}, dtype {args.dtype or 'default'}, quantize "
-          f"{args.quantize or 'none'}, max_tokens {args.max_tokens}, greedy, {args.prompts} distinct prompts, server "
+          f"{args.quantize or 'none'}, max_tokens {args.max_tokens}, greedy, {args.prompts} distinct prompts, {args.duration:.0f} s per level, "
+          f"guard {'off' if args.no_guard else 'on'}, server "
           f"batch {args.max_batch_size} queue {args.max_queue}, {args.server_threads or 'default'} server threads, "
           f"{os.cpu_count()} CPUs, loopback; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print("| clients | requests | complete | refused | same as alone | tokens | wall s | aggregate tok/s | "
-          "vs 1 client | p50 TTFT ms | p95 TTFT ms |")
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+          "vs 1 client | p50 TTFT ms | p95 TTFT ms | load avg |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     by = {r["clients"]: r for r in rows}
     for r in rows:
         ratio = f"{r['tok_s'] / by[1]['tok_s']:.1f}x" if 1 in by else "-"
         print(f"| {r['clients']} | {r['requests']} | {r['complete']}/{r['requests']} | {r['refused']} | "
               f"{r['same']}/{r['requests']} | {r['tokens']} | {r['wall']:.2f} | {r['tok_s']:.1f} | {ratio} | "
-              f"{r['p50']:.0f} | {r['p95']:.0f} |")
+              f"{r['p50']:.0f} | {r['p95']:.0f} | {r['load']:.1f} |")
     print(f"\nserver peak RSS (VmHWM): {rss_idle:.0f} MiB after load, {rss_peak:.0f} MiB after the run")
     failed = any(r["complete"] != r["requests"] or r["refused"] for r in rows)
     if exact:

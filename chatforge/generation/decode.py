@@ -79,6 +79,26 @@ def prefill(model: torch.nn.Module, cache, slot: int, prompt_ids: list[int], chu
     return logits[0, 0]
 
 
+def prefill_rows(model: torch.nn.Module, cache, slots: list[int], chunks: list[list[int]],
+                 starts: list[int]) -> torch.Tensor:
+    """One forward for several rows' prompt chunks (many short prompts cost about one weight read, not one each):
+    chunks[i] at positions starts[i].. into cache row slots[i], right-padded to the longest; logits (B, V) of each
+    chunk's last token. A pad writes keys past its row's chunk, which that row's next token overwrites before any
+    query reads them (a query at p sees positions <= p), so the caller keeps starts[i] + longest <= the cache's
+    capacity and uses it on a ring cache never (a pad would overwrite a kept position)."""
+    device = cache.k.device
+    T = max(map(len, chunks))
+    if cache.ring or max(starts) + T > cache.capacity:
+        raise RuntimeError("prefill_rows: padded chunks do not fit the KV cache (or it is a ring)")
+    ids = torch.tensor([c + [c[-1]] * (T - len(c)) for c in chunks], device=device)
+    pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)[None]
+    kv_len = max(starts) + T
+    cache.use_rows(slots)
+    cache.reserve(kv_len)
+    last = torch.tensor([len(c) - 1 for c in chunks], device=device)
+    return model(ids, position_ids=pos, cache=cache, kv_len=kv_len, logits_at=last)[:, 0]
+
+
 def step(model: torch.nn.Module, cache, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
     """One token for each running row: tokens[i] at positions[i] into cache row slots[i]; logits (B, V).
 

@@ -275,6 +275,7 @@ class EngineStats:
     prompt_tokens: int = 0  # prompt tokens of admitted requests
     cached_tokens: int = 0  # of those, keys reused from another request's row (not prefilled)
     prefill_tokens: int = 0  # prompt tokens run through prefill forwards
+    prefill_forwards: int = 0  # forwards that ran them (prompts admitted together share one)
     decode_tokens: int = 0  # rows of decode forwards
     steps: int = 0
 
@@ -489,22 +490,52 @@ class Engine:
 
     def _prefill_step(self) -> list[tuple[Request, torch.Tensor]]:
         """Prefill up to `prefill_chunk` prompt tokens, oldest request first; (request, logits of its first new
-        token) for each prompt that is now fully written."""
+        token) for each prompt that is now fully written. Chunks of similar length run as one padded forward."""
         budget = self.prefill_chunk or float("inf")
-        done = []
+        chunks = []  # (request, end)
         for req in [r for r in self._running if r._prefilled < len(r.prompt_ids)]:
             if budget <= 0:
                 break
-            n = len(req.prompt_ids)
-            end = int(min(n, req._prefilled + budget))
-            logits = decode.prefill(self.model, self._cache, req._slot, req.prompt_ids[:end], PREFILL_CHUNK,
-                                    start=req._prefilled)
+            end = int(min(len(req.prompt_ids), req._prefilled + budget))
             budget -= end - req._prefilled
-            self.stats.prefill_tokens += end - req._prefilled
-            req._prefilled = end
-            if end == n:
-                done.append((req, logits[: self._vocab].float().cpu()))
+            chunks.append((req, end))
+        done = []
+        for group in self._prefill_groups(chunks):
+            if len(group) == 1:
+                (req, end), = group
+                logits = decode.prefill(self.model, self._cache, req._slot, req.prompt_ids[:end], PREFILL_CHUNK,
+                                        start=req._prefilled)[None]
+            else:
+                logits = decode.prefill_rows(self.model, self._cache, [r._slot for r, _ in group],
+                                             [r.prompt_ids[r._prefilled:end] for r, end in group],
+                                             [r._prefilled for r, _ in group])
+            self.stats.prefill_forwards += 1
+            for (req, end), row in zip(group, logits):
+                self.stats.prefill_tokens += end - req._prefilled
+                req._prefilled = end
+                if end == len(req.prompt_ids):
+                    done.append((req, row[: self._vocab].float().cpu()))
         return done
+
+    def _prefill_groups(self, chunks: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+        """Chunks batched into one padded forward when padding at most doubles their tokens (longest first); a
+        ring cache, a chunk longer than PREFILL_CHUNK or one whose padding would not fit runs alone."""
+        if self._cache.ring:
+            return [[c] for c in chunks]
+        groups: list[list[tuple[Request, int]]] = []
+        real = 0
+        for req, end in sorted(chunks, key=lambda c: c[0]._prefilled - c[1]):  # longest chunk first
+            n = end - req._prefilled
+            if groups and n <= PREFILL_CHUNK:
+                longest = groups[-1][0][1] - groups[-1][0][0]._prefilled
+                fits = req._prefilled + longest <= self._cache.capacity
+                if fits and longest <= PREFILL_CHUNK and (len(groups[-1]) + 1) * longest <= 2 * (real + n):
+                    groups[-1].append((req, end))
+                    real += n
+                    continue
+            groups.append([(req, end)])
+            real = n
+        return groups
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """One forward for all running rows: each feeds its last token at its own position into its own slot."""

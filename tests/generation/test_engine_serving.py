@@ -179,3 +179,23 @@ def test_greedy_ignores_top_k_and_top_p():
 
     logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
     assert torch.equal(process_logits(logits, SamplingParams(temperature=0.0, top_k=1, top_p=0.1)), logits)
+
+
+@pytest.mark.parametrize("preset", ["nano", "gpt2-nano"])
+def test_prompts_admitted_together_prefill_in_one_padded_forward(tok, preset):
+    m = random_model(tok, preset)
+    prompts = [ids(n, 30 + n) for n in (9, 12, 7, 11)]
+    engine = Engine(m, tok, max_batch_size=4, prefix_cache=False)
+    got = [c.token_ids for c in engine.generate_batch(prompts, greedy(15))]
+    assert engine.stats.prefill_forwards == 1 and engine.stats.prefill_tokens == 39
+    alone = Engine(m, tok, max_batch_size=1, prefix_cache=False)
+    assert got == [run_alone(alone, p, 15) for p in prompts]
+
+
+def test_a_long_chunk_is_not_padded_together_with_short_ones(tok, model):
+    prompts = [ids(60, 40), ids(5, 41), ids(6, 42)]
+    engine = Engine(model, tok, max_batch_size=3, prefix_cache=False, prefill_chunk=None)
+    got = [c.token_ids for c in engine.generate_batch(prompts, greedy(10))]
+    assert engine.stats.prefill_forwards == 2  # the 60-token prompt alone, the two short ones together
+    alone = Engine(model, tok, max_batch_size=1, prefix_cache=False)
+    assert got == [run_alone(alone, p, 10) for p in prompts]
