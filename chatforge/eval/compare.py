@@ -53,7 +53,7 @@ def compare(reference, candidates: dict, tokenizer, records: list[dict], prompts
     continuations = [c.token_ids for c in engine.generate_batch(prompts, params)]
     result = {"reference": ref, "prompts": len(prompts), "new_tokens": new_tokens, "candidates": {}}
     for name, model in candidates.items():
-        loss = loss_of(model)
+        loss = ref if model is reference else loss_of(model)  # the same model on the same rows: the same loss
         agreement, n = greedy_agreement(model, prompts, continuations)
         result["candidates"][name] = loss | {"ppl_change": loss["ppl"] / ref["ppl"] - 1,
                                              "greedy_agreement": agreement, "agreement_tokens": n}
@@ -89,7 +89,8 @@ def compare_variants(name_or_path: str, variants: tuple[str, ...] | list[str], r
                      seq_len: int = 512, batch_size: int = 4, device: str = "cpu") -> dict:
     """`compare` for one model in several variants against `reference` (bf16): perplexity on the held-out `records`,
     greedy agreement on the fixed prompts (`prompt_messages`, rendered with the generation prompt). A variant
-    equal to the reference is measured on the same loaded model (a check: ratio and agreement must come out 1)."""
+    equal to the reference is the same loaded model: its loss is the reference's, and its agreement, measured,
+    checks that the teacher-forced forward pass and the engine's decode agree (it must come out 1)."""
     if not variants:
         raise ChatforgeError("compare: give at least one variant to compare with the reference")
     for v in (reference, *variants):  # every name checked before the first model loads
