@@ -7,7 +7,10 @@ Quality, greedy, the tools rendered into the prompt as the server does (generati
   required  the tool_choice "required" grammar: at least one call
 valid call: a reply whose first call names a known tool with arguments valid under its schema (jsonschema);
 right function: that name is the expected one; argument accuracy: expected key/value pairs matched exactly, over all
-prompts (a missing or invalid call scores 0).
+prompts (a missing or invalid call scores 0). `--set heldout` adds make_dialogs.py's held-out split, whose no-tool
+rows (chit-chat, thanks, a request without its order number) score "no call" when the reply calls nothing.
+`--adapter PATH` (a LoRA adapter or model folder, e.g. the output of examples/tools/lora.yaml) adds its rows beside
+the base model's.
 
 Cost: the same decode with and without a constraint at batch 1 and 8, interleaved `--repeats` times; a JSON schema
 that cannot finish within `--tokens` tokens keeps every row decoding the same number of tokens. Reported: ms per
@@ -15,6 +18,7 @@ decoded token (median, decode steps only), the overhead ratio, and the share of 
 constraint (mask, masking the logits, advancing the matcher): on a shared machine the share is the steadier figure.
 
     python benchmarks/tool_calls.py [--limit N] [--tokens 48] [--repeats 3] [--model smollm2-135m-instruct]
+                                    [--adapter runs/tools-smollm2-lora/final] [--set prompts|heldout|both]
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ LONG = {"type": "object", "properties": {"notes": {"type": "array", "minItems": 
         "required": ["notes"], "additionalProperties": False}
 
 
-def load_set(limit: int | None) -> tuple[list[dict], list[dict]]:
+def load_set(limit: int | None, name: str = "prompts") -> tuple[list[dict], list[dict]]:
     tools = json.loads((EXAMPLES / "tools.json").read_text())
-    rows = [json.loads(line) for line in (EXAMPLES / "prompts.jsonl").read_text().splitlines() if line.strip()]
-    return tools, rows[:limit] if limit else rows
+    rows = [json.loads(line) for line in (EXAMPLES / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    if limit and limit < len(rows):  # evenly spaced, so every tool (and the no-tool rows) keeps its share
+        rows = [rows[i * len(rows) // limit] for i in range(limit)]
+    return tools, rows
 
 
 def score(rows: list[dict], texts: list[str], tools: list[dict]) -> dict:
@@ -45,10 +51,13 @@ def score(rows: list[dict], texts: list[str], tools: list[dict]) -> dict:
     from chatforge.generation.tools import parse_reply
 
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
-    valid = right = 0
+    valid = right = no_call = 0
     args_score = 0.0
     for row, text in zip(rows, texts):
         reply = parse_reply(text, tools)
+        if row["expected"] is None:  # no tool needed: right when nothing is called
+            no_call += not reply.calls and not reply.invalid
+            continue
         if not reply.calls:
             continue
         call = reply.calls[0]
@@ -64,17 +73,19 @@ def score(rows: list[dict], texts: list[str], tools: list[dict]) -> dict:
         matched = sum(str(call.arguments.get(k)).strip().lower() == str(v).strip().lower()
                       for k, v in want["arguments"].items())
         args_score += matched / len(want["arguments"])
-    n = len(rows)
-    return {"valid": valid / n, "right": right / n, "args": args_score / n}
+    n = sum(r["expected"] is not None for r in rows) or 1
+    chat = len(rows) - sum(r["expected"] is not None for r in rows)
+    return {"valid": valid / n, "right": right / n, "args": args_score / n, "no_call": no_call / chat if chat else None}
 
 
-def quality(bot, tools: list[dict], rows: list[dict]) -> dict[str, tuple[dict, list[str], float]]:
+def quality(bot, tools: list[dict], rows: list[dict],
+            modes: tuple[str, ...] = ("free", "auto", "required")) -> dict[str, tuple[dict, list[str], float]]:
     from chatforge.generation.engine import SamplingParams
     from chatforge.generation.tools import render_prompt, tool_constraint
 
     prompts = [render_prompt(bot.tokenizer, r["messages"], tools) for r in rows]
     out = {}
-    for mode in ("free", "auto", "required"):
+    for mode in modes:
         constraint = None if mode == "free" else tool_constraint(tools, mode, parallel=False)
         params = SamplingParams(temperature=0.0, max_new_tokens=80, constraint=constraint)
         t0 = time.perf_counter()
@@ -138,10 +149,14 @@ def cost(bot, batch: int, tokens: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter (or model folder) scored beside --model")
+    ap.add_argument("--set", choices=("prompts", "heldout", "both"), default="prompts")
+    ap.add_argument("--limit", type=int, default=None, help="N evenly spaced prompts of each set")
     ap.add_argument("--tokens", type=int, default=48, help="decoded tokens per row in the cost runs")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="free,auto,required", help="decodings scored, comma-separated")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--show", type=int, default=3, help="replies to print per mode")
     args = ap.parse_args(argv)
 
@@ -149,18 +164,34 @@ def main(argv: list[str] | None = None) -> int:
 
     from chatforge.generation.bot import Bot
 
-    bot = Bot.load(args.model, max_batch_size=8)
-    tools, rows = load_set(args.limit)
-    print(f"model {args.model}, {len(rows)} prompts, {len(tools)} tools, torch threads {torch.get_num_threads()}")
-    if not args.skip_quality:
-        results = quality(bot, tools, rows)
-        print("\n| decoding | valid call | right function | argument accuracy | wall s |")
-        print("|---|---|---|---|---|")
-        for mode, (s, _, wall) in results.items():
-            print(f"| {mode} | {s['valid']:.0%} | {s['right']:.0%} | {s['args']:.0%} | {wall:.0f} |")
-        for mode, (_, texts, _) in results.items():
-            for row, text in list(zip(rows, texts))[: args.show]:
-                print(f"[{mode}] {row['messages'][-1]['content']!r} -> {text[:160]!r}")
+    sets = ["prompts", "heldout"] if args.set == "both" else [args.set]
+    models = [("base", args.model)] + ([("LoRA", args.adapter)] if args.adapter else [])
+    print(f"models {', '.join(f'{k}={v}' for k, v in models)}; torch threads {torch.get_num_threads()}")
+    table, shown, base = [], [], None
+    for label, path in models if not args.skip_quality else models[:1]:
+        bot = Bot.load(path, max_batch_size=8)
+        base = base or bot  # the constraint's cost is measured on the base model
+        if args.skip_quality:
+            break
+        for name in sets:
+            tools, rows = load_set(args.limit, name)
+            for mode, (s, texts, wall) in quality(bot, tools, rows, tuple(args.modes.split(","))).items():
+                table.append((label, name, len(rows), mode, s, wall))
+                print(f"  done: {label} {name} {mode} {s} in {wall:.0f} s", flush=True)  # a slow machine shows progress
+                shown += [f"[{label} {name} {mode}] {r['messages'][-1]['content']!r} -> {t[:160]!r}"
+                          for r, t in list(zip(rows, texts))[: args.show]]
+    if table:
+        print("\n| model | set (prompts) | decoding | valid call | right function | argument accuracy | no call when "
+              "none is needed | wall s |")
+        print("|---|---|---|---|---|---|---|---|")
+        for label, name, n, mode, s, wall in table:
+            chat = "-" if s["no_call"] is None else f"{s['no_call']:.0%}"
+            print(f"| {label} | {name} ({n}) | {mode} | {s['valid']:.0%} | {s['right']:.0%} | {s['args']:.0%} | "
+                  f"{chat} | {wall:.0f} |")
+        print("\n".join(shown))
+    if args.skip_cost:
+        return 0
+    bot = base or Bot.load(args.model, max_batch_size=8)
     print("\n| batch | free ms/token | constrained ms/token | overhead | mask share of wall | tokens (free, constrained) |")
     print("|---|---|---|---|---|---|")
     for batch in (1, 8):
