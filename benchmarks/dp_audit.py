@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--canaries", type=int, default=2, help="canaries per repetition count")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", default="builtin:chatterbot",
+                    help="the corpus the canaries go into (builtin = chatterbot + chitchat: a ~6x larger N)")
     ap.add_argument("--step-ratio-only", action="store_true", help="only the matched-batch step-time ratio")
+    ap.add_argument("--dp-only", action="store_true", help="skip the run without DP (its table column is left out)")
     args = ap.parse_args()
     if args.step_ratio_only:
         plain, dp, n = step_ratio()
@@ -87,14 +90,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     data = out / "data"
-    prepare(["builtin:chatterbot"], str(data), canaries=args.canaries, canary_repeats="1,10,100", canary_digits=4)
+    prepared = prepare([args.data], str(data), canaries=args.canaries, canary_repeats="1,10,100", canary_digits=4)
     # The tokenizer is trained on the same data without canaries: a BPE trained on the canaries themselves leaks
     # their digits into its merges (an untrained model then shows ~8 bits of exposure at 100 repeats), and it is
     # outside DP-SGD's guarantee. Public-data tokenizers are what a private run should use.
     from chatforge.data import load_dataset
     from chatforge.tokenizer import record_texts, train_tokenizer
 
-    clean_train, _, _ = load_dataset("builtin:chatterbot")
+    clean_train, _, _ = load_dataset(args.data)
     train_tokenizer(record_texts(clean_train), vocab_size=2048).save(str(out / "tokenizer"))
     common = [f"data={data}", "stage=sft", "model.preset=nano", f"tokenizer={out / 'tokenizer'}", "seq_len=128", "lr=3e-3",
               "warmup_steps=20", f"max_steps={args.steps}", "eval_every=100000", "eval_batches=4", "dtype=fp32",
@@ -103,6 +106,8 @@ def main() -> None:
             # about as many conversations per step as 8 packed rows of 128 tokens hold (chatterbot: ~4 a row)
             f"DP eps<={args.epsilon:g}": common + ["batch_size=32", f"out_dir={out / 'dp'}",
                                                   f"privacy.target_epsilon={args.epsilon}", "privacy.max_grad_norm=1.0"]}
+    if args.dp_only:
+        runs.pop("no DP")
     results = {}
     for name, over in runs.items():
         cfg = load_config(None, over)
@@ -119,7 +124,8 @@ def main() -> None:
                          "trained_tok_s": s["tokens_per_s"] * s["trained_tokens"] / max(s["tokens"], 1)}
 
     print(f"load (uptime): {os.getloadavg()} on {os.cpu_count()} cores; {args.steps} steps each, torch threads "
-          f"{args.threads}\n")
+          f"{args.threads}; data {args.data}: {prepared['train']} training records, of which a canary repeated "
+          f"100 times is {100 / prepared['train']:.1%} (100 privacy units: DP's epsilon bounds one)\n")
     names = list(results)
     print("| repeats | " + " | ".join(f"exposure {n} (bits, mean / max)" for n in names) + " | extracted " +
           " / ".join(names) + " |")
@@ -131,14 +137,15 @@ def main() -> None:
         print(f"| {reps} | " + " | ".join(cells) + f" | {ext} |")
     print(f"(max possible exposure: {results[names[0]]['audit']['canaries'][0]['max_exposure']:.2f} bits)\n")
 
-    plain, dp = results[names[0]], results[names[1]]
+    plain, dp = results[names[0]], results[names[-1]]
     print("| run | params | steps | trained tokens | wall s | trained tokens/s | slowdown | final train loss |")
     print("|---|---|---|---|---|---|---|---|")
     for n in names:
         r, s = results[n], results[n]["summary"]
         loss = json.loads(Path(s["out_dir"], "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+        slow = "-" if args.dp_only else f"{plain['trained_tok_s'] / r['trained_tok_s']:.2f}x"
         print(f"| {n} | {s['params']:,} | {s['steps']} | {s['trained_tokens']:,} | {r['wall_s']:.0f} | "
-              f"{r['trained_tok_s']:,.0f} | {plain['trained_tok_s'] / r['trained_tok_s']:.2f}x | {loss:.3f} |")
+              f"{r['trained_tok_s']:,.0f} | {slow} | {loss:.3f} |")
 
     from opacus.accountants import PRVAccountant, RDPAccountant
 
