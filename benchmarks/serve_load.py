@@ -176,7 +176,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30,
                     help="seconds per level: each client sends requests one after another until then")
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts (each answered alone first)")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--dtype", default=None)

@@ -14,7 +14,8 @@ keys of its last occupant (prompt and reply) after it finishes; a new prompt tak
 common token prefix (or gets that prefix copied from a running row) and prefills only the rest, so a shared system
 prompt or a conversation's earlier turns are prefilled once. The keys of a position depend only on the tokens up to
 it, so the reused keys are the ones a fresh prefill would write, up to float rounding. A sliding-window model's ring
-rows hold only the last `window` positions: they are never reused.
+rows hold only the last `window` positions: they are never reused. Prompts admitted in the same step do not share
+with each other (no row holds their keys yet): a cold start prefills a common system prompt once per slot.
 
 Text is streamed through the tokenizer's UTF-8-safe decoder and a stop-string hold-back: text that could still turn
 out to be the start of a stop string is held until it can't, so a stop string (or a prefix of one) never reaches the
