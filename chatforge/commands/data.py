@@ -80,6 +80,22 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def shard_tokenizer(spec: str):
+    """The tokenizer `chatforge train` will use with tokenizer: SPEC (a folder with tokenizer.json) or init: SPEC
+    (a model), chat tokens added as training adds them, so the shards match the run."""
+    from chatforge.tokenizer import Tokenizer
+
+    if os.path.isfile(os.path.join(spec, "tokenizer.json")) and not os.path.isfile(os.path.join(spec, "config.json")):
+        tok = Tokenizer.load(spec)
+    else:
+        from chatforge.weights.loader import load_tokenizer
+
+        tok = load_tokenizer(spec)
+    if not tok.has_chat_tokens():
+        tok.add_chat_tokens()
+    return tok
+
+
 def prepare(
     inputs: list[str],
     out: str | None = None,
@@ -103,6 +119,10 @@ def prepare(
     key_file: str | None = None,
     passphrase: bool = False,
     encrypt: bool = False,
+    tokenizer: str | None = None,
+    stage: str = "sft",
+    seq_len: int = 256,
+    workers: int | None = None,
 ) -> dict:
     """Clean, de-duplicate and split conversations into train/val JSONL files with a report of what was dropped.
 
@@ -137,6 +157,13 @@ def prepare(
             mode 0600); default: CHATFORGE_KEY. With an encrypted input every output file is encrypted too
         passphrase: the inputs were encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for
         encrypt: encrypt the output files (train.jsonl.cfenc, ...) with the key even when no input is encrypted
+        tokenizer: also write OUT/shards, the token ids and loss masks of every conversation, tokenized with
+            this tokenizer folder or model (its tokenizer); a training run with the same tokenizer, stage and
+            seq_len reads them through memory maps instead of tokenizing in memory. Refused for encrypted data
+            (the shards would be plaintext)
+        stage: the stage the shards are for: sft (loss on replies; long ones truncated) or pretrain (every token)
+        seq_len: the training seq_len the shards are for (longer conversations are cut or split as training would)
+        workers: processes cleaning and tokenizing in parallel; default: one per core for inputs over 16 MiB
     """
     from chatforge.commands.privacy import given_key
     from chatforge.data.prepare import PrepareOptions
@@ -149,12 +176,20 @@ def prepare(
         canaries=canaries, canary_repeats=canary_repeats, canary_digits=canary_digits,
         scrub_pii=scrub_pii, refusals=refusals,
     )
-    report = prepare_data(inputs, out, options, key=given_key(key_file, passphrase), encrypt=encrypt)
+    tok = None
+    if tokenizer:
+        tok = shard_tokenizer(tokenizer)
+    report = prepare_data(inputs, out, options, key=given_key(key_file, passphrase), encrypt=encrypt, tokenizer=tok,
+                          shard_stage=stage, shard_seq_len=seq_len, workers=workers)
     print(format_report(report))
     suffix = ".cfenc" if report.get("encrypted") else ""
     print(f"wrote {os.path.join(out, 'train.jsonl' + suffix)} and {os.path.join(out, 'val.jsonl' + suffix)}"
           + (" (encrypted; chatforge train reads them with the key in CHATFORGE_KEY or CHATFORGE_PASSPHRASE)"
              if suffix else ""))
+    if report.get("shards"):
+        sh = report["shards"]
+        print(f"wrote {os.path.join(out, 'shards')}: {sh['train']['tokens']:,} train and {sh['val']['tokens']:,} "
+              f"val tokens ({sh['dtype']}) for stage {sh['stage']}, seq_len {sh['seq_len']}")
     if report.get("canaries"):
         c = report["canaries"]
         print(f"planted {c['canaries']} canaries ({c['records']} records, repeats {c['repeats']}) in train.jsonl; "

@@ -220,7 +220,7 @@ def clean(
         yield item._replace(record=result.record)
 
 
-def _canonical(record: dict) -> bytes:
+def canonical_json(record: dict) -> bytes:
     return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
 
 
@@ -228,7 +228,7 @@ def dedup(items: Iterable[Item], report: Report) -> Iterator[Item]:
     """The de-duplicate step: an exact copy (after cleaning) of an earlier record is dropped, naming the first."""
     seen: dict[bytes, str] = {}
     for item in items:
-        canonical = _canonical(item.record)
+        canonical = canonical_json(item.record)
         key = hashlib.blake2b(canonical, digest_size=16).digest()
         first = seen.get(key)
         if first is not None:
@@ -251,6 +251,16 @@ def clean_records(
     return out
 
 
+def val_count(n: int, val_fraction: float) -> int:
+    """How many of n records the split holds out: the rounded share, at least one each way when n >= 2."""
+    if not 0 <= val_fraction < 1:
+        raise ChatforgeError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = math.floor(n * val_fraction + 0.5)
+    if n < 2:
+        return 0
+    return min(max(n_val, 1), n - 1) if val_fraction > 0 else n_val
+
+
 def split(
     records: list[dict], val_fraction: float, seed: int, canonical: list[bytes] | None = None
 ) -> tuple[list[dict], list[dict]]:
@@ -260,16 +270,10 @@ def split(
     records, not on their order. At least one record goes each way when there are two or more and
     val_fraction > 0. Both lists keep the input order.
     """
-    if not 0 <= val_fraction < 1:
-        raise ChatforgeError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n = len(records)
-    n_val = math.floor(n * val_fraction + 0.5)
-    if n < 2:
-        n_val = 0
-    elif val_fraction > 0:
-        n_val = min(max(n_val, 1), n - 1)
+    n_val = val_count(n, val_fraction)
     salt = f"{seed}\0".encode()
-    canonical = canonical or [_canonical(r) for r in records]  # de-duplication has them already
+    canonical = canonical or [canonical_json(r) for r in records]  # de-duplication has them already
     order = sorted(range(n), key=lambda i: (hashlib.blake2b(salt + canonical[i], digest_size=8).digest(), i))
     val_ids = set(order[:n_val])
     train = [r for i, r in enumerate(records) if i not in val_ids]

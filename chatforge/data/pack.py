@@ -65,6 +65,16 @@ class Encoded:
     masks: list[np.ndarray]
     stats: dict
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(i) for i in self.ids), dtype=np.int64, count=len(self.ids))
+
+    def pieces(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, mask) of the given records; data/shards.ShardedEncoded reads the same from token shards."""
+        return [(self.ids[i], self.masks[i]) for i in indices]
+
 
 def encode_records(records, tokenizer, target: str, row_len: int, split_long: bool) -> Encoded:
     """Encode every record; one longer than a row is split into overlapping pieces (pretraining) or truncated.
@@ -112,22 +122,8 @@ def encode_records(records, tokenizer, target: str, row_len: int, split_long: bo
 
 def pack_rows(lengths: list[int] | np.ndarray, order: np.ndarray, row_len: int, open_rows: int = 8) -> list[list[int]]:
     """Record indices per row, first-fit over the last `open_rows` rows (deterministic, little padding, near order)."""
-    rows: list[list[int]] = []
-    free: list[int] = []  # free space of the open rows, which are rows[-len(free):]
-    for idx in order:
-        n = int(lengths[idx])
-        base = len(rows) - len(free)
-        for k, space in enumerate(free):
-            if n <= space:
-                rows[base + k].append(int(idx))
-                free[k] -= n
-                break
-        else:
-            rows.append([int(idx)])
-            free.append(row_len - n)
-            if len(free) > open_rows:
-                free.pop(0)
-    return rows
+    members, starts = pack_layout(np.asarray(lengths), np.asarray(order), row_len, open_rows)
+    return [members[a:b].tolist() for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
 
 
 @dataclass
@@ -149,13 +145,14 @@ def build_rows(enc: Encoded, rows: list[list[int]], row_len: int, pad_id: int) -
     mask = np.zeros((R, row_len), dtype=np.uint8)
     doc = np.full((R, row_len), -1, dtype=np.int32)
     pos = np.zeros((R, row_len), dtype=np.int32)
+    pieces = iter(enc.pieces([idx for members in rows for idx in members]))  # one read per batch from shards
     for r, members in enumerate(rows):
         at = 0
-        for d, idx in enumerate(members):
-            ids = enc.ids[idx]
+        for d, _ in enumerate(members):
+            ids, piece_mask = next(pieces)
             n = len(ids)
             tokens[r, at:at + n] = ids
-            mask[r, at:at + n] = enc.masks[idx]
+            mask[r, at:at + n] = piece_mask
             doc[r, at:at + n] = d
             pos[r, at:at + n] = np.arange(n, dtype=np.int32)
             at += n
@@ -179,9 +176,64 @@ class Batch:
         return int(self.loss_mask.sum())
 
 
-def make_batch(rows: Rows, index) -> Batch:
+class PackedRows:
+    """An epoch's packing (which records fill each row) with the rows built only when a batch asks for them, so
+    memory holds a few integers per record instead of the whole epoch's token arrays (data larger than memory).
+    A batch of these rows is exactly the batch of the same rows of `pack`."""
+
+    def __init__(self, enc, members: np.ndarray, starts: np.ndarray, row_len: int, pad_id: int):
+        self.enc, self.members, self.starts, self.row_len, self.pad_id = enc, members, starts, row_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def take(self, index) -> Rows:
+        index = np.arange(len(self))[index]
+        return build_rows(self.enc, [self.members[self.starts[r]:self.starts[r + 1]].tolist() for r in index],
+                          self.row_len, self.pad_id)
+
+
+def pack_layout(lengths: np.ndarray, order: np.ndarray, row_len: int, open_rows: int = 8) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """pack_rows as two flat arrays: record indices grouped by row (each row's in the order pack_rows adds them)
+    and the row boundaries; a few bytes per record where lists of lists cost ~100."""
+    row_of = np.empty(len(order), dtype=np.int64)
+    free: list[int] = []  # free space of the open rows, which are rows n_rows - len(free) ..
+    n_rows = 0
+    lengths = lengths.tolist() if isinstance(lengths, np.ndarray) else list(lengths)
+    for k, idx in enumerate(order.tolist()):
+        n = lengths[idx]
+        base = n_rows - len(free)
+        for j, space in enumerate(free):
+            if n <= space:
+                row_of[k] = base + j
+                free[j] -= n
+                break
+        else:
+            row_of[k] = n_rows
+            n_rows += 1
+            free.append(row_len - n)
+            if len(free) > open_rows:
+                free.pop(0)
+    members = np.asarray(order)[np.argsort(row_of, kind="stable")].astype(np.int64)
+    starts = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of, minlength=n_rows), out=starts[1:])
+    return members, starts
+
+
+def packed(enc, seq_len: int, pad_id: int, order: np.ndarray | None = None,
+           lengths: np.ndarray | None = None) -> PackedRows:
+    """`pack`, with rows built per batch (PackedRows)."""
+    lengths = enc.lengths() if lengths is None else lengths
+    order = np.arange(len(lengths)) if order is None else order
+    return PackedRows(enc, *pack_layout(lengths, order, seq_len + 1), seq_len + 1, pad_id)
+
+
+def make_batch(rows: Rows | PackedRows, index) -> Batch:
     import torch
 
+    if isinstance(rows, PackedRows):
+        rows, index = rows.take(index), slice(None)
     tok, m, doc, pos = rows.tokens[index], rows.mask[index], rows.doc[index], rows.pos[index]
     loss_mask = (m[:, 1:] == 1) & (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
     return Batch(torch.from_numpy(tok[:, :-1].astype(np.int64)), torch.from_numpy(tok[:, 1:].astype(np.int64)),
@@ -208,17 +260,22 @@ class BatchStream:
     {"epoch", "row"} is all a resumed run needs to continue with exactly the batches it would have seen."""
 
     def __init__(self, enc: Encoded, seq_len: int, batch_size: int, pad_id: int, seed: int):
-        if not enc.ids:
+        if not len(enc):
             raise ChatforgeError("data: no training records left after encoding (see data_report.json)")
         self.enc, self.seq_len, self.batch_size, self.pad_id, self.seed = enc, seq_len, batch_size, pad_id, seed
         self.epoch, self.row = 0, 0
-        self._rows: Rows | None = None
+        self._rows: Rows | PackedRows | None = None
         self._rows_epoch = -1
+        self._lengths: np.ndarray | None = None
 
-    def _epoch_rows(self) -> Rows:
+    def _epoch_rows(self) -> Rows | PackedRows:
+        """The epoch's packing; its rows are built batch by batch (in memory or from token shards alike)."""
         if self._rows_epoch != self.epoch:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.enc.ids))
-            self._rows = pack(self.enc, self.seq_len, self.pad_id, order)
+            if self._lengths is None:
+                self._lengths = self.enc.lengths()
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._lengths))
+            self._rows = None  # the previous epoch's layout goes before the next one is made
+            self._rows = packed(self.enc, self.seq_len, self.pad_id, order, self._lengths)
             self._rows_epoch = self.epoch
         return self._rows
 

@@ -165,11 +165,8 @@ def scrub_pii(items, report: Report, mode: str):
         yield item._replace(record=scrubber.scrub_record(item.record))
 
 
-def build(
-    inputs: list[str], options: PrepareOptions | None = None, exclude: str | None = None, key=None
-) -> tuple[list[dict], list[dict], Report]:
-    """The pipeline: (train records, validation records, report); encrypted inputs read with `key`."""
-    options = options or PrepareOptions()
+def _plan(inputs: list[str], options: PrepareOptions, exclude: str | None, key) -> tuple[Report, list[Source]]:
+    """The report to fill and the sources to read (the resolve step, and the refusals when asked)."""
     report = Report()
     report.settings = {"inputs": list(inputs), **asdict(options)}
     sources = resolve_inputs(inputs, options, report, exclude, key)
@@ -180,6 +177,22 @@ def build(
         read_prompts(options.refusals)  # a missing or empty file fails before anything else is read
         sources.append(Source(f"refusals:{options.refusals}", "messages",
                               reader=lambda: refusal_raw(options.refusals, options.seed)))
+    return report, sources
+
+
+def _nothing_left(inputs: list[str], report: Report) -> ChatforgeError:
+    dropped = ", ".join(f"{r} {n}" for r, n in sorted(report.dropped.items()))
+    return ChatforgeError(f"{', '.join(inputs)}: no records left to use (read {report.read}"
+                          + (f"; dropped: {dropped})" if dropped else ")"))
+
+
+def build(
+    inputs: list[str], options: PrepareOptions | None = None, exclude: str | None = None, key=None, plan=None
+) -> tuple[list[dict], list[dict], Report]:
+    """The pipeline: (train records, validation records, report); encrypted inputs read with `key`; `plan`: the
+    (report, sources) of _plan when made already."""
+    options = options or PrepareOptions()
+    report, sources = plan or _plan(inputs, options, exclude, key)
     provenance = Provenance()  # augmented copies (data/augment.py): de-duplicated against originals, split by source
     items = provenance.take(read_sources(sources, report, options.skip_invalid, options.encoding, options.csv))
     items = clean(items, report, options.max_turn_chars, options.normalize, options.fullwidth_ascii)
@@ -191,11 +204,7 @@ def build(
     for item in items:
         (copies if provenance.is_copy(item) else originals).append(item)
     if not originals:
-        dropped = ", ".join(f"{r} {n}" for r, n in sorted(report.dropped.items()))
-        raise ChatforgeError(
-            f"{', '.join(inputs)}: no records left to use (read {report.read}"
-            + (f"; dropped: {dropped})" if dropped else ")")
-        )
+        raise _nothing_left(inputs, report)
     # The originals alone are split (as they would be without augmentation); a copy follows its source.
     train, val = split([i.record for i in originals], options.val_fraction, options.seed,
                        [i.canonical for i in originals])
@@ -214,12 +223,18 @@ def _jsonl(records: list[dict]) -> str:
 
 
 def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None = None, *, key=None,
-            encrypt: bool = False, **settings) -> dict:
+            encrypt: bool = False, tokenizer=None, shard_stage: str = "sft", shard_seq_len: int = 256,
+            workers: int | None = None, **settings) -> dict:
     """Run the pipeline and write out/train.jsonl, out/val.jsonl and out/report.json; returns the report.
 
     `settings` are PrepareOptions fields (e.g. val_fraction=0.2), applied over `options`. Encrypted inputs are read
     with `key` (else the environment's); when any input is encrypted, or `encrypt`, every file written is encrypted
     with that key (train.jsonl.cfenc, ...), so the prepared data never reaches the disk in plaintext.
+
+    Plain inputs stream (data/streaming.py: bounded memory, `workers` cleaning processes, None: one per core for
+    inputs over 16 MiB); encrypted ones, canaries and augmented copies take the in-memory path. With `tokenizer`,
+    out/shards/ gets the token ids and loss masks of every record for `shard_stage` and `shard_seq_len`
+    (data/shards.py), which training reads instead of tokenizing; never for encrypted data (one-line refusal).
     """
     if not out:  # a flag rather than a second positional, so `prepare a.jsonl b.jsonl --out DIR` reads clearly
         raise ChatforgeError("prepare: no output folder given; pass --out DIR")
@@ -227,21 +242,46 @@ def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None =
         raise ChatforgeError(f"{out}: exists and is not a folder")
     options = replace(options, **settings) if options is not None else PrepareOptions(**settings)
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    train, val, report = build(inputs, options, exclude=out, key=key)
-    out_key = data_key(key) if encrypt or report.settings["encrypted_inputs"] else None
-    canaries = []
-    if options.canaries:  # after de-duplication and the split: every copy stays, in train only
-        from chatforge.data.canaries import insert_canaries, make_canaries
+    if tokenizer is not None:
+        from chatforge.data.shards import check_stage
 
-        canaries = make_canaries(options.canaries, options.canary_repeats, options.canary_digits, seed=options.seed)
-        train = insert_canaries(train, canaries, options.seed)
-    try:
-        os.makedirs(out, exist_ok=True)
-        _remove(out, "report.json")
-    except OSError as e:
-        raise ChatforgeError(f"{out}: cannot write there ({e.strerror})") from None
-    _write(out, "train.jsonl", _jsonl(train), out_key)
-    _write(out, "val.jsonl", _jsonl(val), out_key)
+        check_stage(shard_stage)
+        if encrypt:
+            raise ChatforgeError(PLAIN_SHARDS)
+    plan = None if encrypt or options.canaries else _plan(inputs, options, out, key)
+    streams = plan is not None and not plan[0].settings["encrypted_inputs"]
+    if plan is not None and not streams and tokenizer is not None:
+        raise ChatforgeError(PLAIN_SHARDS)
+    shards = (lambda: _shard_builder(out, tokenizer, shard_stage, shard_seq_len, workers, plan)) \
+        if tokenizer is not None else None
+    report = _prepare_streaming(inputs, out, options, plan, workers, shards) if streams else None
+    if report is None:  # encrypted, canaries, or augmented copies: in memory
+        train, val, report = build(inputs, options, exclude=out, key=key, plan=None if streams else plan)
+        out_key = data_key(key) if encrypt or report.settings["encrypted_inputs"] else None
+        if out_key is not None and tokenizer is not None:
+            raise ChatforgeError(PLAIN_SHARDS)
+        canaries = []
+        if options.canaries:  # after de-duplication and the split: every copy stays, in train only
+            from chatforge.data.canaries import insert_canaries, make_canaries
+
+            canaries = make_canaries(options.canaries, options.canary_repeats, options.canary_digits,
+                                     seed=options.seed)
+            train = insert_canaries(train, canaries, options.seed)
+        _open_out(out)
+        _write(out, "train.jsonl", _jsonl(train), out_key)
+        _write(out, "val.jsonl", _jsonl(val), out_key)
+        if shards is not None:
+            builder = shards()
+            for split_name, records in (("train", train), ("val", val)):
+                for record in records:
+                    builder.add(split_name, json.dumps(record, ensure_ascii=False))
+            report.shards = builder.close()
+    else:
+        out_key, canaries = None, []
+    if shards is None:
+        from chatforge.data.shards import remove_shards
+
+        remove_shards(out)  # shards of an earlier prepare no longer describe these files
     _write_canaries(out, canaries, out_key)
     # Each file is replaced atomically; the report goes last, so its presence says the three belong together.
     result = report.to_dict()
@@ -252,8 +292,78 @@ def prepare(inputs: list[str], out: str | None, options: PrepareOptions | None =
                               "repeats": sorted({c.repeats for c in canaries}), "digits": options.canary_digits,
                               "file": "canaries.json" + (ENCRYPTED if out_key else "")}
         result["train"] = len(train)
+    if getattr(report, "shards", None):
+        from chatforge.data.shards import summary
+
+        result["shards"] = summary(report.shards)
     _write(out, "report.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", out_key)
     return result
+
+
+PLAIN_SHARDS = ("prepare --tokenizer: token shards would hold the encrypted data in plaintext; drop --tokenizer "
+                "(training reads encrypted data and tokenizes it in memory)")
+
+
+def _open_out(out: str) -> None:
+    """Create the output folder; the report of an earlier prepare goes first (it is written last)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        _remove(out, "report.json")
+    except OSError as e:
+        raise ChatforgeError(f"{out}: cannot write there ({e.strerror})") from None
+
+
+def _workers(sources: list[Source], workers: int | None) -> int:
+    """Worker processes for cleaning and tokenizing: as asked, else one per core for inputs over 16 MiB (a pool
+    costs more than it saves on small data)."""
+    if workers is not None:
+        if workers < 0:
+            raise ChatforgeError(f"workers: expected 0 or more, got {workers}")
+        return workers
+    size = sum(os.path.getsize(s.path) for s in sources if s.path and os.path.isfile(s.path))
+    return (os.cpu_count() or 1) if size > 16 << 20 else 0
+
+
+def _shard_builder(out: str, tokenizer, stage: str, seq_len: int, workers: int | None, plan):
+    from chatforge.data.shards import ShardBuilder
+
+    return ShardBuilder(out, tokenizer, stage, seq_len, _workers(plan[1] if plan else [], workers))
+
+
+def _prepare_streaming(inputs: list[str], out: str, options: PrepareOptions, plan, workers: int | None,
+                       shards) -> Report | None:
+    """The pipeline in two passes over a spool file (data/streaming.py), writing train.jsonl, val.jsonl and the
+    shards; None when the inputs need the in-memory path (augmented copies)."""
+    from chatforge.data.streaming import NeedsMemory, first_pass, write_split
+
+    report, sources = plan
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)  # for the spool; an earlier prepare's files stay until the second pass
+    except OSError as e:
+        raise ChatforgeError(f"{out}: cannot write there ({e.strerror})") from None
+    n_workers = _workers(sources, workers)
+    items = read_sources(sources, report, options.skip_invalid, options.encoding, options.csv)
+    try:
+        spool = first_pass(items, report, options, os.path.join(out, f".prepare-{os.getpid()}.spool"), n_workers)
+        if not spool.count:
+            spool.remove()
+            raise _nothing_left(inputs, report)
+    except BaseException as e:
+        if created and not os.listdir(out):  # nothing half-written
+            os.rmdir(out)
+        if isinstance(e, NeedsMemory):
+            return None
+        raise
+    _open_out(out)
+    builder = shards() if shards is not None else None
+    write_split(spool, out, report, options.val_fraction, builder)
+    for name in PREPARED_FILES:  # an encrypted variant left by an earlier prepare
+        if os.path.exists(os.path.join(out, name + ENCRYPTED)):
+            os.remove(os.path.join(out, name + ENCRYPTED))
+    if builder is not None:
+        report.shards = builder.close()
+    return report
 
 
 def _remove(out: str, name: str) -> None:

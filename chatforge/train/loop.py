@@ -185,19 +185,30 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if records is None:
-        from chatforge.data import load_dataset
+    from chatforge.data import load_dataset
+    from chatforge.data import shards as token_shards
 
+    shards = token_shards.open_index(cfg.data) if records is None and _shards_may_serve(cfg, out, resume) else None
+    if records is None and shards is None:
         records = load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
-    train_records, val_records, data_report = records
+    train_records, val_records, data_report = records or (None, None, None)
     tokenizer, new_ids = build_tokenizer(cfg, train_records, out, resume)
+    why = shards and token_shards.mismatch(shards, cfg.stage, cfg.seq_len, tokenizer)
+    if why:  # the shards of another tokenizer or seq_len: the records, tokenized in memory
+        emit(Note(f"data: {cfg.data}/shards not used ({why}); tokenizing in memory"))
+        shards, (train_records, val_records, data_report) = None, load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
     model, core = build_model(cfg, tokenizer, new_ids)
     model.to(device)
     if cfg.lora and dtype == torch.bfloat16:  # the frozen base in bf16; adapters and their AdamW state stay fp32
         frozen_to(model, torch.bfloat16)
     stage = STAGES[cfg.stage].bind(cfg, model, core, device, dtype, out)
-    train_enc = stage.encode(train_records, tokenizer, cfg.seq_len)
-    val_enc = stage.encode(val_records, tokenizer, cfg.seq_len)
+    if shards is not None:  # token shards from prepare --tokenizer, read through memory maps (data/shards.py)
+        train_enc, val_enc = (token_shards.ShardedEncoded(cfg.data, shards, s) for s in ("train", "val"))
+        val_records = token_shards.sample_records(cfg.data, cfg.sample_val_prompts)
+        data_report = token_shards.prepared_report(cfg.data, shards)
+    else:
+        train_enc = stage.encode(train_records, tokenizer, cfg.seq_len)
+        val_enc = stage.encode(val_records, tokenizer, cfg.seq_len)
     world = dist.world if dist is not None else 1
     stream = stage.batches(train_enc, cfg.seq_len, cfg.batch_size * world, tokenizer.pad_id, cfg.seed)
     forward = model
@@ -206,7 +217,12 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
         forward, model = distributed.wrap(model, cfg.distributed, dtype, dist)
         if cfg.distributed == "fsdp":
             core = model
-    val_rows = stage.eval_rows(val_enc, cfg.seq_len, tokenizer.pad_id)
+    if shards is not None:
+        from chatforge.data.pack import packed
+
+        val_rows = packed(val_enc, cfg.seq_len, tokenizer.pad_id) if len(val_enc) else None
+    else:
+        val_rows = stage.eval_rows(val_enc, cfg.seq_len, tokenizer.pad_id)
     byte_table = token_byte_lengths(tokenizer)
     write_json(out / "data_report.json", dict(data_report) | {"encoding": {"train": train_enc.stats,
                                                                            "val": val_enc.stats}})
@@ -227,6 +243,14 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
         (out / "metrics.jsonl").unlink()
     _announce(run, progress, train_enc.stats)
     return run, progress
+
+
+def _shards_may_serve(cfg: TrainConfig, out: Path, resume: bool) -> bool:
+    """Token shards can stand in for the records when the tokenizer is known before the data (given, the init
+    model's, or the resumed run's) and the stage tokenizes records one by one (not DP-SGD or perturbation)."""
+    known_tokenizer = cfg.tokenizer or cfg.init or (resume and (out / "tokenizer" / "tokenizer.json").exists())
+    return bool(isinstance(cfg.data, str) and known_tokenizer and cfg.stage in ("sft", "pretrain")
+                and cfg.privacy is None and cfg.perturbation is None)
 
 
 def _restore(run: Run, previous: Path) -> Progress:
