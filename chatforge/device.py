@@ -102,9 +102,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """The measured matmul peak (FLOP/s) of this device, dtype and thread count: measured once (< 1 s) and cached
-    in ~/.cache/chatforge/matmul_peak.json, since a shared machine measured at a busy moment would otherwise give
-    every run a different MFU."""
+    """The best matmul peak (FLOP/s) measured on this device, dtype and thread count: measured at each start (0.4 s)
+    and the best kept in ~/.cache/chatforge/matmul_peak.json. A shared machine measured at a busy moment gives a low
+    peak; keeping the best means such a run still divides by the machine's real peak (MFU cannot read far above
+    100%), and MFU only changes between runs when a better peak has been seen."""
     import json
 
     from chatforge.io import atomic_write_text
@@ -114,9 +115,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
-        return float(cached[key])
     peak = measure_matmul_peak(device, dtype)
+    best = cached.get(key)
+    if isinstance(best, (int, float)) and best >= peak:
+        return float(best)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(cached | {key: peak}, indent=1) + "\n")
