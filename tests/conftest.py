@@ -179,6 +179,17 @@ def ids(n: int, vocab: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+def prompt_ids(n: int, seed: int) -> list[int]:
+    """n seeded random token ids of the tiny tokenizer's vocabulary (no special tokens)."""
+    return torch.randint(4, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_params(n: int):
+    from chatforge.generation.engine import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_new_tokens=n)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 

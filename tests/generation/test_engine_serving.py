@@ -8,7 +8,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation.engine import Engine, SamplingParams, common_prefix
-from conftest import make_tokenizer, random_model
+from conftest import greedy_params as greedy, make_tokenizer, prompt_ids as ids, random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,14 +21,6 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     return random_model(tok)
-
-
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(4, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_new_tokens=n)
 
 
 def run_alone(engine: Engine, prompt: list[int], n: int) -> list[int]:

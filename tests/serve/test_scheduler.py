@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
-from chatforge.generation.engine import Engine, SamplingParams
+from chatforge.generation.engine import Engine
 from chatforge.serve.scheduler import QueueFull, Scheduler
-from conftest import make_tokenizer, random_model
+from conftest import greedy_params as greedy, make_tokenizer, prompt_ids as ids, random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,14 +23,6 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     return random_model(tok)
-
-
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(4, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_new_tokens=n)
 
 
 async def collect(job) -> list[int]:
