@@ -64,7 +64,8 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
     if compiled:
         decode.compile_decode(model)
         out["warmup_s"] = decode.warmup(model, batch_sizes=(1, 8) if batch8 else (1,))
-    engine = Engine(model, tok, max_batch_size=8)
+    # No prefix cache: every timed request repeats the prompt, which would otherwise be prefilled only once.
+    engine = Engine(model, tok, max_batch_size=8, prefix_cache=False)
     ids = prompt_ids()
 
     def timed(batch: int) -> tuple[float, float, int]:
