@@ -122,7 +122,7 @@ def _token_text(value: Any) -> str | None:
 
 
 
-# -- tools: the Hermes/Qwen2.5 convention for templates that do not read `tools` (generation/tools.py) --------
+# -- tools: the Hermes/Qwen2.5 convention for templates that do not read `tools` (generation/tools.py parses calls) --
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 HERMES_SYSTEM = (

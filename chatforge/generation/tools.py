@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from chatforge.errors import ChatforgeError
 from chatforge.generation.constraint import JSON_STYLE, Constraint
 
-# The prompt side lives with the one renderer (Tokenizer.render rewrites tool conversations), re-exported here.
-from chatforge.tokenizer import CALL_CLOSE, CALL_OPEN, format_call, tool_messages, uses_tools  # noqa: F401
+# The prompt side (the Hermes rewrite, CALL_OPEN/CALL_CLOSE) lives with the one renderer in chatforge.tokenizer.
+from chatforge.tokenizer import CALL_CLOSE, CALL_OPEN
 
 if TYPE_CHECKING:
     from chatforge.tokenizer import Tokenizer

@@ -154,7 +154,8 @@ class CallStream:
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
         """(content to send, calls completed) after `text`; final: the reply ended, release what is held."""
-        from chatforge.generation.tools import CALL_CLOSE, CALL_OPEN, parse_reply
+        from chatforge.generation.tools import parse_reply
+        from chatforge.tokenizer import CALL_CLOSE, CALL_OPEN
 
         self.buffer += text
         content, calls = "", []

@@ -12,7 +12,8 @@ from conftest import make_tokenizer
 from chatforge.data.pack import encode_record
 from chatforge.data.prepare import load_dataset
 from chatforge.errors import ChatforgeError
-from chatforge.generation.tools import format_call, render_prompt
+from chatforge.generation.tools import render_prompt
+from chatforge.tokenizer import format_call
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_order_status", "description": "Where an order is",

@@ -12,8 +12,8 @@ from conftest import make_tokenizer
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation.engine import Engine, SamplingParams
-from chatforge.generation.tools import (check_tools, parse_reply, render_prompt, tool_constraint, tool_messages,
-                                        uses_tools)
+from chatforge.generation.tools import check_tools, parse_reply, render_prompt, tool_constraint
+from chatforge.tokenizer import tool_messages, uses_tools
 from chatforge.model.gpt import GPT, config_from_preset
 from chatforge.tokenizer import Tokenizer
 
