@@ -64,8 +64,9 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
     if compiled:
         decode.compile_decode(model)
         out["warmup_s"] = decode.warmup(model, batch_sizes=(1, 8) if batch8 else (1,))
-    # No prefix cache: every timed request repeats the prompt, which would otherwise be prefilled only once.
-    engine = Engine(model, tok, max_batch_size=8, prefix_cache=False)
+    # No prefix cache (every timed request repeats the prompt, which would otherwise be prefilled only once) and no
+    # chunked prefill (all prompts prefill in the first, untimed step), so b8 is decode alone, as transformers' is.
+    engine = Engine(model, tok, max_batch_size=8, prefix_cache=False, prefill_chunk=None)
     ids = prompt_ids()
 
     def timed(batch: int) -> tuple[float, float, int]:
