@@ -1,8 +1,8 @@
 """Fixtures shared by several test modules."""
 
-from pathlib import Path
-
+import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +188,49 @@ def greedy_params(n: int):
     from chatforge.generation.engine import SamplingParams
 
     return SamplingParams(temperature=0.0, max_new_tokens=n)
+
+
+def train_until_killed(args: list[str], out_dir: Path, step: int, timeout: float = 180) -> int:
+    """Run `chatforge train ARGS` in a subprocess and SIGKILL it once its saved resume state reaches `step`;
+    returns the step of the last state it saved (what `--resume` continues from)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge.cli", "train", *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out_dir / "state" / "latest.json"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if latest.exists() and json.loads(latest.read_text())["step"] >= step:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return json.loads(latest.read_text())["step"]
+
+
+def resume_training(args: list[str]) -> None:
+    """`chatforge train ARGS --resume` in a subprocess; it must succeed and say it resumed."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "train", *args, "--resume"], cwd=root,
+                       env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

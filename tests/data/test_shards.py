@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +17,8 @@ from chatforge.data.prepare import build, prepare
 from chatforge.data.shards import STAGE_ENCODING, ShardedEncoded, open_index
 from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import train_tokenizer
+from conftest import resume_training, train_until_killed
 
-ROOT = Path(__file__).resolve().parents[2]
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
 
 
@@ -224,31 +220,11 @@ def test_exact_resume_after_sigkill_on_shards(tmp_path, prepared):
     from chatforge.train.loop import train
 
     data, tokenizer = prepared / "data", prepared / "tok"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     args = _config(tmp_path, data, tokenizer, "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge.cli", "train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = tmp_path / "killed" / "state" / "latest.json"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if latest.exists() and json.loads(latest.read_text())["step"] >= 8:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = train_until_killed(args, tmp_path / "killed", step=8)
     assert 8 <= killed_at < 24
     train(load_config(None, _config(tmp_path, data, tokenizer, "ref")))
-    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "train", *args, "--resume"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr
+    resume_training(args)
     got, want = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
     assert [g[0] for g in got] == list(range(1, 25))
     assert got == want  # bit for bit: the same floats

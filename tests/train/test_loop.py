@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ from chatforge.train.loop import train
 from chatforge.train.loss import accumulate_gradients
 from chatforge.train.optim import budget_progress, lr_at, schedule_progress, warmup_share
 from chatforge.train.run import read_metrics
+from conftest import resume_training, train_until_killed
 
 ROOT = Path(__file__).resolve().parents[2]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -230,36 +228,15 @@ def _losses(out: Path) -> list[tuple]:
 def test_exact_resume_after_sigkill(tmp_path):
     """A run SIGKILLed mid-training and resumed logs the same losses at the same steps as an uninterrupted one."""
     data = write_dataset(tmp_path)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     killed_args = tiny_config(tmp_path, data, "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge.cli", "train", *killed_args],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = tmp_path / "killed" / "state" / "latest.json"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if latest.exists() and json.loads(latest.read_text())["step"] >= 10:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = train_until_killed(killed_args, tmp_path / "killed", step=10, timeout=120)
     assert 10 <= killed_at < 60
 
     # the uninterrupted reference, in this process
     ref = train(load_config(None, tiny_config(tmp_path, data, "ref")))
     assert ref["steps"] == 60
 
-    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "train", *killed_args, "--resume"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr
+    resume_training(killed_args)
     got, want = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
     assert [g[0] for g in got] == list(range(1, 61))  # each step once, the redone ones replaced
     for g, w in zip(got, want):
