@@ -172,9 +172,14 @@ def dpo_loss(model, batch: PairBatch, autocast_ctx, *, beta: float, loss_type: s
 
 
 def reward_scores(model, batch: PairBatch, autocast_ctx) -> "torch.Tensor":
-    """The scalar head's value at each row's last token (2B,)."""
+    """The scalar head's value at each row's last token (2B,): the whole sequence, its final token included, as
+    score_conversations reads it at inference (the inputs stop one token short of the sequence: that is for
+    next-token losses)."""
+    import torch
+
+    full = torch.cat([batch.input_ids[:, :1], batch.targets], 1)
     with autocast_ctx:
-        out = model(batch.input_ids, logits_at=batch.lengths - 1)
+        out = model(full, logits_at=batch.lengths)
     return out[:, 0, 0].float()
 
 

@@ -217,7 +217,7 @@ def test_reward_model_trains_saves_and_matches_transformers(tmp_path, tiny, data
     from chatforge.weights.reward import load_reward_model
 
     tok, folder = tiny
-    s = train(config(tmp_path, data, folder, "rm", stage="reward", lr=1e-2, max_steps=40, eval_every=10,
+    s = train(config(tmp_path, data, folder, "rm", stage="reward", lr=3e-3, max_steps=40, eval_every=10,
                      dropout=0.0))
     rows = read_metrics(Path(s["out_dir"]) / "metrics.jsonl")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.1)
@@ -234,11 +234,32 @@ def test_reward_model_trains_saves_and_matches_transformers(tmp_path, tiny, data
     return s
 
 
+def test_reward_training_scores_what_inference_scores(tiny):
+    """The Bradley–Terry loss reads the head where `score` reads it: at the sequence's own last token (its final
+    end-of-turn token included), padded rows alike."""
+    from chatforge.model.reward import attach_scalar_head, score_conversations
+    from chatforge.train.preference import reward_scores
+    from chatforge.weights.folder import load_model
+
+    tok, folder = tiny
+    model = load_model(folder).eval()
+    torch.manual_seed(2)
+    attach_scalar_head(model)
+    records = pairs(3)
+    records[2]["chosen"][0]["content"] *= 3  # pads the others
+    enc = encode_pairs(records, tok, 128)
+    with torch.no_grad():
+        trained = reward_scores(model, make_pair_batch(enc, [0, 1, 2], tok.pad_id), torch.autocast("cpu",
+                                                                                                   enabled=False))
+    served = score_conversations(model, tok, [p["prompt"] + p[k] for k in ("chosen", "rejected") for p in records])
+    assert trained.tolist() == pytest.approx(served, abs=1e-5)
+
+
 def test_score_and_generate_best_of_commands(tmp_path, tiny, data, capsys):
     from chatforge.cli import main
 
     tok, folder = tiny
-    s = train(config(tmp_path, data, folder, "rmc", stage="reward", lr=1e-2, max_steps=30, eval_every=10,
+    s = train(config(tmp_path, data, folder, "rmc", stage="reward", lr=3e-3, max_steps=30, eval_every=10,
                      dropout=0.0))
     capsys.readouterr()
     assert main(["score", s["best_dir"], str(data)]) == 0
