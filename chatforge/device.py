@@ -53,6 +53,25 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def release_host_memory() -> None:
+    """Hand memory freed by Python and torch back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    glibc keeps freed multi-MiB blocks in its heap for reuse, so swapping a model's weights for smaller ones (a dtype
+    change, quantization) leaves the process as large as before; after a load this keeps a server's resident size to
+    what it holds."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
 def _peak_cache() -> "Path":
     import os
     from pathlib import Path

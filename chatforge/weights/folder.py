@@ -240,29 +240,46 @@ def _read_encrypted_weights(folder: Path, key) -> dict[str, torch.Tensor]:
                          f"(encrypted, .cfenc)")
 
 
-def read_weights(folder: Path, key=None) -> dict[str, torch.Tensor]:
-    """The folder's tensors; with a key (privacy.crypto.Key), an encrypted folder's, decrypted in memory."""
-    from safetensors.torch import load_file
+def read_weights(folder: Path, key=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The folder's tensors; with a key (privacy.crypto.Key), an encrypted folder's, decrypted in memory.
+
+    dtype: floating tensors come back in it, converted one tensor at a time as they are read, so loading an fp32
+    folder in bf16 never holds the whole fp32 copy (peak memory: the bf16 model plus one fp32 tensor)."""
+    from safetensors import safe_open
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def read_file(path: Path) -> dict[str, torch.Tensor]:
+        # one opening per tensor: a mapping of the file stays resident while it is open, so reading every tensor
+        # through one opening would hold the whole file in memory beside the copies (fp32 SmolLM2: +513 MiB)
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+        out = {}
+        for name in names:
+            with safe_open(str(path), framework="pt") as f:
+                out[name] = cast(f.get_tensor(name))
+        return out
 
     if key is not None and is_encrypted_folder(folder):
-        return _read_encrypted_weights(Path(folder), key)
+        return {k: cast(v) for k, v in _read_encrypted_weights(Path(folder), key).items()}
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     current = folder  # the file being read, so an error names the corrupt shard rather than the folder
     try:
         if single.exists():
             current = single
-            return load_file(str(single))
+            return read_file(single)
         if index.exists():
             current = index
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             out: dict[str, torch.Tensor] = {}
             for shard in shards:
                 current = folder / shard
-                out |= load_file(str(current))
+                out |= read_file(current)
             return out
         if (folder / "pytorch_model.bin").exists():
             current = folder / "pytorch_model.bin"
-            return torch.load(current, map_location="cpu", weights_only=True)
+            return {k: cast(v) for k, v in torch.load(current, map_location="cpu", weights_only=True).items()}
     except ChatforgeError:
         raise
     except Exception as e:  # corrupt, truncated, or a pickle holding more than tensors: name the file, no traceback
@@ -294,16 +311,18 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
     config = read_config(folder, key)
     with torch.device("meta"):
         model = GPT(config)
-    sd = state_dict_from_hf(read_weights(folder, key), config)
+    dtype = dtype or torch.float32
+    sd = state_dict_from_hf(read_weights(folder, key, dtype), config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise ChatforgeError(f"{folder}: weights do not match config.json (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    del sd
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device=device, dtype=dtype or torch.float32).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def save_model(model: GPT, tokenizer, folder: str | os.PathLike, generation_config: dict | None = None,

@@ -176,7 +176,7 @@ def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | 
     """
     import torch
 
-    from chatforge.device import resolve_dtype
+    from chatforge.device import release_host_memory, resolve_dtype
     from chatforge.model.vocab import ensure_chat_tokens, resize_vocab
     from chatforge.weights.folder import with_stop_ids
 
@@ -185,6 +185,7 @@ def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | 
         dtype = resolve_dtype(dtype, torch.device(device))
     resolved = resolve(name_or_path)
     loaded = _load(resolved, device, dtype, key)
+    release_host_memory()  # what reading and converting the weights freed (a dtype change: the fp32 tensors)
     if quantize is not None:
         loaded = _quantized(loaded, quantize)
     model, source_tokenizer = loaded.model, loaded.tokenizer

@@ -51,6 +51,22 @@ def test_hf_folder_is_usable_without_import(tmp_path):
     assert not hasattr(loaded.model, "new_token_ids") and not hasattr(loaded.model, "name_or_path")
 
 
+@pytest.mark.parametrize("shard", [None, "40KB"])
+def test_loading_in_bf16_converts_as_it_reads_and_equals_converting_after(tmp_path, shard):
+    """Each tensor is cast as it is read (no whole fp32 copy in memory): the same weights as fp32 then .to(bf16)."""
+    from chatforge.weights.folder import read_weights
+
+    src, _ = hf_folder(tmp_path, "llama", **({"max_shard_size": shard} if shard else {}))
+    fp32 = read_weights(src)
+    bf16 = read_weights(src, dtype=torch.bfloat16)
+    assert set(bf16) == set(fp32) and {v.dtype for v in bf16.values()} == {torch.bfloat16}
+    assert all(torch.equal(bf16[k], v.to(torch.bfloat16)) for k, v in fp32.items())
+    direct, after = load_model(src, dtype=torch.bfloat16), load_model(src).to(torch.bfloat16)
+    assert {p.dtype for p in direct.parameters()} == {torch.bfloat16}
+    for (name, a), (_, b) in zip(direct.state_dict().items(), after.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_import_sharded_safetensors(tmp_path):
     src, hf = hf_folder(tmp_path, "llama", max_shard_size="40KB")
     shards = sorted(p.name for p in src.glob("model-*.safetensors"))
