@@ -84,6 +84,26 @@ class PerturbSpec:
 
 
 @dataclass
+class ReplaySpec:
+    """The `replay:` section: general dialogs mixed into fine-tuning so the model keeps what it could (data/replay.py).
+    `share` of the training records come from the train split of `data` (split as `val_fraction` splits it, so its
+    held-out conversations stay out), each cut to its first `max_messages` messages, ending on a reply."""
+
+    data: str = "builtin:chitchat"
+    share: float = 0.25
+    max_messages: int | None = 6
+    val_fraction: float = 0.1
+
+    def check(self, bad) -> None:
+        if not 0.0 < self.share < 1.0:
+            raise bad("replay.share", f"must be between 0 and 1 (exclusive), got {self.share}")
+        if self.max_messages is not None and self.max_messages < 2:
+            raise bad("replay.max_messages", f"must be at least 2 (a question and its reply), got {self.max_messages}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise bad("replay.val_fraction", f"must be between 0 and 1 (exclusive), got {self.val_fraction}")
+
+
+@dataclass
 class PrivacySpec:
     """The `privacy:` section: differentially private training (DP-SGD through Opacus, train/dp.py), the privacy unit
     one training record (conversation). Give target_epsilon (the noise is calibrated to spend it over the step
@@ -192,6 +212,7 @@ class TrainConfig:
     reference: str = "auto"  # dpo: frozen | adapter-off | precomputed; auto: adapter-off with lora, else frozen
     perturbation: PerturbSpec | None = None  # robust training: e.g. {rate: 0.1, kinds: [typo, homoglyph]}
     privacy: PrivacySpec | None = None  # DP-SGD: e.g. {target_epsilon: 8, max_grad_norm: 1.0} (train/dp.py)
+    replay: ReplaySpec | None = None  # against forgetting: e.g. {data: builtin:chitchat, share: 0.25}
 
     def __post_init__(self) -> None:
         _check_types(self, lambda name: "config")
@@ -243,6 +264,8 @@ class TrainConfig:
             self.perturbation.check(bad)
         if self.privacy is not None:
             self.privacy.check(bad, self)
+        if self.replay is not None:
+            self.replay.check(bad)
         self._check_preference(bad)
         self._check_model(bad, locate)
 
@@ -484,7 +507,7 @@ def _set(raw: dict, dotted: str, value, label: str) -> None:
     if len(keys) == 1:
         raw[top] = value
         return
-    if top not in ("model", "lora", "perturbation", "privacy"):
+    if top not in ("model", "lora", "perturbation", "privacy", "replay"):
         raise ChatforgeError(f"{label}: {top} is not a mapping, use {top}=VALUE")
     node = raw.get(top)
     if node is None:
@@ -563,7 +586,7 @@ def _field_type(name: str):
         return None
     if not rest:
         return hints[top]
-    sections = {"lora": LoraSpec, "perturbation": PerturbSpec, "privacy": PrivacySpec}
+    sections = {"lora": LoraSpec, "perturbation": PerturbSpec, "privacy": PrivacySpec, "replay": ReplaySpec}
     sub = _model_fields() if top == "model" else typing.get_type_hints(sections[top]) if top in sections else {}
     return sub.get(rest)
 

@@ -192,6 +192,10 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     if records is None and shards is None:
         records = load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
     train_records, val_records, data_report = records or (None, None, None)
+    if cfg.replay is not None and train_records is not None:  # general dialogs against forgetting
+        from chatforge.data.replay import mix_replay
+
+        train_records, data_report = mix_replay(train_records, data_report, cfg.replay, cfg.seed)
     tokenizer, new_ids = build_tokenizer(cfg, train_records, out, resume)
     why = shards and token_shards.mismatch(shards, cfg.stage, cfg.seq_len, tokenizer)
     if why:  # the shards of another tokenizer or seq_len: the records, tokenized in memory
@@ -250,7 +254,7 @@ def _shards_may_serve(cfg: TrainConfig, out: Path, resume: bool) -> bool:
     model's, or the resumed run's) and the stage tokenizes records one by one (not DP-SGD or perturbation)."""
     known_tokenizer = cfg.tokenizer or cfg.init or (resume and (out / "tokenizer" / "tokenizer.json").exists())
     return bool(isinstance(cfg.data, str) and known_tokenizer and cfg.stage in ("sft", "pretrain")
-                and cfg.privacy is None and cfg.perturbation is None)
+                and cfg.privacy is None and cfg.perturbation is None and cfg.replay is None)
 
 
 def _restore(run: Run, previous: Path) -> Progress:
