@@ -8,8 +8,9 @@ refund time, delivery times and fees, prices, membership, phone, gift wrapping a
 - the questions customers ask in the training conversations (EN and ZH),
 - held-out questions, worded differently from every training question, with the strings a correct answer must
   contain (facts.jsonl, scored by `chatforge eval MODEL --facts examples/shop/facts.jsonl`).
-conversations.jsonl holds 150 conversations (75 EN, 75 ZH): 1-3 questions each, some with a greeting, a follow-up
-that leans on the previous turn ("And on Sundays?"), a thank-you, and a system prompt in about a third of them.
+conversations.jsonl holds 200 conversations (100 EN, 100 ZH): 1-3 questions each (every training question of a fact,
+~9 wordings per fact and language, is asked at least once), some with a greeting, a follow-up that leans on the
+previous turn ("And on Sundays?"), a thank-you, and a system prompt in about a third of them.
 slots.json lists interchangeable words (weekdays, greetings, product names) for `chatforge augment --slots`.
 """
 
@@ -19,10 +20,11 @@ import json
 import random
 from pathlib import Path
 
+from chatforge.eval.facts import normalise
 from chatforge.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
-N_PER_LANGUAGE = 75
+N_PER_LANGUAGE = 100
 SEED = 0
 
 SYSTEM = {
@@ -204,6 +206,106 @@ FACTS: dict[str, dict] = {
     },
 }
 
+# More ways customers ask for each fact in the training dialogs: longer questions with context, other words for the
+# same thing, yes/no forms. A model that saw one short wording per fact learns the wording, not the fact; these are
+# written apart from the held-out questions above (none repeats one, `main` checks).
+MORE_ASK: dict[str, dict[str, list[str]]] = {
+    "hours_week": {
+        "en": ["What time does the tea house open in the morning?", "How late are you open on a Friday evening?",
+               "Could you tell me your hours on weekdays?", "When does the store close on Saturdays?",
+               "Can I come by on a Monday morning? When do you open?", "What are the shop's hours during the week?"],
+        "zh": ["你们早上几点开始营业？", "周五晚上营业到几点？", "工作日的营业时间能告诉我吗？", "星期六几点关门？",
+               "平时店里是几点到几点开着的？", "周一上午可以过去吗？几点开门？"]},
+    "hours_sun": {
+        "en": ["What time do you open on Sunday mornings?", "How late can I come in on a Sunday?",
+               "Are your hours different on Sundays?", "I'm only free on Sunday. When is the shop open then?",
+               "Does the shop close early on Sundays?", "What are the opening times for Sunday?"],
+        "zh": ["星期天早上几点开门？", "周日营业到几点？", "周日的营业时间和平时一样吗？", "我只有周日有空，那天几点营业？",
+               "礼拜天晚上几点关门？", "周日几点可以到店？"]},
+    "address": {
+        "en": ["What street is the tea house on?", "Can you give me the shop's full address?",
+               "Where can I find your store?", "I'd like to come and see the teas myself. Where are you?",
+               "Which district is the shop in, and what's the address?", "Is there a physical shop I can go to? Where?"],
+        "zh": ["你们店在哪条街上？", "能告诉我店铺的详细地址吗？", "我想去店里看看茶叶，在什么地方？", "店在哪个区？地址是多少？",
+               "有实体店吗？在哪儿？", "去你们店怎么走，地址发我一下？"]},
+    "return_window": {
+        "en": ["How many days do I have to return something?", "Can I still return an item I bought last month?",
+               "I don't like the tea cups I ordered. Can I send them back, and until when?",
+               "What is the time limit for returns?", "Is it possible to return unused goods? Within how long?",
+               "Do you accept returns, and for how many days after buying?"],
+        "zh": ["买了多少天内可以退货？", "上个月买的东西还能退吗？", "我订的杯子不喜欢，可以退吗？期限是多久？", "退货有时间限制吗？",
+               "没用过的商品可以退吗？多久以内？", "购买后几天之内能退货？"]},
+    "refund_time": {
+        "en": ["How many days until my refund arrives?", "I returned an item. When will the refund be paid?",
+               "How long do refunds take to process?", "Where does the refund go, and how long does it take?",
+               "You have my returned order now. When do I get the money?", "What's the usual refund time?"],
+        "zh": ["退款几天能到账？", "我退了货，什么时候退钱？", "退款处理需要多长时间？", "退款退到哪里？要多久？",
+               "退货签收以后一般几天退款？", "一般退款多久到账？"]},
+    "delivery_std": {
+        "en": ["How many days does standard shipping take?", "If I place an order now, how long until it arrives?",
+               "What's the delivery time for a normal order?", "How much is standard delivery and how long is it?",
+               "When should I expect my package with regular shipping?",
+               "How long does it take for an order to reach me?"],
+        "zh": ["普通快递要几天？", "现在下单多久能送到？", "正常下单一般几天到货？", "标准配送多少钱？要多久？",
+               "普通配送的话包裹什么时候到？", "订单寄到我这里要多长时间？"]},
+    "delivery_express": {
+        "en": ["How much is express shipping?", "Can I get it delivered the next day? How?",
+               "What time do I have to order for next-day delivery?", "Is there a faster shipping option than standard?",
+               "I'm in a hurry. How fast can you deliver and what does it cost?",
+               "Do you offer express delivery, and what's the fee?"],
+        "zh": ["加急快递多少钱？", "怎样才能第二天收到？", "几点前下单能次日送达？", "有比普通快递更快的方式吗？",
+               "我比较急，最快多久能到？要加钱吗？", "加急配送怎么收费？"]},
+    "free_shipping": {
+        "en": ["Is there a free shipping threshold?", "How much do I have to order to get free delivery?",
+               "Do I pay for shipping on a big order?", "Above what amount is shipping free?",
+               "Can I get my order shipped for free?", "What order value qualifies for free standard shipping?"],
+        "zh": ["买多少钱包邮？", "订单多少钱以上免运费？", "大额订单还要付运费吗？", "怎么样可以不付运费？", "有没有免邮的门槛？",
+               "满多少钱可以免费送货？"]},
+    "price_oolong": {
+        "en": ["How much is a tin of Moonlight Oolong?", "What's the price of your oolong?",
+               "I'd like some Moonlight Oolong. How much is it?", "Is Moonlight Oolong expensive?",
+               "How much does 100 g of the Moonlight Oolong cost?", "Can you tell me what Moonlight Oolong sells for?"],
+        "zh": ["月光乌龙的罐装怎么卖？", "想买月光乌龙，价格是多少？", "月光乌龙贵吗？", "100克月光乌龙卖多少钱？", "你们的乌龙茶怎么卖？",
+               "月光乌龙茶叶什么价？"]},
+    "price_teapot": {
+        "en": ["What does the Celadon Teapot sell for?", "How much is your celadon teapot?",
+               "Is the Celadon Teapot expensive?", "I'm interested in the Celadon Teapot. What's the price?",
+               "Price check on the Celadon Teapot, please.", "How much would one Celadon Teapot be?"],
+        "zh": ["青瓷茶壶卖多少钱？", "青瓷壶的价格是多少？", "青瓷茶壶贵不贵？", "我对青瓷茶壶感兴趣，多少钱？", "请问青瓷茶壶什么价？",
+               "买一个青瓷茶壶要多少钱？"]},
+    "price_giftset": {
+        "en": ["How much does the Starter Gift Set cost?", "What's in the Starter Gift Set and what's the price?",
+               "Is the Starter Gift Set expensive?", "I want a gift set for a friend. How much is the starter one?",
+               "Tell me the price of the Starter Gift Set.", "What do you charge for the Starter Gift Set?"],
+        "zh": ["入门礼盒卖多少钱？", "入门礼盒里有什么？多少钱？", "入门礼盒贵吗？", "想给朋友买礼盒，入门款多少钱？", "请告诉我入门礼盒的价格。",
+               "入门茶礼盒什么价？"]},
+    "membership": {
+        "en": ["What discount do Leaf Club members get?", "How do I become a member, and what are the benefits?",
+               "Is the membership free? What do I get?", "Do you have a rewards program for frequent customers?",
+               "How much do members save?", "Tell me about the Leaf Club."],
+        "zh": ["叶子会员有什么优惠？", "怎么成为会员？有什么好处？", "加入会员要钱吗？能打几折？", "常来的顾客有优惠吗？", "会员能省多少钱？",
+               "介绍一下叶子会员。"]},
+    "phone": {
+        "en": ["Can I call the shop?", "What number should I call for help?", "How do I reach customer service by phone?",
+               "Give me your telephone number, please.", "Is there a number I can call with a question?",
+               "What's the customer service hotline?"],
+        "zh": ["可以打电话给店里吗？", "客服电话是多少？", "怎么电话联系客服？", "请把你们的电话号码给我。", "有问题可以打哪个电话？",
+               "你们的热线是多少？"]},
+    "gift_wrap": {
+        "en": ["Is gift wrapping available? How much?", "Can I have my order gift-wrapped?", "What's the price for gift wrap?",
+               "I'm sending this to a friend. Could you wrap it?", "Does gift wrapping cost extra?",
+               "Is there a fee for wrapping each item?"],
+        "zh": ["有礼品包装服务吗？多少钱？", "我的订单可以包装成礼物吗？", "礼品包装怎么收费？", "这是送朋友的，能帮我包一下吗？",
+               "包装要另外收费吗？", "每件礼品包装要多少钱？"]},
+    "payment": {
+        "en": ["Can I pay with WeChat?", "Do you take credit cards?", "Which payment options do you have?",
+               "Can I pay cash on delivery?", "Is Mastercard accepted?", "What can I use to pay for my order?"],
+        "zh": ["可以用微信付款吗？", "能刷信用卡吗？", "你们有哪些付款方式？", "可以货到付款吗？", "支持万事达卡吗？", "下单可以用什么支付？"]},
+}
+for _topic, _more in MORE_ASK.items():
+    for _lang, _asks in _more.items():
+        FACTS[_topic]["ask"][_lang] = FACTS[_topic]["ask"][_lang] + _asks
+
 # Which fact a follow-up question ("And on Sundays?") may come after.
 FOLLOWS = {"hours_week": "hours_sun", "return_window": "refund_time", "delivery_std": "delivery_express",
            "price_giftset": "free_shipping"}
@@ -259,12 +361,26 @@ def conversation(rng: random.Random, lang: str) -> dict:
 
 
 def coverage_first(rng: random.Random, lang: str, n: int) -> list[dict]:
-    """n dialogs in which every (fact, training question) pair is asked at least once, the rest at random."""
+    """n dialogs in which every (fact, training question) pair is asked at least once, the rest at random.
+
+    The pairs are dealt out in dialogs of 1-3 questions (a system prompt in about a third of them), so a model sees
+    several facts side by side, as customers ask them, and no two questions of one dialog are about the same fact."""
+    pairs = [(topic, ask) for topic in sorted(FACTS) for ask in FACTS[topic]["ask"][lang]]
+    rng.shuffle(pairs)
     out = []
-    for topic in sorted(FACTS):
-        for ask in FACTS[topic]["ask"][lang]:
-            out.append({"messages": [{"role": "user", "content": ask},
-                                     {"role": "assistant", "content": rng.choice(FACTS[topic]["answer"][lang])}]})
+    while pairs:
+        size, chosen = rng.choice([1, 2, 2, 3]), []
+        for pair in list(pairs):
+            if len(chosen) < size and all(pair[0] != c[0] for c in chosen):
+                chosen.append(pair)
+                pairs.remove(pair)
+        messages = [{"role": "system", "content": rng.choice(SYSTEM[lang])}] if rng.random() < 0.33 else []
+        for topic, ask in chosen:
+            messages += [{"role": "user", "content": ask},
+                         {"role": "assistant", "content": rng.choice(FACTS[topic]["answer"][lang])}]
+        out.append({"messages": messages})
+    if len(out) > n:
+        raise ValueError(f"{len(out)} dialogs are needed to ask every training question once, more than {n}")
     out += [conversation(rng, lang) for _ in range(n - len(out))]
     rng.shuffle(out)
     return out
@@ -287,7 +403,8 @@ def main() -> None:
     dialogs = coverage_first(rng, "en", N_PER_LANGUAGE) + coverage_first(rng, "zh", N_PER_LANGUAGE)
     checks = fact_checks()
     asked = {m["content"] for d in dialogs for m in d["messages"] if m["role"] == "user"}
-    leaked = [c["messages"][-1]["content"] for c in checks if c["messages"][-1]["content"] in asked]
+    leaked = [c["messages"][-1]["content"] for c in checks
+              if normalise(c["messages"][-1]["content"]) in {normalise(a) for a in asked}]
     assert not leaked, f"held-out questions also in training: {leaked}"
     for name, rows in (("conversations.jsonl", dialogs), ("facts.jsonl", checks)):
         atomic_write_text(HERE / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
