@@ -131,7 +131,7 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
     if best_of > 1:
         from chatforge.commands.preference import print_best_of
 
-        return print_best_of(bot, None if raw else messages, kw, best_of, reward, device)
+        return print_best_of(bot, None if raw else messages, kw, best_of, reward, device, chain)
     t0 = time.perf_counter()
     if n == 1:
         finish, count = None, 0

@@ -51,8 +51,10 @@ def score_command(model: str, input: str, batch_size: int = 8, device: str = "au
     return 0
 
 
-def print_best_of(bot, messages: list[dict] | None, sampling: dict, n: int, reward: str | None, device: str) -> None:
-    """generate --best-of N --reward MODEL: the best reply on stdout, every candidate's score on stderr."""
+def print_best_of(bot, messages: list[dict] | None, sampling: dict, n: int, reward: str | None, device: str,
+                  output=None) -> None:
+    """generate --best-of N --reward MODEL: the best reply (through the output chain `output`, as every reply) on
+    stdout; every candidate's score and finish, and the tokens all N cost, on stderr."""
     from chatforge.generation.best_of import best_of_n
     from chatforge.weights.reward import load_reward_model
 
@@ -62,8 +64,9 @@ def print_best_of(bot, messages: list[dict] | None, sampling: dict, n: int, rewa
         raise ChatforgeError("--best-of: scores chat replies; it cannot be used with --raw")
     rm, tok = load_reward_model(reward, device=str(bot.engine.device))
     seed = sampling.pop("seed", None)
-    best = best_of_n(bot, rm, tok, messages, n=n, seed=seed, **sampling)
+    best = best_of_n(bot, rm, tok, messages, n=n, seed=seed, output=output, **sampling)
     print(best.reply)
-    for i, (c, s) in enumerate(zip(best.candidates, best.scores), 1):
-        mark = "*" if i - 1 == best.best_index else " "
-        print(f"{mark} [{i}] score {s:+.4f}: {c[:80]!r}", file=sys.stderr)
+    for i, (c, s, f) in enumerate(zip(best.candidates, best.scores, best.finish_reasons)):
+        mark = "*" if i == best.best_index else " "
+        print(f"{mark} [{i + 1}] score {s:+.4f} (finish: {f}): {c[:80]!r}", file=sys.stderr)
+    print(f"({n} candidates, {best.completion_tokens} tokens generated in all)", file=sys.stderr)

@@ -13,7 +13,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
                   max_body_bytes: int = 1_000_000, served_model_name: str | None = None,
                   cors_origin: list[str] | None = None, device: str = "auto", dtype: str | None = None,
                   quantize: str | None = None, guard: bool = True, guard_policy: str | None = None,
-                  redact_pii: bool = True, key_file: str | None = None, passphrase: bool = False) -> int:
+                  redact_pii: bool = True, key_file: str | None = None, passphrase: bool = False,
+                  reward: str | None = None, best_of: int = 1) -> int:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     Requests that arrive together are decoded together (continuous batching). Without an API key the server only
@@ -46,8 +47,12 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         key_file: key of an encrypted model folder (base64, mode 0600); default: CHATFORGE_KEY. The model is
             decrypted into memory only.
         passphrase: the model was encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for.
+        reward: a reward model folder (trained with stage: reward): chat completions then accept best_of (that
+            many candidates sampled, the n the reward model scores highest returned; not with stream=true).
+        best_of: with --reward, the candidates a non-streamed, sampled chat completion gets when it does not set
+            best_of (rejection sampling on every reply); 1: only requests that ask for it.
     """
-    from chatforge.serve.app import check_limits, served_name
+    from chatforge.serve.app import check_best_of, check_limits, served_name
     from chatforge.serve.security import check_bind
 
     key = api_key or os.environ.get("CHATFORGE_API_KEY") or None
@@ -55,7 +60,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
     if not 0 <= port <= 65535:
         raise ChatforgeError(f"serve: --port must be 0..65535, got {port}")
     check_limits(max_batch_size=max_batch_size, max_queue=max_queue, max_tokens_cap=max_tokens_cap, max_n=max_n,
-                  max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens)
+                  max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, best_of=best_of)
+    check_best_of(best_of, max_n, reward is not None)
 
     import uvicorn
 
@@ -65,14 +71,20 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
     chain = output_chain(guard, redact_pii, guard_policy)
     bot = load_bot(model, device=device, dtype=dtype, quantize=quantize, key_file=key_file, passphrase=passphrase,
                    max_batch_size=max_batch_size)
+    rm = None
+    if reward is not None:
+        from chatforge.weights.reward import load_reward_model
+
+        rm = load_reward_model(reward, device=str(bot.engine.device))
     name = served_model_name or served_name(model)
     app = create_app(bot, model_name=name, api_key=key, max_queue=max_queue, max_tokens_cap=max_tokens_cap,
                      max_prompt_tokens=max_prompt_tokens, max_n=max_n, max_body_bytes=max_body_bytes,
-                     cors_origin=cors_origin, output=chain if chain.active else None)
+                     cors_origin=cors_origin, output=chain if chain.active else None, reward=rm, best_of=best_of)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name!r} on http://{shown}:{port}/ (chat page at /, API at /v1; "
           f"API key {'required' if key else 'off'}; batch {max_batch_size}, queue {max_queue}; guard "
-          f"{'on' if chain.guard else 'off'}, PII redaction {'on' if chain.scrubber else 'off'})", flush=True)
+          f"{'on' if chain.guard else 'off'}, PII redaction {'on' if chain.scrubber else 'off'}; best_of "
+          f"{f'by {reward} (default {best_of})' if rm else 'off'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False, server_header=False,
                 timeout_graceful_shutdown=5)
     return 0

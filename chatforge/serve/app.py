@@ -50,15 +50,27 @@ def check_limits(**limits: int) -> None:
             raise ChatforgeError(f"serve: --{name.replace('_', '-')} must be at least {low}, got {value}")
 
 
+def check_best_of(best_of: int, max_n: int, has_reward: bool) -> None:
+    if best_of > 1 and not has_reward:
+        raise ChatforgeError("serve: --best-of needs --reward MODEL (a reward model folder, trained with stage: "
+                             "reward)")
+    if best_of > max_n:
+        raise ChatforgeError(f"serve: --best-of ({best_of}) must be at most --max-n ({max_n}), the most sequences "
+                             f"one request may ask for")
+
+
 def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | None = None, max_queue: int = 64,
                max_tokens_cap: int = 4096, max_prompt_tokens: int = 0, max_n: int = 8,
-               max_body_bytes: int = 1_000_000, cors_origin: list[str] | None = None, output=None):
+               max_body_bytes: int = 1_000_000, cors_origin: list[str] | None = None, output=None,
+               reward=None, best_of: int = 1):
     """The FastAPI app serving a Bot (or a bare Engine): routes, error handlers, auth and limits.
 
     api_key None: no authentication (keep it on loopback). The engine's max_batch_size sets the batch; max_queue
     more sequences may wait before requests are refused with 429. Unset request fields sample with the Bot's
     defaults (the model folder's generation_config.json), else the built-in ones. output: a guard.output.OutputChain
     (the guard on prompts and replies, PII redaction of replies, /v1/moderations); None: replies as generated.
+    reward: (reward model, its tokenizer) ranking chat completions' best_of candidates (None: best_of off);
+    best_of: the candidates a non-streamed sampled request gets when it does not set best_of (serve/best_of.py).
     """
     from contextlib import asynccontextmanager
 
@@ -76,7 +88,8 @@ def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | N
     engine = getattr(bot_or_engine, "engine", bot_or_engine)
     tokenizer = getattr(bot_or_engine, "tokenizer", None) or engine.tokenizer
     check_limits(max_queue=max_queue, max_tokens_cap=max_tokens_cap, max_n=max_n, max_body_bytes=max_body_bytes,
-                 max_prompt_tokens=max_prompt_tokens)
+                 max_prompt_tokens=max_prompt_tokens, best_of=best_of)
+    check_best_of(best_of, max_n, reward is not None)
     scheduler = Scheduler(engine, engine.max_batch_size, max_queue)
     service = Service(engine, tokenizer, scheduler, model_name, max_tokens_cap, max_prompt_tokens, max_n,
                       getattr(bot_or_engine, "defaults", None) or {})
@@ -89,6 +102,10 @@ def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | N
     app = FastAPI(title="chatforge", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="OpenAI-compatible chat completions served by chatforge.")
     service.output = output
+    if reward is not None:
+        from chatforge.serve.best_of import Reranker
+
+        service.reranker = Reranker(*reward, default=best_of)
     app.state.scheduler, app.state.service = scheduler, service
     app.state.page, app.state.static = page_files(model_name)
     app.include_router(router)

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from chatforge.errors import ChatforgeError
 from chatforge.serve import schemas, tools
+from chatforge.serve.best_of import best_of_completion, candidates
 from chatforge.serve.errors import APIError, ClientGone, engine_error
 from chatforge.serve.moderation import check_chat, check_texts
 from chatforge.serve.streaming import EventStream, chat_events, completion_events
@@ -72,7 +73,10 @@ async def chat_completions(request: Request):
     n = req.n or 1
     max_new = service.budget(len(prompt), req.max_completion_tokens or req.max_tokens, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = [replace(service.sampling(req, max_new, i, logprobs), constraint=plan.constraint) for i in range(n)]
+    k = n if refusal is not None else candidates(service, req, n, service.sampling(req, max_new, 0, None).temperature)
+    params = [replace(service.sampling(req, max_new, i, logprobs), constraint=plan.constraint) for i in range(k)]
+    if k > n:  # best-of: k candidates ranked by the reward model (serve/best_of.py)
+        return await best_of_completion(service, request, plan, prompt, params, n, logprobs)
     job = service.submit([prompt] * n, params, refusal)
     head = service.head("chatcmpl-")
     if req.stream:

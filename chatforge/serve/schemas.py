@@ -164,6 +164,7 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         web_search_options: None = None
         store: Literal[False] | None = None
         metadata: Annotated[dict[str, str], Field(max_length=0)] | None = None
+        best_of: N = None  # candidates ranked by the server's reward model (serve/best_of.py)
 
     class CompletionRequest(Sampling):
         prompt: Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)] | Annotated[

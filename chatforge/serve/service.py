@@ -40,6 +40,7 @@ class Service:
         self.max_tokens_cap, self.max_prompt_tokens, self.max_n = max_tokens_cap, max_prompt_tokens, max_n
         self.defaults = dict(defaults)  # the model's sampling defaults (Bot.defaults)
         self.output = None  # guard.output.OutputChain: prompt checks, reply filter (serve/moderation.py)
+        self.reranker = None  # serve.best_of.Reranker: the reward model behind best_of (None: best_of off)
         self.ChatRequest, self.CompletionRequest = build_request_models(max_tokens_cap, max_n)
         self.created = int(time.time())
         config = getattr(getattr(engine, "model", None), "config", None)
@@ -99,15 +100,17 @@ class Service:
 
     # -- running a job ------------------------------------------------------------------------------------------
 
-    def submit(self, prompts: list[list[int]], params: list, refusal=None):
-        """The job for these sequences: filtered by the output chain; a refused prompt's canned answer instead."""
+    def submit(self, prompts: list[list[int]], params: list, refusal=None, filtered: bool = True):
+        """The job for these sequences: filtered by the output chain (filtered=False: the caller filters, as
+        best-of-N does); a refused prompt's canned answer instead."""
         from chatforge.serve.moderation import RefusedJob, guarded
         from chatforge.serve.scheduler import QueueFull
 
         if refusal is not None:
             return RefusedJob(refusal.text, len(params), params[0].logprobs is not None if params else False)
         try:
-            return guarded(self, self.scheduler.submit(prompts, params))
+            job = self.scheduler.submit(prompts, params)
+            return guarded(self, job) if filtered else job
         except QueueFull as e:
             raise APIError(429, str(e), None, "rate_limit_exceeded", "rate_limit_exceeded",
                            {"retry-after": "1"}) from None
