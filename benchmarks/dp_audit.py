@@ -2,7 +2,9 @@
 
 builtin:chatterbot is prepared with canaries planted 1, 10 and 100 times (4-digit secrets: |R| = 10^4, exposure by
 exact enumeration, at most log2(10^4) = 13.3 bits); a nano model (~1M parameters) is trained on it by SFT from
-scratch, once plainly and once with DP-SGD at target epsilon 8; then `chatforge audit` measures each canary.
+scratch, once plainly and twice with DP-SGD at target epsilon 8: the privacy unit one record (a canary planted 100
+times is 100 units, which epsilon does not bound together), and one user (`privacy.unit=user`: a canary's copies
+are one person's conversations, every other record its own user); then `chatforge audit` measures each canary.
 
 Targets (issue 14): exposure rises with repetition without DP and stays <= 3 bits with DP at epsilon <= 8; DP
 slowdown <= 2.5x at ~1M parameters (trained tokens per second, the same data, one process, one after the other);
@@ -105,7 +107,12 @@ def main() -> None:
     runs = {"no DP": common + ["batch_size=8", f"out_dir={out / 'plain'}"],
             # about as many conversations per step as 8 packed rows of 128 tokens hold (chatterbot: ~4 a row)
             f"DP eps<={args.epsilon:g}": common + ["batch_size=32", f"out_dir={out / 'dp'}",
-                                                  f"privacy.target_epsilon={args.epsilon}", "privacy.max_grad_norm=1.0"]}
+                                                  f"privacy.target_epsilon={args.epsilon}", "privacy.max_grad_norm=1.0"],
+            # the privacy unit a person: a canary's copies are one user's conversations (prepare names them so),
+            # every other record its own user; sampled and clipped as one
+            f"DP eps<={args.epsilon:g} per user": common + [
+                "batch_size=32", f"out_dir={out / 'dp-user'}", f"privacy.target_epsilon={args.epsilon}",
+                "privacy.max_grad_norm=1.0", "privacy.unit=user"]}
     if args.dp_only:
         runs.pop("no DP")
     results = {}
@@ -125,7 +132,7 @@ def main() -> None:
 
     print(f"load (uptime): {os.getloadavg()} on {os.cpu_count()} cores; {args.steps} steps each, torch threads "
           f"{args.threads}; data {args.data}: {prepared['train']} training records, of which a canary repeated "
-          f"100 times is {100 / prepared['train']:.1%} (100 privacy units: DP's epsilon bounds one)\n")
+          f"100 times is {100 / prepared['train']:.1%} (100 privacy units per record, 1 per user)\n")
     names = list(results)
     print("| repeats | " + " | ".join(f"exposure {n} (bits, mean / max)" for n in names) + " | extracted " +
           " / ".join(names) + " |")
@@ -137,7 +144,7 @@ def main() -> None:
         print(f"| {reps} | " + " | ".join(cells) + f" | {ext} |")
     print(f"(max possible exposure: {results[names[0]]['audit']['canaries'][0]['max_exposure']:.2f} bits)\n")
 
-    plain, dp = results[names[0]], results[names[-1]]
+    plain = results[names[0]]
     print("| run | params | steps | trained tokens | wall s | trained tokens/s | slowdown | final train loss |")
     print("|---|---|---|---|---|---|---|---|")
     for n in names:
@@ -149,16 +156,19 @@ def main() -> None:
 
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    p = dp["summary"]["privacy"]
-    rdp, prv = RDPAccountant(), PRVAccountant()
-    for _ in range(p["steps"]):
-        rdp.step(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"])
-        prv.step(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"])
-    ref = rdp.get_epsilon(p["delta"])
-    print(f"\nepsilon: chatforge {p['epsilon']:.4f} | Opacus RDPAccountant called directly {ref:.4f} "
-          f"(ratio {p['epsilon'] / ref:.4f}) | PRV {prv.get_epsilon(p['delta']):.4f}; target {args.epsilon:g}, "
-          f"delta {p['delta']:.3g} (1/N, N={p['records']}), noise multiplier {p['noise_multiplier']:.3f}, "
-          f"sample rate {p['sample_rate']:.4f}, {p['steps']} steps")
+    for name in names:
+        p = results[name]["summary"].get("privacy")
+        if not p:
+            continue
+        rdp, prv = RDPAccountant(), PRVAccountant()
+        for _ in range(p["steps"]):
+            rdp.step(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"])
+            prv.step(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"])
+        ref = rdp.get_epsilon(p["delta"])
+        print(f"\n{name}: epsilon chatforge {p['epsilon']:.4f} | Opacus RDPAccountant called directly {ref:.4f} "
+              f"(ratio {p['epsilon'] / ref:.4f}) | PRV {prv.get_epsilon(p['delta']):.4f}; target {args.epsilon:g}, "
+              f"delta {p['delta']:.3g} (1/N, N={p['units']} privacy units), noise "
+              f"multiplier {p['noise_multiplier']:.3f}, sample rate {p['sample_rate']:.4f}, {p['steps']} steps")
     print(f"load (uptime) at the end: {os.getloadavg()}")
 
 

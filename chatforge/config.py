@@ -105,9 +105,11 @@ class ReplaySpec:
 
 @dataclass
 class PrivacySpec:
-    """The `privacy:` section: differentially private training (DP-SGD through Opacus, train/dp.py), the privacy unit
-    one training record (conversation). Give target_epsilon (the noise is calibrated to spend it over the step
-    budget) or noise_multiplier (epsilon is whatever the steps spend); delta None: 1 / the number of records."""
+    """The `privacy:` section: differentially private training (DP-SGD through Opacus, train/dp.py). The privacy
+    unit is one training record (conversation), or with unit: user every record sharing a `user` field (a person
+    whose secret recurs across their conversations is protected as one). Give target_epsilon (the noise is
+    calibrated to spend it over the step budget) or noise_multiplier (epsilon is whatever the steps spend); delta
+    None: 1 / the number of units."""
 
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
@@ -115,6 +117,7 @@ class PrivacySpec:
     delta: float | None = None
     accountant: str = "rdp"  # rdp | prv (Opacus accountants)
     clipping: str = "flat"  # flat: per-sample gradients of every layer, clipped together
+    unit: str = "record"  # record | user: whose gradient is clipped and sampled as one (batch_size counts units)
 
     def check(self, bad, cfg) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -127,6 +130,8 @@ class PrivacySpec:
             raise bad("privacy.delta", f"must be in (0, 1), got {self.delta}")
         if self.accountant not in ("rdp", "prv"):
             raise bad("privacy.accountant", f"must be rdp or prv, got {self.accountant!r}")
+        if self.unit not in ("record", "user"):
+            raise bad("privacy.unit", f"must be record or user, got {self.unit!r}")
         if self.clipping not in ("flat", "ghost"):
             raise bad("privacy.clipping", f"must be flat or ghost, got {self.clipping!r}")
         if cfg.stage not in ("pretrain", "sft"):

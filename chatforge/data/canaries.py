@@ -92,12 +92,13 @@ def make_canaries(n: int, repeats=(1, 10, 100), digits: int = 6, languages=("en"
 
 
 def insert_canaries(train: list[dict], canaries: list[Canary], seed: int = 0) -> list[dict]:
-    """train with every canary's conversation added `repeats` times, at positions drawn from the seed."""
+    """train with every canary's conversation added `repeats` times, at positions drawn from the seed; the copies
+    of one canary name one user (its id): one person's secret, recurring in their conversations."""
     rng = random.Random(f"chatforge-canary-positions:{seed}")
     out = list(train)
     for c in canaries:
         for _ in range(c.repeats):
-            out.insert(rng.randrange(len(out) + 1), {"messages": c.messages()})
+            out.insert(rng.randrange(len(out) + 1), {"messages": c.messages(), "user": c.id})
     return out
 
 

@@ -163,9 +163,12 @@ def clean_record(record: dict, max_turn_chars: int = 4000, clean: Callable[[str]
                                                                  why, 0)
     if "text" in record and "messages" not in record:
         text = clean(record["text"])
-        return Cleaned({"text": text}, None, None, 0) if text else Cleaned(None, EMPTY, "empty after cleaning", 0)
+        user = {"user": record["user"]} if "user" in record else {}  # whose record: DP's per-user privacy unit
+        return Cleaned({"text": text, **user}, None, None, 0) if text else \
+            Cleaned(None, EMPTY, "empty after cleaning", 0)
     messages = record["messages"]
-    tools = {"tools": record["tools"]} if record.get("tools") else {}
+    extra = ({"tools": record["tools"]} if record.get("tools") else {}) | (
+        {"user": record["user"]} if "user" in record else {})  # kept beside the messages (tools, whose record)
     kept: list[dict] = []
     reason = detail = None
     for n, m in enumerate(messages, 1):
@@ -186,14 +189,14 @@ def clean_record(record: dict, max_turn_chars: int = 4000, clean: Callable[[str]
         kept.pop()
     if reason is None and kept and kept[-1]["role"] == "user":
         kept.pop()
-        return Cleaned({"messages": kept, **tools}, TRAILING_USER, None, 1) if _alternates(kept) else \
+        return Cleaned({"messages": kept, **extra}, TRAILING_USER, None, 1) if _alternates(kept) else \
             Cleaned(None, EMPTY, "no reply left", 0)
     if kept and kept[-1]["role"] == "user":
         kept.pop()
     if not _alternates(kept):
         return Cleaned(None, reason or EMPTY, detail or "no user -> assistant exchange left", 0)
     removed = len([m for m in messages if m["role"] != "system"]) - len([m for m in kept if m["role"] != "system"])
-    return Cleaned({"messages": kept, **tools}, reason if removed else None, detail, removed)
+    return Cleaned({"messages": kept, **extra}, reason if removed else None, detail, removed)
 
 
 def clean(

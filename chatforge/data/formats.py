@@ -672,9 +672,20 @@ def _from_messages(raw: Any, location: str) -> dict:
         role = _role(m["role"], n, "role", location)
         out.append({"role": role, "content": _content(m["content"], n, location)})
     check_roles(tool_free(out, location), location)
-    record = {"messages": out} | ({"tools": tools} if tools else {})
+    record = {"messages": out} | ({"tools": tools} if tools else {}) | _user(obj, location)
     meta = obj.get("meta")  # provenance of an augmented copy (data/augment.py), kept for prepare's split
     return record | {"meta": meta} if isinstance(meta, dict) else record
+
+
+def _user(obj: dict, location: str) -> dict:
+    """{"user": id} when the record names whose it is (a string or an integer): DP training's privacy unit can
+    be the user (every record of one user together) rather than the record."""
+    user = obj.get("user")
+    if user is None:
+        return {}
+    if isinstance(user, bool) or not isinstance(user, (str, int)) or user == "":
+        _fail(location, f"field 'user' must be a non-empty string or an integer, got {_show(user)}")
+    return {"user": user}
 
 
 def _tool_turn(m: dict, n: int, location: str) -> dict:
@@ -766,7 +777,8 @@ def _from_csv(raw: Any, location: str) -> dict:
 def _from_text(raw: Any, location: str) -> dict:
     if isinstance(raw, str):
         return {"text": raw}
-    return {"text": _string_field(_object(raw, location), "text", location)}
+    obj = _object(raw, location)
+    return {"text": _string_field(obj, "text", location)} | _user(obj, location)
 
 
 _CONVERTERS = {

@@ -56,23 +56,30 @@ class PoissonStream:
     {"draws": s} is all a resumed run needs. `epoch` and `row` say how many records' worth have been drawn in
     expectation (q * N per draw), for the loop's counters."""
 
-    def __init__(self, enc, seq_len: int, pad_id: int, sample_rate: float, seed: int):
+    def __init__(self, enc, seq_len: int, pad_id: int, sample_rate: float, seed: int,
+                 units: np.ndarray | None = None):
+        """units: the privacy unit of each row (0..U-1, a unit's rows together); None: every row is its own."""
         from chatforge.data.pack import build_rows
 
         if not enc.ids:
             raise ChatforgeError("data: no training records left after encoding (see data_report.json)")
         self.rows = build_rows(enc, [[i] for i in range(len(enc.ids))], seq_len + 1, pad_id)
         self.lengths = np.array([len(i) for i in enc.ids])
+        self.units = np.arange(len(enc.ids)) if units is None else np.asarray(units)
+        self.n_units = int(self.units.max()) + 1
         self.sample_rate, self.seed, self.draws = sample_rate, seed, 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def draw(self) -> np.ndarray:
-        """Indices of this step's records: each record in with probability q, independently."""
+        """Indices of this step's rows, a unit's rows together: each privacy unit in with probability q,
+        independently."""
         rng = np.random.default_rng([self.seed, 0x44505347, self.draws])  # "DPSG": apart from the other streams
         self.draws += 1
-        return np.flatnonzero(rng.random(len(self.rows)) < self.sample_rate)
+        drawn = rng.random(self.n_units) < self.sample_rate
+        index = np.flatnonzero(drawn[self.units])
+        return index[np.argsort(self.units[index], kind="stable")]
 
     def batch(self, index: np.ndarray):
         """Rows `index` cut to their longest record (the padding after it is never trained or attended to)."""
@@ -98,6 +105,35 @@ class PoissonStream:
 
     def load_state(self, state: dict) -> None:
         self.draws = int(state["draws"])
+
+
+def unit_chunks(index: np.ndarray, units: np.ndarray, micro_batch: int) -> list[np.ndarray]:
+    """Micro-batches of at most micro_batch rows that never split a unit (a larger unit is a micro-batch alone):
+    a unit's gradient is clipped whole, so all its rows must be in the backward that precedes its clipping."""
+    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]]).tolist() + [len(index)]
+    chunks, begin = [], 0
+    for a, b in zip(starts[:-1], starts[1:]):
+        if b - begin > micro_batch and a > begin:
+            chunks.append(index[begin:a])
+            begin = a
+    chunks.append(index[begin:])
+    return chunks
+
+
+def group_by_unit(params, units: np.ndarray) -> None:
+    """Per-row gradients -> per-unit gradients (the sum of the unit's rows'), which the optimizer then clips: one
+    user's records together are bounded by max_grad_norm, however many there are."""
+    import torch
+
+    _, inverse = np.unique(units, return_inverse=True)
+    if len(inverse) == inverse.max() + 1:  # one row per unit: nothing to sum
+        return
+    index = None
+    for p in params:
+        gs = p.grad_sample
+        if index is None:
+            index = torch.as_tensor(inverse, device=gs.device)
+        p.grad_sample = gs.new_zeros((int(inverse.max()) + 1, *gs.shape[1:])).index_add_(0, index, gs)
 
 
 # ---------------------------------------------------------------- loss of each record
@@ -165,12 +201,14 @@ class PrivateTraining:
     max_grad_norm: float
     sample_rate: float
     delta: float
-    records: int
+    units: int  # privacy units (records, or users)
     accountant: str
     clipping: str
     target_epsilon: float | None
     planned_steps: int | None
-    last_batch: int = 0
+    unit: str = "record"  # the privacy unit: record, or user (records sharing a `user` field)
+    records: int = 0  # training records (rows)
+    last_batch: int = 0  # privacy units drawn by the last step
 
     def accumulate(self, device, autocast_ctx) -> tuple[float, int]:
         """Draw this step's records and backward them micro-batch by micro-batch; the loop's optimizer.step() then
@@ -178,17 +216,19 @@ class PrivateTraining:
         import torch
 
         index = self.stream.draw()
-        self.last_batch = len(index)
+        units = self.stream.units[index]
+        self.last_batch = len(np.unique(units))
         if len(index) == 0:  # the noise alone is this step's gradient, as the accounting assumes
             for p in self.optimizer.params:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             return 0.0, 0
-        chunks = [index[i:i + self.micro_batch] for i in range(0, len(index), self.micro_batch)]
+        chunks = unit_chunks(index, units, self.micro_batch)
         loss_sum, n_trained = 0.0, 0
         for k, chunk in enumerate(chunks):
             batch = self.stream.batch(chunk).to(device)
             per_row, summed = row_losses(self.module, batch, autocast_ctx)
             per_row.mean().backward()  # GradSampleModule (loss_reduction mean) rescales to each row's own gradient
+            group_by_unit(self.optimizer.params, self.stream.units[chunk])
             loss_sum += float(summed.detach())
             n_trained += batch.n_trained
             if k < len(chunks) - 1:  # clip and sum this micro-batch; the noise waits for the step's last one
@@ -206,11 +246,14 @@ class PrivateTraining:
 
     def report(self) -> dict:
         """privacy.json: the guarantee so far and everything that recomputes it."""
-        return {"mechanism": "DP-SGD (Opacus)", "privacy_unit": "one training record (conversation)",
+        unit = "one training record (conversation)" if self.unit == "record" else \
+            "one user (every training record with the same 'user' field; a record without one on its own)"
+        return {"mechanism": "DP-SGD (Opacus)", "privacy_unit": unit,
                 "epsilon": self.epsilon(), "delta": self.delta, "steps": self.stream.draws,
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
-                "sample_rate": self.sample_rate, "expected_batch": self.sample_rate * self.records,
-                "records": self.records, "accountant": self.accountant, "clipping": self.clipping,
+                "sample_rate": self.sample_rate, "expected_batch": self.sample_rate * self.units,
+                "records": self.records, "units": self.units,
+                "accountant": self.accountant, "clipping": self.clipping,
                 "target_epsilon": self.target_epsilon, "planned_steps": self.planned_steps,
                 "opacus": _opacus_version()}
 
@@ -223,6 +266,31 @@ class PrivateTraining:
     def close(self) -> None:
         """Remove Opacus's hooks from the model (generation after training must not carry them)."""
         self.module._close()
+
+
+def encode_units(records: list[dict], unit: str, encode) -> tuple[object, np.ndarray]:
+    """(Encoded rows, the privacy unit of each row). unit "record": each record its own; "user": the records that
+    share a `user` field together (in order of first appearance; a record without one is its own unit). A unit
+    whose records all encode to nothing is left out, so units number 0..U-1 without gaps."""
+    from collections import Counter
+
+    from chatforge.data.pack import Encoded
+
+    if unit == "record":
+        enc = encode(records)
+        return enc, np.arange(len(enc.ids))
+    groups: dict[object, list[dict]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(("user", record["user"]) if "user" in record else ("record", i), []).append(record)
+    ids, masks, units, stats = [], [], [], Counter()
+    for group in groups.values():
+        part = encode(group)
+        stats.update(part.stats)
+        if part.ids:
+            units += [units[-1] + 1 if units else 0] * len(part.ids)
+            ids += part.ids
+            masks += part.masks
+    return Encoded(ids, masks, dict(stats)), np.asarray(units, dtype=np.int64)
 
 
 def _opacus_version() -> str:
@@ -243,16 +311,18 @@ def make_private(run, train_records) -> PrivateTraining:
 
     cfg, spec = run.cfg, run.cfg.privacy
     check_model(spec, cfg, run.core)
-    enc = encode_records(train_records, run.tokenizer, run.stage.target, cfg.seq_len + 1, split_long=False)
-    n = len(enc.ids)
+    enc, units = encode_units(train_records, spec.unit, lambda rs: encode_records(
+        rs, run.tokenizer, run.stage.target, cfg.seq_len + 1, split_long=False))
+    n = int(units.max()) + 1 if len(units) else 0
     if run.stage.split_long and enc.stats["truncated"]:
         raise ChatforgeError(f"privacy: {enc.stats['truncated']} training records are longer than seq_len "
                              f"({cfg.seq_len} tokens); pretraining splits such a record across rows, each clipped "
                              "apart, so one record would count as several privacy units; raise seq_len or shorten "
                              "the records")
+    unit = "records" if spec.unit == "record" else "users"
     expected = cfg.batch_size * cfg.grad_accum
     if expected > n:
-        raise ChatforgeError(f"privacy: batch_size x grad_accum ({expected}) is more than the {n} training records; "
+        raise ChatforgeError(f"privacy: batch_size x grad_accum ({expected}) is more than the {n} training {unit}; "
                              "the sample rate would exceed 1")
     q = expected / n
     delta = spec.delta if spec.delta is not None else 1.0 / n
@@ -264,16 +334,17 @@ def make_private(run, train_records) -> PrivateTraining:
     module = GradSampleModule(run.model, batch_first=True, loss_reduction="mean", strict=True)
     optimizer = DPOptimizer(run.optimizer, noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm,
                             expected_batch_size=expected, loss_reduction="mean")
-    stream = PoissonStream(enc, cfg.seq_len, run.tokenizer.pad_id, q, cfg.seed)
+    stream = PoissonStream(enc, cfg.seq_len, run.tokenizer.pad_id, q, cfg.seed, units)
     private = PrivateTraining(module, optimizer, stream, cfg.batch_size, sigma, spec.max_grad_norm, q, delta, n,
-                              spec.accountant, spec.clipping, spec.target_epsilon, steps)
+                              spec.accountant, spec.clipping, spec.target_epsilon, steps, spec.unit, len(enc.ids))
     run.stream, run.forward, run.optimizer = stream, module, optimizer
     planned = f"epsilon {private.epsilon(steps):.3g} after the {steps} planned steps" if steps else \
         "no step budget: epsilon grows with every step"
     target = f" (calibrated to epsilon {spec.target_epsilon:g})" if spec.target_epsilon is not None else ""
+    users = f" ({len(enc.ids)} records)" if spec.unit == "user" else ""
     run.emit(Note(f"privacy: DP-SGD, noise multiplier {sigma:.4g}{target}, clipping {spec.max_grad_norm:g} per "
-                  f"record, sample rate {q:.4g} ({expected} of {n} records expected per step), delta {delta:.3g}; "
-                  f"{planned} ({spec.accountant}); {enc.stats['truncated']} records truncated to seq_len"))
+                  f"{spec.unit}, sample rate {q:.4g} ({expected} of {n} {unit}{users} expected per step), delta "
+                  f"{delta:.3g}; {planned} ({spec.accountant}); {enc.stats['truncated']} records truncated to seq_len"))
     if not (cfg.tokenizer or cfg.init):
         run.emit(Note("privacy: warning: the tokenizer was trained on these training records, outside the DP "
                       "guarantee (its merges can spell out a repeated secret); set tokenizer: to one trained on "

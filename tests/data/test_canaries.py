@@ -31,7 +31,7 @@ def test_insert_plants_every_repetition():
     out = insert_canaries(train, cs)
     assert len(out) == 50 + 11
     for c in cs:
-        assert sum(r == {"messages": c.messages()} for r in out) == c.repeats
+        assert sum(r == {"messages": c.messages(), "user": c.id} for r in out) == c.repeats  # one person's secret
 
 
 def test_prepare_writes_canaries_beside_train_only(tmp_path):
@@ -44,7 +44,7 @@ def test_prepare_writes_canaries_beside_train_only(tmp_path):
     train = (out / "train.jsonl").read_text(encoding="utf-8")
     val = (out / "val.jsonl").read_text(encoding="utf-8")
     for c in cs:
-        line = json.dumps({"messages": c.messages()}, ensure_ascii=False)
+        line = json.dumps({"messages": c.messages(), "user": c.id}, ensure_ascii=False)
         assert train.count(line) == c.repeats and line not in val
     assert report["train"] == len(train.splitlines())
     prepare(["builtin:chatterbot"], str(out))  # prepared again without canaries: the stale list goes

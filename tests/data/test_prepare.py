@@ -81,6 +81,22 @@ def test_messages_jsonl(tmp_path, monkeypatch):
     ]
 
 
+def test_a_records_user_survives_prepare_and_a_bad_one_names_the_line(tmp_path, monkeypatch):
+    """`user` says whose record it is (DP training's per-user privacy unit); prepare keeps it on conversations and
+    texts."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "u.jsonl", jsonl(conv("Hi", "Hello!") | {"user": "ann"}, {"text": "a note", "user": 42}))
+    assert [r for _, r in records_of("u.jsonl")] == [conv("Hi", "Hello!") | {"user": "ann"},
+                                                     {"text": "a note", "user": 42}]
+    write(tmp_path, "bad.jsonl", jsonl(conv("Hi", "Hello!"), conv("Hi", "Hello!") | {"user": ["ann"]}))
+    with pytest.raises(ChatforgeError, match=r"^bad\.jsonl:2: field 'user' must be a non-empty string or an "
+                                             r"integer, got \['ann'\]$"):
+        records_of("bad.jsonl")
+    from chatforge.data.clean import clean_record
+
+    assert clean_record(conv(" Hi ", "Hello!") | {"user": "ann"}).record == conv("Hi", "Hello!") | {"user": "ann"}
+
+
 def test_sharegpt_json_and_jsonl(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = [

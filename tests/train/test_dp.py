@@ -19,7 +19,7 @@ from chatforge.train.run import read_metrics
 
 opacus = pytest.importorskip("opacus")
 
-from chatforge.train.dp import PoissonStream, row_losses  # noqa: E402
+from chatforge.train.dp import PoissonStream, encode_units, group_by_unit, row_losses, unit_chunks  # noqa: E402
 
 from tests.train.test_loop import tiny_config, write_dataset  # noqa: E402
 
@@ -145,6 +145,8 @@ def test_micro_batches_give_the_gradient_of_the_whole_draw(tmp_path):
      "positive number, got -1.0"),
     (["privacy.noise_multiplier=1", "privacy.accountant=gdp"], "override 'privacy.accountant=gdp': "
      "privacy.accountant: must be rdp or prv, got 'gdp'"),
+    (["privacy.noise_multiplier=1", "privacy.unit=person"], "override 'privacy.unit=person': "
+     "privacy.unit: must be record or user, got 'person'"),
 ])
 def test_config_refusals(over, message):
     with pytest.raises(ChatforgeError) as e:
@@ -181,3 +183,82 @@ def test_run_refusals(tmp_path, over, message):
     with pytest.raises(ChatforgeError) as e:
         train(cfg)
     assert str(e.value) == message
+
+
+# ---------------------------------------------------------------- the user as the privacy unit
+
+def test_a_users_records_are_clipped_as_one_gradient():
+    """unit: user — the gradient clipped is the sum of the user's records' gradients (an explicit loop), so a
+    user with three records moves the model no more than one with one record."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=1, d_model=16, max_seq_len=32)).train()
+    units = np.array([0, 0, 0, 1])
+    stream = PoissonStream(_records(4), 16, 0, 1.0, 0, units)
+    explicit = []
+    for i in range(4):
+        model.zero_grad()
+        loss, _ = row_losses(model, stream.batch(np.array([i])), contextlib.nullcontext())
+        loss.sum().backward()
+        explicit.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    per_row, _ = row_losses(module, stream.batch(np.arange(4)), contextlib.nullcontext())
+    per_row.mean().backward()
+    group_by_unit(list(model.parameters()), units)
+    users = [{n: sum(explicit[i][n] for i in rows) for n in explicit[0]} for rows in ([0, 1, 2], [3])]
+    for name, p in model.named_parameters():
+        assert p.grad_sample.shape[0] == 2
+        for u in range(2):
+            torch.testing.assert_close(p.grad_sample[u], users[u][name], atol=1e-5, rtol=0, msg=f"{name} user {u}")
+    # clipped per user: with a tiny max_grad_norm and no noise, the step is the mean of two unit-norm directions
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=1e-3,
+                      expected_batch_size=2, loss_reduction="mean")
+    opt.pre_step()
+    norm = lambda g: torch.sqrt(sum((v ** 2).sum() for v in g.values()))  # noqa: E731
+    for name, p in model.named_parameters():
+        want = sum(users[u][name] * (1e-3 / norm(users[u])) for u in range(2)) / 2
+        torch.testing.assert_close(p.grad, want, atol=1e-7, rtol=1e-3, msg=name)
+
+
+def test_user_draws_take_all_of_a_users_rows_and_micro_batches_never_split_one():
+    units = np.repeat(np.arange(50), np.arange(50) % 4 + 1)  # users with 1 to 4 records
+    stream = PoissonStream(_records(len(units)), 16, 0, 0.2, 1, units)
+    for _ in range(20):
+        index = stream.draw()
+        drawn = set(units[index].tolist())
+        assert sorted(index.tolist()) == sorted(np.flatnonzero(np.isin(units, list(drawn))).tolist())
+        chunks = unit_chunks(index, units[index], 3)
+        assert np.concatenate(chunks).tolist() == index.tolist()
+        for c in chunks:  # at most 3 rows unless one user alone has more; no user in two chunks
+            assert len(c) <= 3 or len(set(units[c].tolist())) == 1
+        seen = [set(units[c].tolist()) for c in chunks]
+        assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    sizes = [len(set(units[stream.draw()].tolist())) for _ in range(300)]
+    assert abs(np.mean(sizes) - 10) < 1.0  # q * U users per draw, not q * records
+    one = PoissonStream(_records(30), 16, 0, 0.3, 5)  # without units: every record its own, draws as before
+    each = PoissonStream(_records(30), 16, 0, 0.3, 5, np.arange(30))
+    assert [one.draw().tolist() for _ in range(5)] == [each.draw().tolist() for _ in range(5)]
+
+
+def test_units_group_records_by_user_and_a_record_without_one_stands_alone():
+    records = [{"text": "a", "user": "ann"}, {"text": "b"}, {"text": "c", "user": 7}, {"text": "d", "user": "ann"},
+               {"text": "e", "user": "gone"}, {"text": "f"}]
+    encode = lambda rs: Encoded([np.array([ord(r["text"])] * 2) for r in rs if r["text"] != "e"], [], {"n": len(rs)})  # noqa: E731
+    enc, units = encode_units(records, "user", encode)
+    assert [chr(int(i[0])) for i in enc.ids] == ["a", "d", "b", "c", "f"]  # grouped in order of first appearance
+    assert units.tolist() == [0, 0, 1, 2, 3] and enc.stats == {"n": 6}  # "gone" encoded to nothing: no unit
+
+
+def test_user_unit_run_reports_users_and_records(tmp_path):
+    path = write_dataset(tmp_path, 120)
+    lines = [json.loads(line) | {"user": f"u{i % 30}"} for i, line in enumerate(path.read_text().splitlines())]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = load_config(None, tiny_config(tmp_path, path, "users", max_steps=3, val_fraction=0.0, warmup_steps=1,
+                                        save_every=100, dropout=0.0) + ["privacy.noise_multiplier=1",
+                                                                        "privacy.unit=user"])
+    train(cfg)
+    report = json.loads((tmp_path / "users" / "final" / "privacy.json").read_text())
+    assert (report["units"], report["records"], report["sample_rate"], report["delta"]) == (30, 120, 8 / 30, 1 / 30)
+    assert report["privacy_unit"].startswith("one user")
