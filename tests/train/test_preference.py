@@ -272,6 +272,7 @@ def test_score_and_generate_best_of_commands(tmp_path, tiny, data, capsys):
           s["best_dir"], "--seed", "1", "--max-new-tokens", "6", "--temperature", "1.0"])
     out = capsys.readouterr()
     assert out.err.count("score") == 3 and out.err.count("* [") == 1
+    assert out.err.count("(finish: ") == 3 and "(3 candidates, " in out.err and "tokens generated in all)" in out.err
     assert main(["generate", str(folder), "--prompt", "Hi", "--best-of", "3"]) == 2
     assert "--best-of: needs --reward MODEL" in capsys.readouterr().err
 
