@@ -42,13 +42,21 @@ def model_key(key_file: str | None, passphrase: bool):
 
 
 def load_bot(model: str, *, device: str, dtype: str | None, quantize: str | None, key_file: str | None,
-             passphrase: bool, max_batch_size: int) -> Bot:
-    """The Bot chat, generate and serve use: the one loader, with dtype, quantization and the key."""
+             passphrase: bool, max_batch_size: int, compile: bool = False) -> Bot:
+    """The Bot chat, generate and serve use: the one loader, with dtype, quantization, the key and compile (its
+    warm-up time goes to stderr: the first start on a machine compiles for minutes, later ones read the cache)."""
     from chatforge.weights.loader import check_quantize
 
     check_quantize(quantize)  # before the key prompt and the weights
-    return Bot.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size, quantize=quantize,
-                    key=model_key(key_file, passphrase))
+    if compile:
+        from chatforge.generation.decode import inductor_cache_dir
+
+        _err(f"compiling the decode step (first start on this machine: minutes; cached in {inductor_cache_dir()})")
+    bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size, quantize=quantize,
+                   key=model_key(key_file, passphrase), compile=compile)
+    if bot.warmup_s is not None:
+        _err(f"compiled decode ready: warm-up {bot.warmup_s:.1f} s")
+    return bot
 
 
 def output_chain(guard: bool, redact_pii: bool, guard_policy: str | None):
@@ -71,7 +79,7 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
                      dtype: str | None = None, json_schema: str | None = None, best_of: int = 1,
                      reward: str | None = None, quantize: str | None = None, guard: bool = True,
                      guard_policy: str | None = None, redact_pii: bool = True, key_file: str | None = None,
-                     passphrase: bool = False) -> None:
+                     passphrase: bool = False, compile: bool = False) -> None:
     """Generate a reply to one prompt: streamed when n is 1, else n numbered samples decoded as one batch.
 
     Sampling flags left unset take the model folder's generation_config.json values, else the built-in defaults
@@ -103,6 +111,8 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
         redact_pii: replace e-mail addresses, phone numbers, ID and card numbers, IBANs and IPs in the reply.
         key_file: key of an encrypted model folder (base64, mode 0600); default: CHATFORGE_KEY.
         passphrase: the model was encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for.
+        compile: decode through a torch.compile'd step, compiled at load (minutes the first time on a machine, then
+            read from the disk cache); pays for long replies and for int8-dyn, which is slow eager.
     """
     from chatforge.generation.constraint import Constraint
     from chatforge.io import read_json
@@ -114,7 +124,7 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
         raise ChatforgeError(f"--n: must be >= 1, got {n}")
     chain = output_chain(guard, redact_pii, guard_policy)
     bot = load_bot(model, device=device, dtype=dtype, quantize=quantize, key_file=key_file, passphrase=passphrase,
-                   max_batch_size=min(n, 8))
+                   max_batch_size=min(n, 8), compile=compile)
     text = " ".join(prompt)
     decision = chain.check_prompt(text)
     if decision is not None and not decision.allowed:
@@ -220,7 +230,7 @@ def chat_command(model: str, system: str | None = None, temperature: float | Non
                  max_new_tokens: int | None = None, seed: int | None = None, device: str = "auto",
                  dtype: str | None = None, quantize: str | None = None, guard: bool = True,
                  guard_policy: str | None = None, redact_pii: bool = True, key_file: str | None = None,
-                 passphrase: bool = False) -> None:
+                 passphrase: bool = False, compile: bool = False) -> None:
     """Chat in the terminal: replies stream as they are generated; the history is kept until /reset.
 
     Lines are edited with readline (arrow keys, history); a paste arrives whole, several lines included. When the
@@ -247,10 +257,12 @@ def chat_command(model: str, system: str | None = None, temperature: float | Non
         redact_pii: replace e-mail addresses, phone numbers, ID and card numbers, IBANs and IPs in replies.
         key_file: key of an encrypted model folder (base64, mode 0600); default: CHATFORGE_KEY.
         passphrase: the model was encrypted with a passphrase: CHATFORGE_PASSPHRASE, else asked for.
+        compile: decode through a torch.compile'd step, compiled at load (minutes the first time on a machine, then
+            read from the disk cache); pays for long replies and for int8-dyn, which is slow eager.
     """
     chain = output_chain(guard, redact_pii, guard_policy)
     bot = load_bot(model, device=device, dtype=dtype, quantize=quantize, key_file=key_file, passphrase=passphrase,
-                   max_batch_size=1)
+                   max_batch_size=1, compile=compile)
     kw = _set(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
               max_new_tokens=max_new_tokens, seed=seed)
     bot.sampling(**kw)  # a bad flag fails now, not after the first message

@@ -14,7 +14,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
                   cors_origin: list[str] | None = None, device: str = "auto", dtype: str | None = None,
                   quantize: str | None = None, guard: bool = True, guard_policy: str | None = None,
                   redact_pii: bool = True, key_file: str | None = None, passphrase: bool = False,
-                  reward: str | None = None, best_of: int = 1) -> int:
+                  reward: str | None = None, best_of: int = 1, compile: bool = False) -> int:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     Requests that arrive together are decoded together (continuous batching). Without an API key the server only
@@ -51,6 +51,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
             many candidates sampled, the n the reward model scores highest returned; not with stream=true).
         best_of: with --reward, the candidates a non-streamed, sampled chat completion gets when it does not set
             best_of (rejection sampling on every reply); 1: only requests that ask for it.
+        compile: decode through a torch.compile'd step, compiled by a warm-up before the server listens (minutes the
+            first time on a machine, then read from the disk cache); /health reports the warm-up seconds.
     """
     from chatforge.serve.app import check_best_of, check_limits, served_name
     from chatforge.serve.security import check_bind
@@ -70,7 +72,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
 
     chain = output_chain(guard, redact_pii, guard_policy)
     bot = load_bot(model, device=device, dtype=dtype, quantize=quantize, key_file=key_file, passphrase=passphrase,
-                   max_batch_size=max_batch_size)
+                   max_batch_size=max_batch_size, compile=compile)
     rm = None
     if reward is not None:
         from chatforge.weights.reward import load_reward_model

@@ -59,15 +59,19 @@ class Bot:
         self.defaults = dict(defaults or {})
         self.last_dropped = 0  # messages the last call dropped to fit the context (see the module docstring)
         self.quantization: str | None = None  # the quantization scheme Bot.load applied
+        self.warmup_s: float | None = None  # seconds Bot.load(compile=True) spent compiling (or loading) the step
 
     @classmethod
     def load(cls, path_or_name: str, device: str | None = None, dtype: str | None = None, max_batch_size: int = 8,
-             max_seq_len: int | None = None, *, quantize: str | None = None, key=None) -> Bot:
+             max_seq_len: int | None = None, *, quantize: str | None = None, key=None, compile: bool = False) -> Bot:
         """A model folder, a LoRA adapter folder, a .gguf file or a known model name (e.g. "smollm2-135m-instruct").
 
         dtype: fp32 (the default on CPU), bf16 or fp16; on a GPU the default is bf16 where supported.
         quantize: int8-dyn, int8-wo or int4-wo (torchao; `bot.quantization` says which ran). key: a
         privacy.crypto.Key for an encrypted model folder (unset: CHATFORGE_KEY), read in memory only.
+        compile: decode through a torch.compile'd step (generation.decode.compile_decode), compiled here by a
+        warm-up (`bot.warmup_s`) rather than on the first request; the artefacts are cached on disk, so a later
+        start loads them. What int8-dyn needs to be fast; the same greedy tokens as eager.
         """
         from chatforge.device import pick_device, resolve_dtype
         from chatforge.weights.loader import load
@@ -80,6 +84,11 @@ class Bot:
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         bot = cls(model, tokenizer, engine, defaults_from_generation_config(loaded.generation_config))
         bot.quantization = loaded.quantization
+        if compile:
+            from chatforge.generation import decode
+
+            decode.compile_decode(model)
+            bot.warmup_s = decode.warmup(model, batch_sizes=(1, 2) if max_batch_size > 1 else (1,))
         return bot
 
     @property

@@ -107,6 +107,7 @@ def create_app(bot_or_engine, *, model_name: str = "chatforge", api_key: str | N
 
         service.reranker = Reranker(*reward, default=best_of)
     app.state.scheduler, app.state.service = scheduler, service
+    app.state.warmup_s = getattr(bot_or_engine, "warmup_s", None)  # Bot.load(compile=True)'s warm-up, for /health
     app.state.page, app.state.static = page_files(model_name)
     app.include_router(router)
     app.include_router(moderation_router)

@@ -164,8 +164,12 @@ async def get_model(request: Request, model_id: str):
 
 @router.get("/health", responses={200: {"model": schemas.Health, "description": "The server is up"}},
             response_model=None)
-async def health():
-    return _json(schemas.Health(status="ok"))
+async def health(request: Request):
+    from chatforge.generation.decode import is_compiled
+
+    state = request.app.state
+    return _json(schemas.Health(status="ok", compiled_decode=is_compiled(state.service.engine.model),
+                                warmup_s=state.warmup_s))
 
 
 @router.get("/", include_in_schema=False)

@@ -366,6 +366,8 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+    compiled_decode: bool  # serve --compile: the decode step runs compiled
+    warmup_s: float | None  # seconds its warm-up took at start-up (None: not compiled)
 
 
 class ErrorBody(BaseModel):

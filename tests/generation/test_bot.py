@@ -111,7 +111,7 @@ def test_bot_over_an_engine_with_a_shorter_context(folder):
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "chatforge.cli", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=600)
 
 
 @pytest.mark.slow
@@ -246,3 +246,18 @@ def test_chat_in_a_terminal_reads_a_long_paste_whole(folder, bot):
     assert f"(your message: {len(long.strip()):,} characters)" in screen
     # a pasted block of two lines is one message (one prompt each for the three inputs, then one for Ctrl-D)
     assert screen.count("you> ") == 4 and screen.count("error:") == 1
+
+
+@pytest.mark.slow
+def test_generate_compile_compiles_at_load_and_keeps_the_reply(folder, tmp_path):
+    """--compile: the decode step is compiled by a warm-up at load (reported on stderr, artefacts in the disk
+    cache) and the greedy reply is the eager one."""
+    env_cache = str(tmp_path / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = env_cache  # inherited by the child only
+    try:
+        r = run_cli("generate", folder, "--prompt", "hello", "--max-new-tokens", "40", "--compile")
+    finally:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert (r.returncode, r.stdout) == (0, REPLY + "\n"), r.stderr
+    assert f"cached in {env_cache}" in r.stderr and "compiled decode ready: warm-up" in r.stderr
+    assert any((tmp_path / "inductor").iterdir())

@@ -174,7 +174,8 @@ def test_legacy_completions(chat_server, tokenizer):
 
 
 def test_models_and_health(chat_server):
-    assert httpx.get(chat_server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(chat_server.url + "/health").json() == {"status": "ok", "compiled_decode": False,
+                                                             "warmup_s": None}
     models = httpx.get(chat_server.url + "/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     assert httpx.get(chat_server.url + "/v1/models/tiny").json()["id"] == "tiny"
@@ -215,6 +216,21 @@ BAD_REQUESTS = [
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": 5}, "model"),
 ]
+
+
+def test_health_reports_a_compiled_decode_and_its_warm_up(models):
+    """serve --compile: /health says the step runs compiled and how long the start-up warm-up took (the compile
+    itself is lazy until a step runs, so none happens here)."""
+    from chatforge.generation import decode
+    from chatforge.serve.app import ServerThread, create_app
+
+    from serve_support import load_bot
+
+    bot = load_bot(models["chat"])
+    decode.compile_decode(bot.model)
+    bot.warmup_s = 12.5
+    with ServerThread(create_app(bot, model_name="tiny")) as srv:
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok", "compiled_decode": True, "warmup_s": 12.5}
 
 
 @pytest.mark.parametrize("change,param", BAD_REQUESTS, ids=[p for _, p in BAD_REQUESTS])
