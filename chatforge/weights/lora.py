@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dataclasses import asdict
+
+from chatforge.config import LORA_ALL, LoraSpec
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_folder, read_json
 
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+DEFAULTS = asdict(LoraSpec())  # the `lora:` section's defaults, for a dict given in Python (one place: config)
 _PREFIX = "base_model.model."  # peft's key prefix in adapter files
 # chatforge GPT-2 module -> transformers GPT2 module (q/k/v all go into c_attn)
 _GPT2_MODULES = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
@@ -95,7 +98,7 @@ def _lora_config(model: GPT, lora_cfg: dict, freeze_blocks: int):
         raise ChatforgeError(f"lora.dropout: must be in [0, 1), got {dropout!r}")
     present = [p for p in PROJECTIONS if hasattr(model.model.layers[0].self_attn, p)
                or hasattr(model.model.layers[0].mlp, p)]
-    if targets == "all-linear":
+    if targets == LORA_ALL:
         targets = present  # every projection in the blocks; never the (often tied) output head
     if isinstance(targets, str):
         targets = [targets]
