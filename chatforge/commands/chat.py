@@ -48,6 +48,9 @@ def load_bot(model: str, *, device: str, dtype: str | None, quantize: str | None
     from chatforge.weights.loader import check_quantize
 
     check_quantize(quantize)  # before the key prompt and the weights
+    if quantize == "int8-dyn" and not compile:
+        _err("note: int8-dyn pays only compiled (eager, torchao's int8 matmuls decoded ~15x slower than bf16 on a "
+             "2-core AVX-512 CPU); add --compile, or use --quantize int8-wo")
     if compile:
         from chatforge.generation.decode import inductor_cache_dir
 

@@ -49,3 +49,12 @@ def test_unknown_scheme_is_one_line_before_loading(folder, capsys):
         load(folder + "-does-not-exist", quantize="int3")
     assert main(["generate", folder, "--prompt", "hi", "--quantize", "int3"]) == 2
     assert "quantize: unknown scheme 'int3'" in capsys.readouterr().err
+
+
+def test_int8_dynamic_without_compile_says_it_is_slow(folder, capsys):
+    from chatforge.cli import main
+
+    assert main(["generate", folder, "--prompt", "hello", "--quantize", "int8-dyn", "--max-new-tokens", "2"]) == 0
+    assert "note: int8-dyn pays only compiled" in capsys.readouterr().err
+    assert main(["generate", folder, "--prompt", "hello", "--quantize", "int8-wo", "--max-new-tokens", "2"]) == 0
+    assert "int8-dyn" not in capsys.readouterr().err
