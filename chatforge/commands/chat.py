@@ -150,7 +150,7 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
         finish, count = None, 0
         from chatforge.guard.output import filter_deltas
 
-        for delta in filter_deltas(chain, bot.engine.generate(ids, params)):
+        for delta in filter_deltas(chain, bot.engine.generate(ids, params), bot.tokenizer.decode(ids)):
             _out(delta.text)
             finish, count = delta.finish_reason, count + len(delta.token_ids)
         _out("\n")
@@ -162,7 +162,7 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
     results = bot.engine.generate_batch([ids] * n, plist)
     wall = time.perf_counter() - t0
     for i, c in enumerate(results, 1):  # each sample, then its own finish line; the statistics apart at the end
-        shown, stopped = chain.filter_text(c.text)
+        shown, stopped = chain.filter_text(c.text, bot.tokenizer.decode(ids))
         _out(f"[{i}] {shown}" + ("" if shown.endswith("\n") else "\n"))
         _err(f"    ({c.completion_tokens} tokens, finish: {stopped or c.finish_reason})")
     tokens = sum(c.completion_tokens for c in results)
@@ -317,7 +317,7 @@ def _reply(bot: Bot, system: str | None, history: list[dict], text: str, kw: dic
         if chain is not None:
             from chatforge.guard.output import filter_deltas
 
-            deltas = filter_deltas(chain, deltas)
+            deltas = filter_deltas(chain, deltas, bot.tokenizer.decode(ids))
         pieces = _chat_texts(deltas)
     except ChatforgeError as e:
         _err(f"error: {e} (your message: {len(text):,} characters)")

@@ -4,7 +4,7 @@
 each candidate first goes through the output chain (guard.output.OutputChain: the guard's reply check and PII
 redaction), so the reward model scores what a user would be shown and the chosen reply is never an unfiltered one;
 a candidate the guard stopped ranks below every candidate it let through; equal scores keep the earlier one.
-The chain is passed in (anything with `filter_text(text) -> (text, finish_reason or None)`): this layer sits
+The chain is passed in (anything with `filter_text(text, context) -> (text, finish_reason or None)`): this layer sits
 below guard/.
 
 `best_of_n` decodes the N samples together in one batch through the one engine; sample i uses seed seed + i, so a
@@ -50,8 +50,9 @@ def rank(reward_model, reward_tokenizer, messages: list[dict], texts: list[str],
     finish = list(finish_reasons) if finish_reasons is not None else [None] * len(texts)
     shown = list(texts)
     if output is not None:
+        context = "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))  # PII it may repeat
         for i, text in enumerate(texts):
-            shown[i], stopped = output.filter_text(text)
+            shown[i], stopped = output.filter_text(text, context)
             finish[i] = stopped or finish[i]
     scores = score_conversations(reward_model, reward_tokenizer,
                                  [list(messages) + [{"role": "assistant", "content": c}] for c in shown])

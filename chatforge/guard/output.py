@@ -8,6 +8,8 @@ by PII redaction, for the CLI (chat, generate) and the server alike.
                                               # the guard stopped the reply (nothing flagged was ever returned)
     text, finish = chain.filter_text(reply)   # a whole reply at once (generate --n, non-streamed results)
 
+PII that the prompt itself holds (context=) is left as it is: a reply may repeat the user's own e-mail address
+(a tool call's arguments) or the system prompt's phone number; what is redacted is PII the model brings.
 Streaming holds back only what the two filters need: the guard the last (longest lexicon entry - 1) letters, the
 PII redactor the segment still open at the end (privacy.pii). Filtering a stream piece by piece gives the same text
 as filtering the whole reply. Decisions are logged by the guard (category and reason, never the text).
@@ -84,12 +86,13 @@ class OutputChain:
             out.append(m)
         return out, None
 
-    def reply(self) -> ReplyFilter:
-        return ReplyFilter(self)
+    def reply(self, context: str = "") -> ReplyFilter:
+        """A filter for one reply; context: the prompt it answers (PII the prompt holds is not redacted)."""
+        return ReplyFilter(self, context)
 
-    def filter_text(self, text: str) -> tuple[str, str | None]:
+    def filter_text(self, text: str, context: str = "") -> tuple[str, str | None]:
         """(the whole reply filtered, "content_filter" if the guard stopped it else None)."""
-        f = self.reply()
+        f = self.reply(context)
         out = f.feed(text) + f.close()
         return out, f.finish_reason
 
@@ -97,11 +100,12 @@ class OutputChain:
 class ReplyFilter:
     """One reply through the chain: the guard's ReplyStream, then the PII Redactor on what the guard released."""
 
-    def __init__(self, chain: OutputChain):
+    def __init__(self, chain: OutputChain, context: str = ""):
         from chatforge.privacy.pii import Redactor
 
         self.stream = chain.guard.stream_reply() if chain.guard is not None else None
-        self.redactor = Redactor(chain.scrubber) if chain.scrubber is not None else None
+        self.redactor = Redactor(chain.scrubber, chain.scrubber.known(context)) if chain.scrubber is not None \
+            else None
         self.closed = False
         self.redacted = False  # the text shown differs from the model's (lexicon or PII redaction)
         self.decision: Decision | None = None
@@ -157,13 +161,13 @@ class ReplyFilter:
         return self._pii(rest, final=True)
 
 
-def filter_deltas(chain: OutputChain, deltas):
+def filter_deltas(chain: OutputChain, deltas, context: str = ""):
     """Engine Deltas with their text filtered by a fresh ReplyFilter (the CLI's stream). The last delta carries
     the held-back rest; a refused reply ends at once with finish_reason "content_filter" and the generator is
     closed, which aborts the request in the engine."""
     from dataclasses import replace
 
-    f = chain.reply()
+    f = chain.reply(context)
     try:
         for d in deltas:
             text = f.feed(d.text)

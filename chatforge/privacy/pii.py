@@ -362,9 +362,18 @@ class Scrubber:
         digest = hmac.new(self._key, f"{e.type}\0{_normal(e)}".encode(), hashlib.sha256).hexdigest()
         return f"<{e.type}_{digest[:10]}>"
 
-    def _replace(self, text: str, entities: Iterable[Entity], offset: int = 0) -> str:
+    def known(self, text: str) -> frozenset[str]:
+        """The entities in `text` (normalised), for Redactor(keep=): what a reply may repeat unredacted."""
+        if not _SEED.search(text):
+            return frozenset()
+        return frozenset(f"{e.type}\0{_normal(e)}" for e in _entities_in(text, _SEGMENT.finditer(text), self.types))
+
+    def _replace(self, text: str, entities: Iterable[Entity], offset: int = 0,
+                 keep: frozenset[str] = frozenset()) -> str:
         out, at = [], 0
         for e in entities:
+            if keep and f"{e.type}\0{_normal(e)}" in keep:
+                continue
             out += [text[at: e.start - offset], self.replacement(e)]
             at = e.end - offset
             self.counts[e.type] += 1
@@ -414,11 +423,15 @@ class Redactor:
 
     `feed(chunk)` returns the text that is safe to show now; what could still be part of an entity is held back
     (the segment open at the end: a word, or up to MAX_CHAIN groups of digits). `flush()` returns the rest at the
-    end of the stream. `held` says how many characters are held back.
+    end of the stream. `held` says how many characters are held back. keep (Scrubber.known of the prompt): entities
+    the conversation itself holds, which the reply may repeat — a user's own e-mail address in a tool call's
+    arguments, the shop's phone number from the system prompt; redaction is for what the model brings from its
+    training data.
     """
 
-    def __init__(self, scrubber: Scrubber | None = None):
+    def __init__(self, scrubber: Scrubber | None = None, keep: frozenset[str] = frozenset()):
         self.scrubber = scrubber if scrubber is not None else Scrubber()
+        self.keep = keep
         self._context = ""  # the last character emitted: the segment pattern looks one character behind
         self._buffer = ""
 
@@ -445,7 +458,8 @@ class Redactor:
             done.append(m)
         if cut == pos:
             return ""
-        out = self.scrubber._replace(text[pos:cut], _entities_in(text, done, self.scrubber.types), offset=pos)
+        out = self.scrubber._replace(text[pos:cut], _entities_in(text, done, self.scrubber.types), offset=pos,
+                                     keep=self.keep)
         self._context, self._buffer = text[cut - 1], text[cut:]
         return out
 

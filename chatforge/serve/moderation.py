@@ -48,10 +48,12 @@ class FilteredJob:
     """A scheduler Job whose deltas pass through one ReplyFilter per choice (attributes the scheduler reads and
     sets are the wrapped job's, so Scheduler.abort works on it unchanged)."""
 
-    def __init__(self, job, chain, scheduler):
+    def __init__(self, job, chain, scheduler, tokenizer):
         object.__setattr__(self, "job", job)
         object.__setattr__(self, "scheduler", scheduler)
-        object.__setattr__(self, "filters", [chain.reply() for _ in job.params])
+        # each choice's filter knows its prompt: PII the conversation holds may be repeated (a tool call's e-mail)
+        contexts = {id(p): tokenizer.decode(p) for p in job.prompts}
+        object.__setattr__(self, "filters", [chain.reply(contexts[id(p)]) for p in job.prompts])
         object.__setattr__(self, "ended", [False] * len(job.params))
         object.__setattr__(self, "held", [[] for _ in job.params])
 
@@ -97,7 +99,8 @@ class FilteredJob:
 def guarded(service, job):
     """The job as the routes see it: filtered when the service has an active output chain."""
     chain = getattr(service, "output", None)
-    return FilteredJob(job, chain, service.scheduler) if chain is not None and chain.active else job
+    return FilteredJob(job, chain, service.scheduler, service.tokenizer) if chain is not None and chain.active \
+        else job
 
 
 def check_chat(service, plan) -> object | None:

@@ -169,6 +169,23 @@ def test_pseudonym_stream_matches_whole_text():
     assert _stream(list(STREAM), Scrubber("pseudonym", key)) == Scrubber("pseudonym", key).scrub(STREAM)
 
 
+def test_a_reply_may_repeat_the_pii_its_prompt_holds_in_any_spelling():
+    """keep = Scrubber.known(prompt): the user's own address in a tool call's arguments, the shop's phone number
+    from the system prompt; anything else the model writes is still redacted, streamed or whole."""
+    scrubber = Scrubber()
+    keep = scrubber.known("I am Ann (Ann.Lee@Example.com), call me on 13812345678. Shop line: +86 10 6552 9988")
+    reply = ('{"email": "ann.lee@example.com", "phone": "+86 138 1234 5678"} or bob@example.org, '
+             "13912345678 or +86 10 6552 9988")
+    want = ('{"email": "ann.lee@example.com", "phone": "+86 138 1234 5678"} or <EMAIL>, <PHONE> or '
+            "+86 10 6552 9988")
+    r = Redactor(scrubber, keep)
+    assert "".join(r.feed(c) for c in reply) + r.flush() == want
+    r = Redactor(scrubber, keep)
+    assert r.feed(reply) + r.flush() == want
+    assert scrubber.known("no entities here") == frozenset()
+    assert _stream([reply]) == '{"email": "<EMAIL>", "phone": "<PHONE>"} or <EMAIL>, <PHONE> or <PHONE>'
+
+
 def test_sockets_are_disabled_here():
     with pytest.raises(OSError, match="network access"):
         socket.socket()

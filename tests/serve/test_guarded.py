@@ -135,6 +135,30 @@ def test_pii_is_redacted_in_whole_and_streamed_replies(client):
     assert "ann.lee" not in r.choices[0].text
 
 
+def test_each_choice_may_repeat_the_pii_of_its_own_prompt():
+    """The server's reply filter knows each choice's prompt: an address the conversation holds comes back as it is
+    (a tool call's arguments stay valid), one the model brings is redacted."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from chatforge.generation.engine import Delta
+    from chatforge.serve.moderation import FilteredJob
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(model_folder())
+    chain = OutputChain(guard=None, scrubber=Scrubber())
+    mine = tok.render([{"role": "user", "content": "Find my order, I am ann.lee@example.com"}],
+                      add_generation_prompt=True)[0]
+    other = tok.render([{"role": "user", "content": "Find my order"}], add_generation_prompt=True)[0]
+    job = SimpleNamespace(prompts=[mine, other], params=[None, None], loop=asyncio.new_event_loop())
+    filtered = FilteredJob(job, chain, None, tok)
+    reply = 'lookup_order({"email": "ann.lee@example.com"}) for bob@example.org'
+    got = [filtered._filter(i, Delta(reply, [], None, "stop")).text for i in range(2)]
+    assert got == ['lookup_order({"email": "ann.lee@example.com"}) for <EMAIL>',
+                   'lookup_order({"email": "<EMAIL>"}) for <EMAIL>']
+    job.loop.close()
+
+
 def test_flagged_reply_stops_without_leaking_the_entry(client):
     stop_at = REPLIES["story"].index("cook meth")
     r = ask(client, "story")
