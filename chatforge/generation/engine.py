@@ -34,7 +34,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.generation import decode
-from chatforge.generation.constraint import Constraint
+from chatforge.generation.constraint import Constraint, StepMasks
 from chatforge.tokenizer import token_bytes
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the attention scores' memory for long prompts
@@ -383,9 +383,11 @@ class Engine:
             self._admit()
             decoding = sorted((r for r in self._running if r.output_ids), key=lambda r: r._slot)  # rows in order
             if decoding:
+                masks = StepMasks.start([r._matcher for r in decoding])  # computed while the forward runs
                 logits = self._decode(decoding)
-                for req, row in zip(decoding, logits):
-                    out.append((req, self._next_token(req, row)))
+                masked = masks.apply(logits) if masks is not None else {}
+                for i, (req, row) in enumerate(zip(decoding, logits)):
+                    out.append((req, self._next_token(req, row, masked.get(i))))
             for req, row in self._prefill_step():
                 out.append((req, self._next_token(req, row)))
         return out
@@ -545,9 +547,10 @@ class Engine:
                              [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs])
         return logits[:, : self._vocab].float().cpu()
 
-    def _next_token(self, req: Request, logits: torch.Tensor) -> Delta:
+    def _next_token(self, req: Request, logits: torch.Tensor, masked: torch.Tensor | None = None) -> Delta:
+        """masked: `logits` with the constraint's mask applied, when the step computed it (StepMasks)."""
         p = req.params
-        allowed = logits if req._matcher is None else req._matcher.mask_logits(logits)
+        allowed = logits if req._matcher is None else masked if masked is not None else req._matcher.mask_logits(logits)
         token = sample_token(process_logits(allowed, p, req._seen, req._counts), p.temperature, req._generator)
         if req._matcher is not None:
             req._matcher.advance(token)

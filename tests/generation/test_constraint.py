@@ -247,3 +247,46 @@ def test_bot_takes_json_schema_regex_and_choices(tok):
     assert bot.chat_batch([hello, hello], choices=["yes", "no"]) in (["yes"] * 2, ["no"] * 2)
     with pytest.raises(ChatforgeError, match="^sampling: give one of json_schema, regex, choices, not regex and choices$"):
         bot.chat(hello, regex="a", choices=["a"])
+
+
+def test_step_masks_are_the_row_masks_and_leave_the_logits_alone(tok):
+    """The engine's per-step masks (computed beside the forward, applied in one op) equal Matcher.mask_logits row by
+    row, in every state along a walk, with unconstrained rows in between; the model's logits stay unmasked."""
+    from chatforge.generation.constraint import StepMasks
+
+    constraints = [Constraint.json_schema(SCHEMAS["nested"]), None, Constraint.choices(CHOICES),
+                   Constraint.regex("[0-9]{2,4}"), None]
+    matchers = [c.matcher(tok) if c else None for c in constraints]
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        logits = torch.randn(len(matchers), tok.vocab_size, generator=gen)
+        before = logits.clone()
+        masked = StepMasks.start(matchers).apply(logits)
+        assert sorted(masked) == [i for i, m in enumerate(matchers) if m is not None]
+        assert torch.equal(logits, before)
+        for i, m in enumerate(matchers):
+            if m is None:
+                continue
+            assert torch.equal(masked[i], m.mask_logits(logits[i]))
+            text_ids = sorted(allowed_ids(m) - tok.stop_ids)
+            if not m.done and text_ids:
+                m.advance(rng.choice(text_ids))
+    assert StepMasks.start([None, None]) is None
+
+
+def test_step_masks_give_the_tokens_of_per_row_masking(tok, model, monkeypatch):
+    """Greedy and seeded sampling give the same tokens through the step masks as through per-row masking."""
+    from chatforge.generation import constraint as cmod
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    schemas = [SCHEMAS["nested"], None, SCHEMAS["array"], SCHEMAS["bounds"]]
+    params = [SamplingParams(temperature=t, max_new_tokens=60, seed=i,
+                             constraint=Constraint.json_schema(s) if s else None)
+              for t in (0.0, 1.0) for i, s in enumerate(schemas)]
+    prompts = prompts * 2
+    new = Engine(model, tok, max_batch_size=8).generate_batch(prompts, params)
+    monkeypatch.setattr(cmod.StepMasks, "start", classmethod(lambda cls, matchers: None))  # the old per-row path
+    old = Engine(model, tok, max_batch_size=8).generate_batch(prompts, params)
+    assert [c.token_ids for c in new] == [c.token_ids for c in old]
+    assert [c.text for c in new] == [c.text for c in old]
