@@ -12,10 +12,11 @@ rows (chit-chat, thanks, a request without its order number) score "no call" whe
 `--adapter PATH` (a LoRA adapter or model folder, e.g. the output of examples/tools/lora.yaml) adds its rows beside
 the base model's.
 
-Cost: the same decode with and without a constraint at batch 1 and 8, interleaved `--repeats` times; a JSON schema
-that cannot finish within `--tokens` tokens keeps every row decoding the same number of tokens. Reported: ms per
-decoded token (median, decode steps only), the overhead ratio, and the share of decode wall time spent in the
-constraint (mask, masking the logits, advancing the matcher): on a shared machine the share is the steadier figure.
+Cost: the same decode free and constrained at batch 1 and 8, as a paired A/B stepped in turn in one process (and the
+per-row mask path the engine had before, as a third arm); a JSON schema that cannot finish within `--tokens` tokens
+keeps every row decoding the same number of tokens. Reported: ms per decoded token over decode steps (wall and
+process CPU time), the overhead as the median of the per-run ratios, and the load average beside it. Run it with
+`nice -n 5` and OMP_NUM_THREADS=1 on a shared machine.
 
     python benchmarks/tool_calls.py [--limit N] [--tokens 48] [--repeats 3] [--model smollm2-135m-instruct]
                                     [--adapter runs/tools-smollm2-lora/final] [--set prompts|heldout|both]
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -95,55 +97,54 @@ def quality(bot, tools: list[dict], rows: list[dict],
 
 
 def cost(bot, batch: int, tokens: int, repeats: int) -> dict:
-    """ms per decoded token with and without a constraint, and the mask's own share of the constrained wall time."""
+    """Paired A/B per step: engines on the one model decode the same prompt in `batch` rows, free, constrained
+    (masks beside the forward: the engine's path) and constrained with per-row masks after the forward (the path
+    before it), and are stepped in turn (A, B, C, A, B, C, ...) so load drift hits all alike. Decode steps only
+    (each run's prefill step is not timed). ms per token from wall time and from process CPU time (all threads,
+    the mask worker's included; what other processes' load inflates least); medians over `repeats` runs."""
     from chatforge.generation import constraint as cmod
     from chatforge.generation.engine import Engine, SamplingParams
 
-    engine = Engine(bot.model, bot.tokenizer, max_batch_size=batch)
     prompt = bot.tokenizer.render([{"role": "user", "content": "List forty short notes about bread."}],
                                   add_generation_prompt=True)[0]
     long = cmod.Constraint.json_schema(LONG)
-    spent = [0.0]
-    mask_logits, advance = cmod.Matcher.mask_logits, cmod.Matcher.advance
+    arms = {"free": None, "constrained": long, "per-row masks": long}
+    engines = {k: Engine(bot.model, bot.tokenizer, max_batch_size=batch) for k in arms}
+    start = cmod.StepMasks.start
 
-    def timed(fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[0] += time.perf_counter() - t
-        return wrapper
+    def step(name: str) -> int:
+        if name != "per-row masks":
+            return len(engines[name].step())
+        cmod.StepMasks.start = classmethod(lambda cls, matchers: None)  # the engine falls back to Matcher.mask_logits
+        try:
+            return len(engines[name].step())
+        finally:
+            cmod.StepMasks.start = start
 
-    def run(constrained: bool) -> tuple[float, float, int]:
-        """Decode steps only (the prefill step is not timed): ms per token, mask share, tokens decoded."""
-        params = SamplingParams(temperature=0.0, max_new_tokens=tokens, constraint=long if constrained else None)
-        for _ in range(batch):
-            engine.add_request(prompt, params)
-        engine.step()  # prefill (and each row's first token)
-        spent[0], n = 0.0, 0
-        t0 = time.perf_counter()
-        while engine.has_work():
-            n += len(engine.step())
-        wall = time.perf_counter() - t0
-        return 1000 * wall / n, spent[0] / wall, n
+    def run() -> dict[str, tuple[float, float, int]]:
+        wall, cpu, n = dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0)
+        for name, constraint in arms.items():
+            params = SamplingParams(temperature=0.0, max_new_tokens=tokens, constraint=constraint)
+            for _ in range(batch):
+                engines[name].add_request(prompt, params)
+            step(name)  # prefill (and each row's first token)
+        while any(e.has_work() for e in engines.values()):
+            for name in arms:
+                if engines[name].has_work():
+                    t, c = time.perf_counter(), time.process_time()
+                    n[name] += step(name)
+                    wall[name] += time.perf_counter() - t
+                    cpu[name] += time.process_time() - c
+        return {k: (1000 * wall[k] / n[k], 1000 * cpu[k] / n[k], n[k]) for k in arms}
 
-    cmod.Matcher.mask_logits, cmod.Matcher.advance = timed(mask_logits), timed(advance)
-    try:
-        run(True), run(False)  # warm-up: llguidance's tokenizer trie, the engine's cache
-        free, guided, share, counts = [], [], [], set()
-        for _ in range(repeats):
-            ms, _, n_free = run(False)
-            free.append(ms)
-            ms, s, n_guided = run(True)
-            guided.append(ms)
-            share.append(s)
-            counts.add((n_free, n_guided))
-    finally:
-        cmod.Matcher.mask_logits, cmod.Matcher.advance = mask_logits, advance
-    f, g = statistics.median(free), statistics.median(guided)
-    return {"batch": batch, "free_ms": f, "guided_ms": g, "overhead": g / f - 1, "mask_share": statistics.median(share),
-            "tokens": sorted(counts)}
+    run()  # warm-up: llguidance's tokenizer trie, the engines' caches
+    runs = [run() for _ in range(repeats)]
+    out = {"batch": batch, "tokens": sorted({r[k][2] for r in runs for k in arms}), "load": os.getloadavg()[0]}
+    for k in arms:
+        out[k] = tuple(statistics.median(r[k][i] for r in runs) for i in (0, 1))
+    for k in ("constrained", "per-row masks"):  # overhead: the median of the per-run ratios (paired)
+        out[k + " overhead"] = tuple(statistics.median(r[k][i] / r["free"][i] - 1 for r in runs) for i in (0, 1))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,11 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_cost:
         return 0
     bot = base or Bot.load(args.model, max_batch_size=8)
-    print("\n| batch | free ms/token | constrained ms/token | overhead | mask share of wall | tokens (free, constrained) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\ncost: {args.tokens} tokens per row, {args.repeats} paired runs, torch threads {torch.get_num_threads()}")
+    print("\n| batch | free ms/token wall (cpu) | constrained ms/token wall (cpu) | overhead wall | overhead cpu | "
+          "per-row masks (before): overhead wall / cpu | tokens per arm | load (1 min) |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in (1, 8):
         c = cost(bot, batch, args.tokens, args.repeats)
-        print(f"| {batch} | {c['free_ms']:.1f} | {c['guided_ms']:.1f} | {c['overhead']:+.1%} | {c['mask_share']:.2%} | {c['tokens']} |")
+        (fw, fc), (gw, gc), (ow, oc), (pw, pc) = c["free"], c["constrained"], c["constrained overhead"], \
+            c["per-row masks overhead"]
+        print(f"| {batch} | {fw:.1f} ({fc:.1f}) | {gw:.1f} ({gc:.1f}) | {ow:+.1%} | {oc:+.1%} | {pw:+.1%} / {pc:+.1%} "
+              f"| {c['tokens']} | {c['load']:.2f} |", flush=True)
     return 0
 
 
