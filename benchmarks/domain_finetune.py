@@ -7,7 +7,9 @@ through the one training loop and prints, before and after, as a table:
 - loss on general held-out dialogs: a fixed sample of chitchat's validation split (builtin:chitchat, seed 0), the
   assistant replies scored as SFT trains them — how much of its everyday conversation the model forgets;
 - training wall time and the machine's load (the machine is shared: `uptime` load beside every figure);
-then a few before/after replies, unedited.
+then a few before/after replies, unedited. The base model's figures are kept in OUT_DIR-before.json (keyed by the
+base, the fact file's hash and the sample) and reused: on a loaded 2 cores they cost ~10 minutes. The recipe's replay
+dialogs (chitchat's train split) are checked to share no dialog with the scored general sample.
 
     python benchmarks/domain_finetune.py [key=value ...]      # config overrides, e.g. max_steps=20
 """
@@ -34,6 +36,38 @@ def general_records(n: int = GENERAL_SAMPLE) -> list[dict]:
 
     _, val, _ = load_dataset(GENERAL, 0.1, 0)
     return pick_records(val, n, 0)
+
+
+def check_replay_apart(cfg, records: tuple, general: list[dict]) -> None:
+    """The recipe's replay dialogs come from chitchat's train split: none may be (the start of) a scored dialog."""
+    if cfg.replay is None:
+        return
+    from chatforge.data.replay import mix_replay
+
+    mixed, _ = mix_replay(records[0], records[2], cfg.replay, cfg.seed)
+    scored = [r["messages"] for r in general]
+    shared = [r for r in mixed if "meta" in r and any(m[:len(r["messages"])] == r["messages"] for m in scored)]
+    if shared:
+        raise SystemExit(f"{len(shared)} replay dialogs are also scored as general held-out dialogs")
+
+
+def cached_before(cfg, facts_path: Path, general: list[dict], compute) -> dict:
+    """The base model's figures, kept beside the run: they depend only on the base, the fact file and the sample."""
+    import hashlib
+    import json
+
+    from chatforge.io import atomic_write_text
+
+    key = {"init": cfg.init, "facts": hashlib.sha256(facts_path.read_bytes()).hexdigest(), "general": len(general),
+           "reply_tokens": REPLY_TOKENS}
+    path = Path(cfg.out_dir + "-before.json")
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["before"]
+    before = compute()
+    atomic_write_text(path, json.dumps({"key": key, "before": before}, ensure_ascii=False))
+    return before
 
 
 def measure(model, tokenizer, facts: list[dict], general: list[dict]) -> dict:
@@ -99,12 +133,18 @@ def main(argv: list[str]) -> None:
     records = load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
     facts = read_facts(str(FACTS))
     general = general_records()
-    print(f"data: {cfg.data}: {len(records[0])} train, {len(records[1])} held out; fact checks: {len(facts)} "
-          f"({FACTS.relative_to(ROOT)}); general: {len(general)} dialogs of {GENERAL}'s validation split")
+    replay = (f"; replay: {cfg.replay.share:.0%} of training records from {cfg.replay.data}'s train split"
+              if cfg.replay else "")
+    print(f"data: {cfg.data}: {len(records[0])} train, {len(records[1])} held out{replay}; fact checks: "
+          f"{len(facts)} ({FACTS.relative_to(ROOT)}); general: {len(general)} dialogs of {GENERAL}'s validation split")
 
-    base = load(cfg.init)
-    before = measure(base.model, base.tokenizer, facts, general)
-    del base
+    check_replay_apart(cfg, records, general)
+
+    def measure_base() -> dict:
+        base = load(cfg.init)
+        return measure(base.model, base.tokenizer, facts, general)
+
+    before = cached_before(cfg, FACTS, general, measure_base)
     summary, wall = finetune(cfg, records)
     tuned = load_tuned(summary)
     after = measure(tuned.model, tuned.tokenizer, facts, general)
