@@ -189,7 +189,8 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
 
     Args:
         out: folder for everything the quickstart writes (tokenizer/, pretrain/, sft/, final/, quickstart.json).
-        minutes: wall-clock budget for the whole command, loading and evaluation included.
+        minutes: wall-clock budget for the whole command, loading and evaluation included; the recipes' token and
+            step budgets scale with it (written for 9), the clock only stops a slower machine early.
         overwrite: replace the runs of an earlier quickstart in `out`.
         seed: seed for the data split, initialisation and batches.
     """
@@ -209,13 +210,15 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
     finally:
         progress.close()
     print("\n".join(qs.format_scores(r)))
-    print("\n== sample replies (greedy)")
+    d = r["decoding"]
+    print(f"\n== sample replies (temperature {d['temperature']}, top-p {d['top_p']}, repetition penalty "
+          f"{d['repetition_penalty']}, seed {r['seed']}: the model folder's defaults)")
     for prompt, reply in r["samples"].items():
         print(f"> {prompt}\n{reply.strip()}\n")
     print(f"wrote {Path(out) / 'sft' / 'report.md'} and {Path(out) / 'sft' / 'report.html'}")
     threads = r["threads"]
     print(f"done in {r['wall_s']:.0f} s: {r['params']:,} parameters, pretraining at {r['pretrain_tokens_per_s']:,.0f} "
           f"tokens/s ({threads} thread{'s' if threads > 1 else ''}), held-out bits per byte of the final chat model "
-          f"{r['test_bpb_dialog_final']:.3f}")
+          f"{r['test_bpb']:.3f}")
     print(f"\nchat with it:  chatforge chat {r['final_dir']}")
     return 0

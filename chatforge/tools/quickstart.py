@@ -1,16 +1,18 @@
 """`chatforge quickstart`: a small chat model from the built-in corpus in minutes, with honest numbers.
 
-The built-in corpus (English + Chinese chatterbot dialogs) is split three ways: the data layer's standard validation
-split is the held-out test set, never trained on nor used to choose anything; a slice of the training split is the
-dev set that early stopping and best-checkpoint selection look at; the rest trains the tokenizer and the model.
-Then: tokenizer -> pretraining on every token of the dialogs -> SFT on the assistant replies, each stage under a
-share of the wall-clock budget (configs/quickstart-pretrain.yaml and configs/quickstart-sft.yaml hold the recipes;
-they also run as they are with `chatforge train --config`).
+The built-in corpus (chitchat's English open-domain conversations, ~11.6M characters after cleaning, plus
+chatterbot's English and Chinese dialogs) is split three ways: the data layer's standard validation split is the
+held-out test set, never trained on nor used to choose anything; a slice of the training split is the dev set that
+early stopping and best-checkpoint selection look at; the rest trains the tokenizer and the model. Chinese is ~0.1%
+of the text, so its training conversations are repeated ZH_WEIGHT times, and every held-out figure is also given per
+language. Then: tokenizer -> pretraining on every token of the dialogs -> SFT on the assistant replies
+(configs/quickstart-pretrain.yaml and configs/quickstart-sft.yaml hold the recipes; they also run as they are with
+`chatforge train --config`). The recipes' token and step budgets drive the schedules, scaled to --minutes; the
+wall-clock caps only stop a slower machine early, so a seeded quickstart trains the same model twice.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,17 +21,25 @@ from pathlib import Path
 from chatforge.errors import ChatforgeError
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"  # shipped in the package; configs/ at the root links here
-CORPUS = "builtin:chatterbot"  # English + Chinese dialogs; plain "builtin" adds the much larger chitchat set
-PROMPTS = ["Hello, how are you?", "What is your name?", "Tell me a joke.", "你好", "你会说中文吗？"]
-DEV_FRACTION = 0.08
-RESERVE_S = 40.0  # held back for the final evaluation, samples and report
-PRETRAIN_SHARE = 0.72  # of the training time; SFT gets the rest
-# Held-out bits per byte of the plain character-level GPT (4 layers, 128 wide, ~1M parameters, batch 12x64, AdamW
-# 1e-3) after the 2,250 steps it runs in 90 s here, on the de-duplicated split this command tests on.
-CHAR_BASELINE_DEDUP = 2.86  # benchmarks/char_baseline.py
-# What the PPMd compressor (order 8) spends per byte of that split's test text after reading its training text: a strong
-# classical reference for how much this corpus alone tells about unseen dialogs (EXPERIMENTS.md).
-PPMD_DEDUP = 2.28  # benchmarks/char_baseline.py
+CORPUS = "builtin"  # chitchat (English) + chatterbot English and Chinese
+ZH_WEIGHT = 8  # each Chinese training conversation is seen this many times per epoch (~10k of ~10.6M characters)
+PROMPTS = ["Hello, how are you?", "What do you like to do on weekends?", "Tell me about your favourite food.",
+           "What did you do today?", "Do you have any pets?", "What kind of music do you like?",
+           "I just got back from a trip to the beach.", "What are you going to do this evening?", "你好", "你喜欢什么？"]
+# How the sample replies are decoded; saved in final/generation_config.json, so `chatforge chat` and `load()` use them
+# too. Greedy decoding of a 1M-parameter model loops ("I am not really I am not really"); a mild temperature with
+# nucleus sampling and a repetition penalty gives varied, mostly well-formed sentences.
+DECODING = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
+REPLY_TOKENS = 48
+PIECE_MESSAGES = 16  # test conversations are scored in pieces of this many messages (see pieces)
+MINUTES = 9.0  # the budget the recipes' max_tokens / max_steps are written for; other --minutes scale them
+DEV_FRACTION = 0.03  # ~145 conversations, ~320 KB: plenty for early stopping; the rest trains
+RESERVE_S = 100.0  # held back for the final evaluation (~1 MB of test text: ~80 s on 2 busy cores), samples, report
+PRETRAIN_SHARE = 0.75  # of the training time; SFT gets the rest
+# The plain character-level GPT (4 layers, 128 wide, ~0.8M parameters, fp32, batch 12x64, AdamW 1e-3) trained for the
+# quickstart's whole wall time on the same split (seed 0), measured back to back with it: benchmarks/char_baseline.py
+# --quickstart (EXPERIMENTS.md). Keyed by language; None where not measured yet.
+CHAR_BASELINE = {"all": None, "english": None, "chinese": None, "wall_s": None}
 
 
 def _recipe(name: str) -> str:
@@ -63,24 +73,6 @@ def _pick_threads() -> tuple[int, str | None]:
     return cores, None
 
 
-def raw_protocol_test(seed: int) -> tuple[list[dict], int]:
-    """10% of the raw corpus' records at random, duplicates kept: how the 1.62 character-level figure was measured.
-
-    The raw corpus repeats itself (english/tech_support alone holds 1,040 copies of 10 dialogs), so many of these
-    "held-out" records also sit in the training data; returns (records, how many duplicate a training record).
-    """
-    import numpy as np
-
-    from chatforge.data.builtin import load_builtin
-
-    raw = load_builtin(CORPUS)
-    order = np.random.default_rng(seed).permutation(len(raw))
-    n = len(raw) // 10
-    test, rest = [raw[i] for i in order[:n]], [raw[i] for i in order[n:]]
-    seen = {json.dumps(r, sort_keys=True) for r in rest}
-    return test, sum(json.dumps(r, sort_keys=True) in seen for r in test)
-
-
 @dataclass
 class Said:
     """A line of the quickstart's own story (data, tokenizer, the stage that starts), for the command to print."""
@@ -94,42 +86,55 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
     (held-out scores, samples, speeds). on_event hears Said lines and each stage's training events."""
     from chatforge.tokenizer import Tokenizer
     from chatforge.train.loop import train
-    from chatforge.train.run import sample_replies
     from chatforge.weights.folder import load_model, save_model, write_json
 
     t0 = time.time()
     deadline = t0 + 60.0 * minutes
     emit = on_event or (lambda event: None)
     root = _fresh_folder(Path(out), overwrite)
-    pre_cfg, sft_cfg, threads = _configs(root, seed, emit)
+    pre_cfg, sft_cfg, threads = _configs(root, seed, minutes, emit)
     train_set, dev, test, report, tok = _data_and_tokenizer(root, pre_cfg, seed, emit)
     budget = deadline - time.time() - RESERVE_S
     if budget < 30:
         raise ChatforgeError(f"quickstart: --minutes {minutes} leaves no time to train; give it at least 2")
-    pre_cfg.max_time_s = PRETRAIN_SHARE * budget
-    emit(Said(f"\n== pretraining on every token of the dialogs (up to {pre_cfg.max_time_s:.0f} s)"))
+    pre_cfg.max_time_s = PRETRAIN_SHARE * budget - 30.0  # each stage also encodes the data before it trains
+    emit(Said(f"\n== pretraining on every token of the dialogs ({pre_cfg.max_tokens:,} tokens, stopped at "
+              f"{pre_cfg.max_time_s:.0f} s on a slower machine)"))
     pre = train(pre_cfg, records=(train_set, dev, report), on_event=emit)
-    sft_cfg.max_time_s = max(deadline - time.time() - RESERVE_S - 5.0, 10.0)
-    emit(Said(f"\n== SFT on the assistant replies (up to {sft_cfg.max_time_s:.0f} s)"))
+    sft_cfg.max_time_s = max(deadline - time.time() - RESERVE_S - (pre["wall_s"] - pre["train_s"]), 10.0)
+    emit(Said(f"\n== SFT on the assistant replies ({sft_cfg.max_steps:,} steps, stopped at {sft_cfg.max_time_s:.0f} s "
+              "on a slower machine)"))
     sft = train(sft_cfg, records=(train_set, dev, report), on_event=emit)
 
     final = root / "final"
     model = load_model(sft["best_dir"])
-    save_model(model, tok, final)
+    save_model(model, tok, final, generation_config=DECODING)
     tok = Tokenizer.load(str(final))
-    scores = held_out_scores(load_model(pre["best_dir"]), model, tok, test, pre_cfg.seq_len, sft_cfg.seq_len, seed)
-    replies = sample_replies(model, tok, PROMPTS, max_new_tokens=40)
+    scores = held_out_scores(model, tok, test, sft_cfg.seq_len)
+    replies = sample_replies(str(final), PROMPTS, seed)
     result = {
         "wall_s": time.time() - t0, "params": pre["params"], "pretrain_tokens_per_s": pre["tokens_per_s"],
         "sft_tokens_per_s": sft["tokens_per_s"], "pretrain_steps": pre["steps"], "sft_steps": sft["steps"],
-        "pretrain_epochs": pre["epochs"], "sft_epochs": sft["epochs"],
-        **scores, "samples": dict(zip(PROMPTS, replies)), "final_dir": str(final), "threads": threads,
+        "pretrain_tokens": pre["tokens"], "sft_tokens": sft["tokens"], "pretrain_epochs": pre["epochs"],
+        "sft_epochs": sft["epochs"], "pretrain_stop": pre["stop_reason"], "sft_stop": sft["stop_reason"],
+        "pretrain_dev_bpb": pre["val_bpb"],
+        **scores, "decoding": DECODING, "samples": dict(zip(PROMPTS, replies)), "final_dir": str(final),
+        "threads": threads, "seed": seed,
     }
     write_json(root / "quickstart.json", result)
     from chatforge.tools.report import write_report
 
     write_report(root / "sft")
     return result
+
+
+def sample_replies(folder: str, prompts: list[str], seed: int) -> list[str]:
+    """Replies of the saved chat model to single-turn prompts, decoded as `chatforge chat` and `load()` decode it
+    (the folder's generation_config.json: DECODING), each with its own seeded generator: reproducible one by one."""
+    from chatforge.generation.bot import Bot
+
+    bot = Bot.load(folder, max_batch_size=len(prompts))
+    return bot.chat_batch([[{"role": "user", "content": p}] for p in prompts], max_new_tokens=REPLY_TOKENS, seed=seed)
 
 
 def _fresh_folder(root: Path, overwrite: bool) -> Path:
@@ -143,8 +148,8 @@ def _fresh_folder(root: Path, overwrite: bool) -> Path:
     return root
 
 
-def _configs(root: Path, seed: int, emit) -> tuple:
-    """The two recipes with this quickstart's folders, seed and threads."""
+def _configs(root: Path, seed: int, minutes: float, emit) -> tuple:
+    """The two recipes with this quickstart's folders, seed and threads, their budgets scaled to `minutes`."""
     from chatforge.config import load_config
 
     pre_cfg = load_config(_recipe("quickstart-pretrain.yaml"), values={"out_dir": str(root / "pretrain"), "seed": seed})
@@ -154,6 +159,9 @@ def _configs(root: Path, seed: int, emit) -> tuple:
     if note:
         emit(Said(note))
     pre_cfg.num_threads = sft_cfg.num_threads = threads
+    scale = minutes / MINUTES
+    pre_cfg.max_tokens = max(round(pre_cfg.max_tokens * scale), pre_cfg.batch_size * pre_cfg.seq_len)
+    sft_cfg.max_steps = max(round(sft_cfg.max_steps * scale), 1)
     sft_cfg.sample_prompts = []  # the quickstart shows its own samples at the end
     return pre_cfg, sft_cfg, threads
 
@@ -165,51 +173,86 @@ def _data_and_tokenizer(root: Path, pre_cfg, seed: int, emit) -> tuple:
 
     train_all, test, report = load_dataset(CORPUS, 0.1, seed)
     train_set, dev = split_dev(train_all, DEV_FRACTION, seed)
-    report = dict(report) | {"quickstart_split": {"train": len(train_set), "dev": len(dev), "test": len(test)}}
-    dropped = ", ".join(f"{n:,} {why}" for why, n in report.get("dropped", {}).items()) or "none"
-    emit(Said(f"data: built-in corpus (English + Chinese), {report.get('read', 0):,} records read, dropped while "
-              f"cleaning: {dropped}; {len(train_set)} training / {len(dev)} dev (early stopping) / {len(test)} "
-              "held-out test conversations"))
     tok = train_tokenizer(record_texts(train_set), vocab_size=pre_cfg.vocab_size)
+    n_train = len(train_set)
+    train_set, n_chinese = weight_chinese(train_set)  # the tokenizer saw each conversation once
+    report = dict(report) | {"quickstart_split": {"train": n_train, "train_chinese": n_chinese,
+                                                  "chinese_weight": ZH_WEIGHT, "dev": len(dev), "test": len(test)}}
+    dropped = ", ".join(f"{n:,} {why}" for why, n in report.get("dropped", {}).items()) or "none"
+    languages = ", ".join(f"{lang} {v['records']:,} conversations / {v['characters']:,} characters"
+                          for lang, v in report.get("languages", {}).items())
+    emit(Said(f"data: built-in corpus (chitchat + chatterbot), {report.get('read', 0):,} records read, dropped while "
+              f"cleaning: {dropped}; kept {languages}"))
+    emit(Said(f"split: {n_train:,} training (Chinese: {n_chinese}, each seen "
+              f"{ZH_WEIGHT}x per epoch) / {len(dev)} dev (early stopping) / {len(test)} held-out test conversations"))
     tok.save(str(root / "tokenizer"))
     pre_cfg.tokenizer = str(root / "tokenizer")
     emit(Said(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens, trained on the training split"))
     return train_set, dev, test, report, tok
 
 
-def held_out_scores(pretrained, final, tok, test: list[dict], pre_len: int, sft_len: int, seed: int) -> dict:
-    """Bits per byte on the test split (and on the raw-corpus protocol of the 1.62 reference)."""
+def is_chinese(record: dict) -> bool:
+    from chatforge.data.report import script_language
+
+    return any(script_language(m["content"]) == "chinese" for m in record["messages"])
+
+
+def weight_chinese(records: list[dict], weight: int = ZH_WEIGHT) -> tuple[list[dict], int]:
+    """(records with each Chinese conversation `weight` times, how many are Chinese): Chinese is ~0.1% of the
+    built-in text, so unweighted the model would see a Chinese turn about once a minute."""
+    chinese = [r for r in records if is_chinese(r)]
+    return records + chinese * (weight - 1), len(chinese)
+
+
+def held_out_scores(model, tok, test: list[dict], seq_len: int) -> dict:
+    """Bits per byte of the chat model on the test split's dialog text, per language (English, Chinese) and overall
+    (their byte-weighted mean: one pass over the text). bf16 autocast as in training: ~2x faster than fp32 here."""
     import torch
 
     from chatforge.train.loss import evaluate_loss
 
-    def bpb(model, records, target, seq_len):  # long conversations are scored in pieces: every byte counts
-        return evaluate_loss(model, tok, records, seq_len, 16, torch.device("cpu"), "fp32", target=target)
+    def bpb(records, target):  # long conversations are scored in pieces: every byte counts
+        return evaluate_loss(model, tok, records, seq_len, 16, torch.device("cpu"), "auto", target=target)
 
-    text, text_final = bpb(pretrained, test, "content", pre_len), bpb(final, test, "content", sft_len)
-    reply = bpb(final, test, "assistant", sft_len)
-    raw_test, n_dup = raw_protocol_test(seed)
-    raw = bpb(pretrained, raw_test, "content", pre_len)
-    return {"test_records": len(test), "test_bytes": text["bytes"], "test_bpb_dialog": text["bpb"],
-            "test_bpb_dialog_final": text_final["bpb"], "test_bpb_replies_final": reply["bpb"],
-            "test_acc_replies_final": reply["acc"], "raw_protocol_records": len(raw_test),
-            "raw_protocol_duplicates": n_dup, "raw_protocol_bpb_dialog": raw["bpb"]}
+    out: dict = {"test_records": len(test)}
+    total_bits = total_bytes = 0.0
+    for language, records in (("english", [r for r in test if not is_chinese(r)]),
+                              ("chinese", [r for r in test if is_chinese(r)])):
+        if records:
+            e = bpb([piece for r in records for piece in pieces(r)], "content")
+            out |= {f"test_records_{language}": len(records), f"test_bytes_{language}": e["bytes"],
+                    f"test_bpb_{language}": e["bpb"]}
+            total_bits, total_bytes = total_bits + e["bpb"] * e["bytes"], total_bytes + e["bytes"]
+    return out | {"test_bytes": int(total_bytes), "test_bpb": total_bits / total_bytes}
+
+
+def pieces(record: dict, n: int = PIECE_MESSAGES) -> list[dict]:
+    """A conversation as consecutive pieces of n messages (n even: each piece starts with the same role). Scoring
+    locates every turn by rendering the conversation's prefixes, which is cubic in its length (chitchat has dialogs of
+    380 turns: 17 s each); the scored rows hold 256 tokens, ~6 turns, anyway, so pieces of 16 lose little context."""
+    messages = record["messages"]
+    return [record | {"messages": messages[i:i + n]} for i in range(0, len(messages), n)] if messages else [record]
 
 
 def format_scores(r: dict) -> list[str]:
-    """The held-out lines the quickstart prints, from its result."""
+    """The held-out lines the quickstart prints, from its result, beside the character-level GPT's."""
+    def figure(key: str) -> str:
+        return f"{r[key]:.3f}" if r.get(key) is not None else "-"
+
+    def char(key: str) -> str:
+        return f"{CHAR_BASELINE[key]:.3f}" if CHAR_BASELINE.get(key) is not None else "not measured"
+
+    ratio = (f" ({r['test_bpb'] / CHAR_BASELINE['all']:.2f}x the character-level GPT's)"
+             if CHAR_BASELINE.get("all") else "")
     return [
         "\n== held-out bits per byte of dialog text (each turn's content and its end-of-turn; control tokens count "
         "0 bytes)",
-        f"  test split: {r['test_records']} de-duplicated conversations, never trained on nor used to pick a "
-        f"checkpoint ({r['test_bytes']:,} bytes)",
-        f"    {r['test_bpb_dialog']:.3f} pretrained model, {r['test_bpb_dialog_final']:.3f} final chat model; "
-        f"assistant replies alone {r['test_bpb_replies_final']:.3f} (next-token accuracy "
-        f"{r['test_acc_replies_final']:.1%})",
-        f"    a plain 1M-parameter character-level GPT trained 90 s on the same split: {CHAR_BASELINE_DEDUP:.2f}; "
-        f"the PPMd compressor after reading the training text: {PPMD_DEDUP:.2f}",
-        f"  10% of the raw corpus at random ({r['raw_protocol_records']} records, {r['raw_protocol_duplicates']} of "
-        f"them copies of training records; the protocol of the 1.62 reference): {r['raw_protocol_bpb_dialog']:.3f} "
-        "pretrained model",
-        "    the same character-level GPT: 1.62 (ARCHITECTURE.md; benchmarks/char_baseline.py)",
+        f"  test split: {r['test_records']} de-duplicated conversations ({r['test_bytes']:,} bytes), never trained on "
+        "nor used to pick a checkpoint",
+        f"    chat model: {r['test_bpb']:.3f}{ratio}; English {figure('test_bpb_english')} "
+        f"({r.get('test_records_english', 0)} conversations), Chinese {figure('test_bpb_chinese')} "
+        f"({r.get('test_records_chinese', 0)}); the pretrained stage on the dev split {figure('pretrain_dev_bpb')}",
+        f"    a plain character-level GPT trained for the quickstart's wall time "
+        f"({CHAR_BASELINE['wall_s'] or 0:.0f} s) on the same split: {char('all')}; English {char('english')}, "
+        f"Chinese {char('chinese')} (benchmarks/char_baseline.py --quickstart; seed 0)",
     ]
