@@ -9,6 +9,8 @@ reward model) adds its own encoding of pairs and its own loss here; the loop doe
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -98,6 +100,8 @@ def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None, 
     accumulated gradient equals that of one batch holding all of them, however the tokens fall between micro-batches.
     dist (distributed.Dist): the count is the whole global step's, over every process, and the loss is scaled by
     the world size because DDP/FSDP average gradients; the result equals one process holding the global batch.
+    Under DDP the micro-batches before the last skip the all-reduce (no_sync); FSDP2 reduce-scatters each one,
+    which keeps only its shard of the gradients in memory.
     """
     loss = loss or token_loss
     n_trained = sum(b.n_trained for b in micro_batches)
@@ -107,9 +111,12 @@ def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None, 
     if n_trained == 0:
         raise ChatforgeError("training: a step without trained tokens (every record in it was fully masked)")
     loss_sum = 0.0
-    for b in micro_batches:
-        ce, _, _ = loss(model, b.to(device), autocast_ctx)
-        (ce / n_trained * scale if dist is not None else ce / n_trained).backward()
+    last = len(micro_batches) - 1
+    for i, b in enumerate(micro_batches):
+        # DDP all-reduces in backward: only the last micro-batch's does, over the gradients accumulated locally
+        with model.no_sync() if i < last and hasattr(model, "no_sync") else contextlib.nullcontext():
+            ce, _, _ = loss(model, b.to(device), autocast_ctx)
+            (ce / n_trained * scale if dist is not None else ce / n_trained).backward()
         loss_sum += float(ce.detach())
     if dist is not None:
         loss_sum = dist.sum(loss_sum)

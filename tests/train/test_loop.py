@@ -116,6 +116,40 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert not torch.allclose(g_big, _grads(model) / 2, atol=1e-4)
 
 
+def test_ddp_all_reduces_once_per_step_not_per_micro_batch(tmp_path):
+    """Under DDP the micro-batches before the last run in no_sync: one all-reduce per bucket per optimizer step
+    (counted by a comm hook on a 1-process gloo group), and the same gradient as without DDP."""
+    import torch.distributed as td
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_seq_len=32))
+    ids = torch.randint(0, 50, (3, 16))
+    parts = [Batch(ids[i:i + 1], torch.roll(ids[i:i + 1], -1, 1), torch.ones(1, 16, dtype=torch.bool),
+                   torch.zeros(1, 16, dtype=torch.long), torch.arange(16)[None]) for i in range(3)]
+    ctx = autocast(torch.device("cpu"), torch.float32)
+    accumulate_gradients(model, parts, torch.device("cpu"), ctx)
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(model, bucket_cap_mb=1000)  # one bucket
+        calls = []
+
+        def counting(state, bucket):
+            calls.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, counting)
+        accumulate_gradients(ddp, parts, torch.device("cpu"), ctx)
+        assert calls == [0]  # 3 micro-batches, one all-reduce
+        assert torch.allclose(_grads(model), want, atol=1e-6, rtol=0)
+    finally:
+        td.destroy_process_group()
+
+
 def test_lr_schedule_values():
     lr, low, warm = 1e-3, 1e-4, 10
     assert lr_at(0, 0.0, lr, low, warm, 0.1) == pytest.approx(1e-4)
