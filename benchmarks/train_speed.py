@@ -1,13 +1,14 @@
 """Training-step speed: chatforge's step next to transformers' models at the same shape and precision, in one process.
 
-For each shape (1M: the nanoGPT CPU recipe, 4 layers x 4 heads x 128 wide, batch 12 x 64; 10M; 30M), precision
+For each shape (1M: the nanoGPT CPU recipe, 4 layers x 4 heads x 128 wide, batch 12 x 64; 10M; 30M; smollm2-lora:
+SmolLM2-135M-Instruct with LoRA r8 on q/k/v/o, batch 4 x 256, next to peft on transformers), precision
 (fp32, bf16 autocast) and mode (eager, torch.compile), it times chatforge's step (accumulate_gradients with the
 stage's token loss, clipping, fused AdamW; compiled through train.speed.compiled_loss) and the reference
 (GPT2LMHeadModel for the GPT-2 family, LlamaForCausalLM for the Llama family; its own loss, the same optimizer and
 clipping) on the same batches, alternating step by step so that a busy machine slows both alike. MFU is model FLOPs
 (model/shape.py) over the measured matmul peak (device.matmul_peak). A table per row: tokens/s, MFU, the ratio.
 
-    python benchmarks/train_speed.py [--shapes 1M,10M,30M] [--dtypes fp32,bf16] [--modes eager,compiled]
+    python benchmarks/train_speed.py [--shapes 1M,10M,30M,smollm2-lora] [--dtypes fp32,bf16] [--modes eager,compiled]
                                      [--steps 10] [--threads 1]
 
 Threads: 1 by default. On two cores shared by several processes, two torch threads per process ran 6-8x slower
@@ -121,9 +122,87 @@ def measure(shape: str, dtype_name: str, mode: str, steps: int) -> dict:
             "peak_gflops": peak / 1e9, "ref_name": type(ref).__name__}
 
 
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+LORA_BATCH = (4, 256)  # the SmolLM2 LoRA recipe's micro-batch
+
+
+def measure_lora(dtype_name: str, mode: str, steps: int) -> dict:
+    """SmolLM2-135M-Instruct with LoRA: chatforge (the loop's set-up: apply_lora, the frozen base cast by
+    train.speed.frozen_to, the stage's token loss) next to peft on transformers' LlamaForCausalLM loaded from the same
+    converted folder (bf16: the base loaded in bf16, peft keeping its adapters fp32), the same LoRA settings,
+    optimizer, clipping and batches; adapters and their AdamW state fp32 on both sides."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.device import DTYPES, autocast, matmul_peak
+    from chatforge.train.loss import accumulate_gradients, token_loss
+    from chatforge.train.speed import compiled_loss, frozen_to, training_flops_per_token
+    from chatforge.weights.loader import load, model_folder, resolve
+    from chatforge.weights.lora import apply_lora
+
+    cpu, dtype = torch.device("cpu"), DTYPES[dtype_name]
+    B, T = LORA_BATCH
+    torch.manual_seed(0)
+    core = load("smollm2-135m-instruct").model
+    ours = apply_lora(core, dict(LORA))
+    if dtype == torch.bfloat16:
+        frozen_to(ours, torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(model_folder(resolve("smollm2-135m-instruct")), dtype=dtype)
+    ref = get_peft_model(ref, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                         target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    ours.train(), ref.train()
+    vocab = core.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    from chatforge.data.pack import Batch
+
+    data = []
+    for _ in range(steps + 2):
+        x = torch.randint(0, vocab, (B, T + 1), generator=g)
+        data.append(Batch(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool),
+                          torch.zeros(B, T, dtype=torch.long), torch.arange(T).expand(B, T)))
+    ctx = autocast(cpu, dtype)
+    loss = compiled_loss(token_loss, ours, ctx) if mode == "compiled" else token_loss
+
+    def ref_loss(batch):
+        with ctx:
+            return ref(input_ids=batch.input_ids, labels=batch.input_ids).loss
+
+    ref_fn = torch.compile(ref_loss, dynamic=False) if mode == "compiled" else ref_loss
+    trainable = {k: [p for p in m.parameters() if p.requires_grad] for k, m in (("ours", ours), ("ref", ref))}
+    opts = {k: torch.optim.AdamW(v, lr=1e-4, fused=True) for k, v in trainable.items()}
+
+    def step(name: str, batch) -> None:
+        if name == "ours":
+            accumulate_gradients(ours, [batch], cpu, ctx, loss)
+        else:
+            ref_fn(batch).backward()
+        torch.nn.utils.clip_grad_norm_(trainable[name], 1.0)
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for name in ("ours", "ref"):
+        for b in data[:2]:
+            step(name, b)
+    warm = time.perf_counter() - t0
+    times = {"ours": [], "ref": []}
+    for b in data[2:]:
+        for name in ("ours", "ref"):
+            t = time.perf_counter()
+            step(name, b)
+            times[name].append(time.perf_counter() - t)
+    flops = training_flops_per_token(core, T, lora=True)
+    peak = matmul_peak(cpu, dtype)
+    tok = {k: B * T / statistics.median(v) for k, v in times.items()}
+    return {"shape": "smollm2-lora", "dtype": dtype_name, "mode": mode, "ours": tok["ours"], "ref": tok["ref"],
+            "mfu_ours": flops * tok["ours"] / peak, "mfu_ref": flops * tok["ref"] / peak, "warm_s": warm,
+            "peak_gflops": peak / 1e9, "ref_name": "peft+Llama"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="1M,10M,30M")
+    ap.add_argument("--shapes", default="1M,10M,30M,smollm2-lora")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--steps", type=int, default=10)
@@ -140,7 +219,8 @@ def main() -> None:
     for shape in a.shapes.split(","):
         for dtype in a.dtypes.split(","):
             for mode in a.modes.split(","):
-                r = measure(shape, dtype, mode, a.steps)
+                r = measure_lora(dtype, mode, a.steps) if shape == "smollm2-lora" else \
+                    measure(shape, dtype, mode, a.steps)
                 print(f"{shape:9} {dtype:5} {mode:8} {r['ref_name']:17} {r['ref']:10,.0f} {r['ours']:10,.0f} "
                       f"{r['ours'] / r['ref']:6.2f} {r['mfu_ref']:8.1%} {r['mfu_ours']:8.1%} "
                       f"{r['peak_gflops']:9.0f} {r['warm_s']:7.0f}", flush=True)
