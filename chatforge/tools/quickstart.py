@@ -27,19 +27,20 @@ PROMPTS = ["Hello, how are you?", "What do you like to do on weekends?", "Tell m
            "What did you do today?", "Do you have any pets?", "What kind of music do you like?",
            "I just got back from a trip to the beach.", "What are you going to do this evening?", "你好", "你喜欢什么？"]
 # How the sample replies are decoded; saved in final/generation_config.json, so `chatforge chat` and `load()` use them
-# too. Greedy decoding of a 1M-parameter model loops ("I am not really I am not really"); a mild temperature with
-# nucleus sampling and a repetition penalty gives varied, mostly well-formed sentences.
-DECODING = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
-REPLY_TOKENS = 48
-PIECE_MESSAGES = 16  # test conversations are scored in pieces of this many messages (see pieces)
+# too. Greedy decoding of a 1M-parameter model gives one reply to every prompt ("I'm not a lot of the world."); 0.7
+# makes up words ("anour of crare"); 0.5 with nucleus sampling and a light repetition penalty was the best of six
+# settings tried on the same model (EXPERIMENTS.md).
+DECODING = {"temperature": 0.5, "top_p": 0.9, "repetition_penalty": 1.1}
+REPLY_TOKENS = 40
+PIECE_MESSAGES = 16  # conversations are trained and scored in pieces of this many messages (see pieces)
 MINUTES = 9.0  # the budget the recipes' max_tokens / max_steps are written for; other --minutes scale them
 DEV_FRACTION = 0.03  # ~145 conversations, ~320 KB: plenty for early stopping; the rest trains
 RESERVE_S = 100.0  # held back for the final evaluation (~1 MB of test text: ~80 s on 2 busy cores), samples, report
-PRETRAIN_SHARE = 0.75  # of the training time; SFT gets the rest
+PRETRAIN_SHARE = 0.7  # of the training time; SFT gets the rest
 # The plain character-level GPT (4 layers, 128 wide, ~0.8M parameters, fp32, batch 12x64, AdamW 1e-3) trained for the
-# quickstart's whole wall time on the same split (seed 0), measured back to back with it: benchmarks/char_baseline.py
-# --quickstart (EXPERIMENTS.md). Keyed by language; None where not measured yet.
-CHAR_BASELINE = {"all": None, "english": None, "chinese": None, "wall_s": None}
+# quickstart's whole wall time on the same split (seed 0), measured back to back with it (2026-12-02, 1 thread, load
+# average 6.3 on the 2 cores): benchmarks/char_baseline.py --quickstart (EXPERIMENTS.md).
+CHAR_BASELINE = {"all": 2.936, "english": 2.931, "chinese": 4.295, "wall_s": 546}
 
 
 def _recipe(name: str) -> str:
@@ -130,11 +131,13 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
 
 def sample_replies(folder: str, prompts: list[str], seed: int) -> list[str]:
     """Replies of the saved chat model to single-turn prompts, decoded as `chatforge chat` and `load()` decode it
-    (the folder's generation_config.json: DECODING), each with its own seeded generator: reproducible one by one."""
+    (the folder's generation_config.json: DECODING); prompt i samples with seed + i, reproducible one by one (one
+    seed for all would draw the same random numbers for each and start every reply alike)."""
     from chatforge.generation.bot import Bot
 
-    bot = Bot.load(folder, max_batch_size=len(prompts))
-    return bot.chat_batch([[{"role": "user", "content": p}] for p in prompts], max_new_tokens=REPLY_TOKENS, seed=seed)
+    bot = Bot.load(folder, max_batch_size=1)
+    return [bot.chat([{"role": "user", "content": p}], max_new_tokens=REPLY_TOKENS, seed=seed + i)
+            for i, p in enumerate(prompts)]
 
 
 def _fresh_folder(root: Path, overwrite: bool) -> Path:
@@ -174,17 +177,21 @@ def _data_and_tokenizer(root: Path, pre_cfg, seed: int, emit) -> tuple:
     train_all, test, report = load_dataset(CORPUS, 0.1, seed)
     train_set, dev = split_dev(train_all, DEV_FRACTION, seed)
     tok = train_tokenizer(record_texts(train_set), vocab_size=pre_cfg.vocab_size)
-    n_train = len(train_set)
+    n_train, n_dev = len(train_set), len(dev)
     train_set, n_chinese = weight_chinese(train_set)  # the tokenizer saw each conversation once
+    # rows hold 256 tokens: pieces of 16 messages lose little context, make encoding linear in a dialog's length, and
+    # give SFT (which truncates to a row) every part of a long conversation instead of its first turns only
+    train_set, dev = [x for r in train_set for x in pieces(r)], [x for r in dev for x in pieces(r)]
     report = dict(report) | {"quickstart_split": {"train": n_train, "train_chinese": n_chinese,
-                                                  "chinese_weight": ZH_WEIGHT, "dev": len(dev), "test": len(test)}}
+                                                  "chinese_weight": ZH_WEIGHT, "dev": n_dev, "test": len(test)}}
     dropped = ", ".join(f"{n:,} {why}" for why, n in report.get("dropped", {}).items()) or "none"
     languages = ", ".join(f"{lang} {v['records']:,} conversations / {v['characters']:,} characters"
                           for lang, v in report.get("languages", {}).items())
     emit(Said(f"data: built-in corpus (chitchat + chatterbot), {report.get('read', 0):,} records read, dropped while "
               f"cleaning: {dropped}; kept {languages}"))
     emit(Said(f"split: {n_train:,} training (Chinese: {n_chinese}, each seen "
-              f"{ZH_WEIGHT}x per epoch) / {len(dev)} dev (early stopping) / {len(test)} held-out test conversations"))
+              f"{ZH_WEIGHT}x per epoch) / {n_dev} dev (early stopping) / {len(test)} held-out test conversations; "
+              f"trained in {len(train_set):,} pieces of up to {PIECE_MESSAGES} messages"))
     tok.save(str(root / "tokenizer"))
     pre_cfg.tokenizer = str(root / "tokenizer")
     emit(Said(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens, trained on the training split"))
@@ -227,9 +234,10 @@ def held_out_scores(model, tok, test: list[dict], seq_len: int) -> dict:
 
 
 def pieces(record: dict, n: int = PIECE_MESSAGES) -> list[dict]:
-    """A conversation as consecutive pieces of n messages (n even: each piece starts with the same role). Scoring
-    locates every turn by rendering the conversation's prefixes, which is cubic in its length (chitchat has dialogs of
-    380 turns: 17 s each); the scored rows hold 256 tokens, ~6 turns, anyway, so pieces of 16 lose little context."""
+    """A conversation as consecutive pieces of n messages (n even: each piece starts with the same role). Encoding
+    locates every turn by rendering the conversation's prefixes, quadratic in its length and cubic for the content
+    scores (chitchat has dialogs of 380 turns: 17 s each); rows hold 256 tokens, ~6 turns, so pieces of 16 lose little
+    context."""
     messages = record["messages"]
     return [record | {"messages": messages[i:i + n]} for i in range(0, len(messages), n)] if messages else [record]
 

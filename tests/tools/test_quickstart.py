@@ -40,7 +40,7 @@ def test_quickstart_trains_a_chat_model_that_replies_as_reported(tmp_path, capsy
     result = json.loads((out / "quickstart.json").read_text(encoding="utf-8"))
     assert (result["test_records"], result["test_records_chinese"]) == (537, 47)
     assert (result["test_bytes_english"], result["test_bytes_chinese"]) == (1054576, 4225)  # NFC keeps CJK punctuation
-    assert result["pretrain_tokens"] <= round(700_000 * 3 / 9)  # the recipe's budget, scaled to --minutes
+    assert result["pretrain_tokens"] <= round(600_000 * 3 / 9)  # the recipe's budget, scaled to --minutes
     # the summary line quotes the final chat model's figure
     assert f"held-out bits per byte of the final chat model {result['test_bpb']:.3f}" in printed
     assert "English" in printed and "Chinese" in printed and "character-level GPT" in printed
@@ -48,8 +48,8 @@ def test_quickstart_trains_a_chat_model_that_replies_as_reported(tmp_path, capsy
     assert (out / "sft" / "report.html").exists() and (out / "pretrain" / "loss.png").exists()
     bot = load(str(out / "final"))
     assert {k: bot.defaults[k] for k in result["decoding"]} == result["decoding"]  # chat decodes as the samples did
-    for prompt, reply in result["samples"].items():  # the printed samples are what the saved model says
-        assert bot.chat([{"role": "user", "content": prompt}], max_new_tokens=48, seed=0) == reply
+    for i, (prompt, reply) in enumerate(result["samples"].items()):  # the printed samples: what the saved model says
+        assert bot.chat([{"role": "user", "content": prompt}], max_new_tokens=40, seed=i) == reply
 
     assert main(["quickstart", "--out", str(out), "--minutes", "3"]) == 2
     assert "holds an earlier quickstart; pass --overwrite" in capsys.readouterr().err
