@@ -98,7 +98,7 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 9.0, overwrite: bo
     budget = deadline - time.time() - RESERVE_S
     if budget < 30:
         raise ChatforgeError(f"quickstart: --minutes {minutes} leaves no time to train; give it at least 2")
-    pre_cfg.max_time_s = PRETRAIN_SHARE * budget - 30.0  # each stage also encodes the data before it trains
+    pre_cfg.max_time_s = max(PRETRAIN_SHARE * budget - 30.0, 10.0)  # each stage also encodes its data first
     emit(Said(f"\n== pretraining on every token of the dialogs ({pre_cfg.max_tokens:,} tokens, stopped at "
               f"{pre_cfg.max_time_s:.0f} s on a slower machine)"))
     pre = train(pre_cfg, records=(train_set, dev, report), on_event=emit)
