@@ -272,7 +272,9 @@ def _same(a: str, b: str) -> str:
 
 def keep_paraphrase(original: str, candidate: str) -> tuple[str | None, str]:
     """(the cleaned paraphrase, "kept") or (None, why it was rejected): empty, identical (ignoring case, width and
-    punctuation), language changed (Chinese in, Chinese out; other text in, no Chinese out) or too long."""
+    punctuation), language changed (Chinese in, Chinese out; other text in, no Chinese out), too long, or not a
+    question when the original is one (a small model asked to reword a question often answers or comments on it:
+    "The Celadon Teapot is indeed quite expensive, ..." for "Is the Celadon Teapot expensive?")."""
     text = candidate.strip().split("\n")[0].strip()
     text = _PREFIX.sub("", text).strip().strip('"“”「」\'').strip()
     if not text:
@@ -283,6 +285,8 @@ def keep_paraphrase(original: str, candidate: str) -> tuple[str | None, str]:
         return None, "language changed"
     if len(text) > 3 * len(original) + 20:
         return None, "too long"
+    if original.rstrip().endswith(("?", "？")) and not text.endswith(("?", "？")):
+        return None, "not a question"
     return text, "kept"
 
 

@@ -101,6 +101,9 @@ def test_read_slots_errors(tmp_path):
     ("When are you open?", "你们几点开门？", (None, "language changed")),
     ("几点开门？", "问题：请问你们早上什么时候营业？", ("请问你们早上什么时候营业？", "kept")),
     ("Open?", "x" * 40, (None, "too long")),
+    ("Is the Celadon Teapot expensive?", "The Celadon Teapot is indeed quite expensive.", (None, "not a question")),
+    ("青瓷茶壶贵吗？", "青瓷茶壶很贵。", (None, "not a question")),
+    ("Thanks!", "Thank you very much.", ("Thank you very much.", "kept")),  # only a question must stay one
 ])
 def test_keep_paraphrase(original, candidate, expected):
     assert keep_paraphrase(original, candidate) == expected
