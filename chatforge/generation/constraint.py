@@ -248,7 +248,8 @@ class StepMasks:
 
         One numpy select for all constrained rows: numpy runs it on this thread alone, where a torch op over a
         vocabulary row forks the intra-op thread pool, and each such fork on a busy machine can wait a time slice
-        for a preempted worker (the per-row torch ops of the path before cost 11-17% of a batch-8 decode there).
+        for a preempted worker (at load 6 on 2 cores, 8 rows of masked_fill + argmax took 2.7 ms at 1 thread and
+        18 ms, median, at 2).
         """
         allowed = self._future.result()
         x = logits.numpy()
