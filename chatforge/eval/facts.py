@@ -5,12 +5,13 @@ and optionally "lang" ("en", "zh", ...; default: zh when the question has Han ch
 shown in the results). The reply is generated greedily through the one engine (Bot.chat_batch, so prompts are
 rendered and trimmed as in `chat`); a fact counts when every expected string appears in it after both are
 normalised: NFKC (full-width digits, letters, colon and percent sign become their ASCII forms, so "９：００" matches
-"9:00") and case-folded. Accuracy is reported per language, because a model can learn a shop's facts in English and
+"9:00") and case-folded; a number counts whole ("89元" is not in "189元", "9:00" not in "19:00"). Accuracy is reported per language, because a model can learn a shop's facts in English and
 not in Chinese.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from chatforge.data.report import script_language
@@ -23,10 +24,21 @@ def normalise(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
+def _holds(text: str, expected: str) -> bool:
+    """expected occurs in text, and a number in it is not part of a longer number ("89元" is not in "189元",
+    "9:00" not in "19:00")."""
+    pattern = re.escape(expected)
+    if expected[:1].isdigit():
+        pattern = r"(?<!\d)" + pattern
+    if expected[-1:].isdigit():
+        pattern += r"(?!\d)"
+    return re.search(pattern, text) is not None
+
+
 def fact_ok(reply: str, expect: list[str]) -> bool:
-    """True when every expected string appears in the reply (normalised both sides)."""
+    """True when every expected string appears in the reply (normalised both sides), numbers whole."""
     text = normalise(reply)
-    return all(normalise(e) in text for e in expect)
+    return all(_holds(text, normalise(e)) for e in expect)
 
 
 def read_facts(path: str) -> list[dict]:

@@ -35,6 +35,10 @@ def test_fact_ok_normalises_width_and_case_and_needs_every_string():
     assert fact_ok("满１９９元包邮", ["199元"])
     assert not fact_ok("We open at 9:00.", ["9:00", "21:00"])  # half a fact is no fact
     assert not fact_ok("", ["9:00"])
+    assert not fact_ok("青瓷茶壶售价189元。", ["89元"])  # a number counts whole, not as the tail of another
+    assert not fact_ok("Open 19:00 to 21:00.", ["9:00", "21:00"])
+    assert not fact_ok("within 17 business days", ["7 business days"])
+    assert fact_ok("营业时间是9:00到21:00。", ["9:00", "21:00"]) and fact_ok("price: $12.", ["$12"])
 
 
 def test_score_fixed_replies_reports_en_and_zh_separately(tmp_path):
