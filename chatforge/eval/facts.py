@@ -5,8 +5,8 @@ and optionally "lang" ("en", "zh", ...; default: zh when the question has Han ch
 shown in the results). The reply is generated greedily through the one engine (Bot.chat_batch, so prompts are
 rendered and trimmed as in `chat`); a fact counts when every expected string appears in it after both are
 normalised: NFKC (full-width digits, letters, colon and percent sign become their ASCII forms, so "９：００" matches
-"9:00") and case-folded; a number counts whole ("89元" is not in "189元", "9:00" not in "19:00"). Accuracy is reported per language, because a model can learn a shop's facts in English and
-not in Chinese.
+"9:00") and case-folded; a number counts whole ("89元" is not in "189元", "9:00" not in "19:00"). Accuracy is
+reported per language, because a model can learn a shop's facts in English and not in Chinese.
 """
 
 from __future__ import annotations
