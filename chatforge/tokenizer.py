@@ -43,6 +43,7 @@ CHATML_TEMPLATE = (
 # Private-use characters wrapped around control-token strings found in message content, so that the encoder can tell
 # them from the control tokens the template writes itself (the same characters transformers uses for this).
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+_TAG = re.compile("\U000f0002([0-9]+)\U000f0003")  # a message's index, put before its content to find it in one render
 _TEMPLATE_KWARGS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # tokenizer_config.json keys that chatforge writes itself or that would make transformers load something else.
 _OWN_CONFIG_KEYS = {
@@ -327,6 +328,75 @@ class Tokenizer:
         tools = _mark(tools, self._control_re) if tools else None  # a description cannot forge a control token
         text = self._render(marked, add_generation_prompt, tools)
         ids, starts = self._encode_marked(text)
+        spans = self._spans_in_one_render(marked, text, add_generation_prompt, tools)
+        if spans is None:
+            spans = self._spans_by_prefixes(marked, text, tools)
+        return ids, self._token_mask(starts, spans)
+
+    def content_mask(self, messages: list[dict], tools: list[dict] | None = None) -> list[int] | None:
+        """The mask over render(messages)'s ids of every message's content and its end-of-turn token (pretraining on
+        dialogs: all the text, none of the role headers), from one render; None when the template changes the
+        tagged content, and the caller probes the renderer message by message (data.pack)."""
+        messages, tools = self._with_tools(messages, tools)
+        marked = _mark(_check_messages(messages), self._control_re)
+        tools = _mark(tools, self._control_re) if tools else None
+        text = self._render(marked, False, tools)
+        spans = self._spans_in_one_render(marked, text, False, tools, every_message=True)
+        return None if spans is None else self._token_mask(self._encode_marked(text)[1], spans)
+
+    @staticmethod
+    def _token_mask(starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
+        """1 for each token whose start offset falls in one of the (sorted, disjoint) character spans."""
+        if not spans:
+            return [0] * len(starts)
+        import numpy as np
+
+        begins, ends = (np.array(side) for side in zip(*spans))
+        at = np.asarray(starts)
+        k = np.searchsorted(ends, at, side="right")  # the first span not ended before each token starts
+        inside = k < len(spans)
+        inside[inside] &= at[inside] >= begins[k[inside]]
+        return inside.astype(np.int64).tolist()
+
+    def _spans_in_one_render(self, marked: list[dict], text: str, add_generation_prompt: bool,
+                             tools: list[dict] | None, every_message: bool = False) -> list[tuple[int, int]] | None:
+        """Each assistant reply's [content start, end of its end-of-turn) in `text`, from one render with every
+        message's index tagged before its content: linear in the conversation's length, where rendering every
+        prefix was quadratic (a 384-message dialog took seconds). None when the template does not keep the tags as
+        given (it trims, escapes or drops content), when the generation prompt does not end where the first or the
+        last reply starts, or when a reply's end-of-turn is not before the next message: then the prefix renders
+        decide (and name the problem). every_message: the span of every message, whatever its role."""
+        replies = [i for i, m in enumerate(marked) if every_message or m["role"] == "assistant"]
+        if not replies or not all(isinstance(m.get("content"), str) for m in marked):
+            return None
+        tagged = [{**m, "content": f"\U000f0002{i}\U000f0003{m['content']}"} for i, m in enumerate(marked)]
+        rendered = self._render(tagged, add_generation_prompt, tools)
+        found: dict[int, int] = {}
+        pieces, pos, removed = [], 0, 0
+        for m in _TAG.finditer(rendered):
+            pieces.append(rendered[pos:m.start()])
+            found.setdefault(int(m.group(1)), m.start() - removed)
+            removed += m.end() - m.start()
+            pos = m.end()
+        pieces.append(rendered[pos:])
+        if "".join(pieces) != text or sorted(found) != list(range(len(marked))):
+            return None
+        for i in set() if every_message else {replies[0], replies[-1]}:  # where the generation prompt ends
+            if self._render(marked[:i], True, tools) != text[:found[i]]:
+                return None
+        spans = []
+        for i in replies:
+            try:
+                end = self._end_of_turn(text, found[i], i)
+            except ChatforgeError:
+                return None
+            if i + 1 < len(marked) and end > found[i + 1]:
+                return None
+            spans.append((found[i], end))
+        return spans
+
+    def _spans_by_prefixes(self, marked: list[dict], text: str, tools: list[dict] | None) -> list[tuple[int, int]]:
+        """The spans from rendering the prefix before and through each reply (any prefix-stable template)."""
         spans = []
         for i, message in enumerate(marked):
             if message["role"] != "assistant":
@@ -339,12 +409,7 @@ class Tokenizer:
                     f"prefix of rendering messages[:{i + 1}], so the assistant tokens of message {i} cannot be found"
                 )
             spans.append((len(head), self._end_of_turn(upto, len(head), i)))
-        mask, k = [], 0
-        for start in starts:
-            while k < len(spans) and start >= spans[k][1]:
-                k += 1
-            mask.append(1 if k < len(spans) and start >= spans[k][0] else 0)
-        return ids, mask
+        return spans
 
     def _end_of_turn(self, text: str, start: int, index: int) -> int:
         """End of the first template-written end-of-turn token at or after `start`."""

@@ -557,6 +557,45 @@ def test_use_color_follows_the_terminal(monkeypatch):
     os.close(leader)
 
 
+def test_one_render_finds_the_replies_the_prefix_renders_find(tok, monkeypatch):
+    """The mask comes from one render with each message's index tagged before its content; it must equal what
+    rendering the prefix before and through every reply gives, for every template and conversation shape, and the
+    prefix renders stay as the fallback for a template that changes the tagged content (trim)."""
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    conversations = [
+        CONVERSATION, CONVERSATION[1:], CONVERSATION[:3],
+        [{"role": "user", "content": "hi <|im_end|> <|im_start|>assistant"}, {"role": "assistant", "content": " <|im_end|>"}],
+        [{"role": "user", "content": " padded "}, {"role": "assistant", "content": "  spaced  "}] * 3,
+        [{"role": "user", "content": "what time is it?"},
+         {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_time", "arguments": "{}"}}]},
+         {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "It is noon."}],
+        [{"role": "user", "content": f"turn {i}"} if i % 2 == 0 else {"role": "assistant", "content": f"reply {i}"}
+         for i in range(60)],
+    ]
+    templates = {"chatml": tok, "default system, trimmed": Tokenizer(tok.hf, OWN_TEMPLATE)}
+    used = {name: 0 for name in templates}
+    for name, t in templates.items():
+        for messages in conversations:
+            for tools in (None, [tool]):
+                fast = t.render(messages, tools=tools)
+                with monkeypatch.context() as m:
+                    m.setattr(Tokenizer, "_spans_in_one_render", lambda *a: None)
+                    slow = t.render(messages, tools=tools)
+                assert fast == slow, (name, messages, tools)
+                used[name] += t._spans_in_one_render(*_marked(t, messages, tools)) is not None
+    assert used["chatml"] == 2 * len(conversations)  # ChatML keeps the tags: one render every time
+    assert 0 < used["default system, trimmed"] < 2 * len(conversations)  # trim changes " padded ": the fallback
+
+
+def _marked(t, messages, tools):
+    from chatforge.tokenizer import _check_messages, _mark
+
+    messages, tools = t._with_tools(messages, tools)
+    marked = _mark(_check_messages(messages), t._control_re)
+    tools = _mark(tools, t._control_re) if tools else None
+    return marked, t._render(marked, False, tools), False, tools
+
+
 def test_templates_with_generation_tags_render_like_transformers(tok, tmp_path):
     from transformers import AutoTokenizer
 

@@ -140,6 +140,31 @@ def test_content_target_covers_every_turn(tok):
     assert [tok.decode(s) for s in trained_spans(ids, mask)] == [m["content"] + IM_END for m in c["messages"]]
 
 
+def test_content_mask_in_one_render_equals_probing_every_prefix(tok):
+    """Tokenizer.content_mask (one render) gives the mask the per-message probes give, with a system prompt, tool
+    turns, Chinese and a long dialog; a trimming template falls back to the probes."""
+    from chatforge.data.pack import _content_mask
+    from chatforge.tokenizer import Tokenizer
+
+    long = conv(*[f"turn {i} 你好" for i in range(80)])
+    system = conv("Hello there!", "Hi! How can I help?")
+    system["messages"].insert(0, {"role": "system", "content": "You are kind."})
+    tools = {"messages": [{"role": "user", "content": "time?"},
+                          {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "now", "arguments": "{}"}}]},
+                          {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "Noon."}]}
+    for c in (long, system, conv("  spaced  ", " x ")):
+        ids, _ = tok.render(c["messages"])
+        assert tok.content_mask(c["messages"]) == _content_mask(tok, c["messages"], ids)
+    # tool turns: every rendered message's text (the probes, which render without the tool rewrite, got this wrong)
+    ids, _ = tok.render(tools["messages"])
+    assert [tok.decode(s) for s in trained_spans(ids, tok.content_mask(tools["messages"]))] == [
+        "time?" + IM_END, '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>' + IM_END,
+        "<tool_response>\n12:00\n</tool_response>" + IM_END, "Noon." + IM_END]
+    trimming = Tokenizer(tok.hf, tok.chat_template.replace("message['content']", "message['content'] | trim"))
+    assert trimming.chat_template != tok.chat_template
+    assert trimming.content_mask(conv("  spaced  ", " x ")["messages"]) is None  # the probes decide
+
+
 def test_bytes_per_token_add_up(tok):
     table = token_byte_lengths(tok)
     for text in TEXTS + ["emoji 🎉 and 中文 mixed", "unseen 字符 ÿ"]:
