@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=240)
     ap.add_argument("--eval", type=int, default=40)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of the chosen reply's NLL (RPO)")
+    ap.add_argument("--dpo-only", action="store_true", help="skip the reward model and the memory children")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1)")
     args = ap.parse_args()
@@ -125,21 +127,24 @@ def main() -> None:
     common = [f"init={MODEL}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "seq_len=192", "batch_size=4",
               "grad_accum=2", "warmup_steps=5", f"max_steps={args.steps}", "eval_every=1000", "save_every=1000",
               "val_fraction=0", "dtype=bf16", "lr=5e-4", "seed=0", f"num_threads={args.threads}"]
-    dpo = train(load_config(None, ["stage=dpo", f"data={data}", f"out_dir={work / 'dpo'}", f"beta={args.beta}"]
-                            + common))
+    dpo = train(load_config(None, ["stage=dpo", f"data={data}", f"out_dir={work / 'dpo'}", f"beta={args.beta}",
+                                   f"rpo_alpha={args.rpo_alpha}"] + common))
     policy = load(dpo["final_dir"])
     after = measure(policy.model, policy.tokenizer, held_convs, unsafe, clean)
     acc_after = pair_accuracy(policy.model, policy.tokenizer, held_pairs, beta=args.beta, reference=base.model,
                               seq_len=192)
-    rm_run = train(load_config(None, ["stage=reward", f"data={data}", f"out_dir={work / 'reward'}"]
-                               + [c for c in common if not c.startswith("lr=")] + ["lr=1e-3"]))
-    rm, rtok = load_reward_model(rm_run["final_dir"])
-    rm_acc = pair_accuracy(rm, rtok, held_pairs, kind="reward", seq_len=192)
-    from chatforge.weights.folder import save_model
+    rm_acc, mem_dpo, mem_sft, mem_sft2 = {"accuracy": float("nan")}, float("nan"), 1.0, 1.0
+    if not args.dpo_only:
+        rm_run = train(load_config(None, ["stage=reward", f"data={data}", f"out_dir={work / 'reward'}"]
+                                   + [c for c in common if not c.startswith("lr=")] + ["lr=1e-3"]))
+        rm, rtok = load_reward_model(rm_run["final_dir"])
+        rm_acc = pair_accuracy(rm, rtok, held_pairs, kind="reward", seq_len=192)
+        from chatforge.weights.folder import save_model
 
-    save_model(base.model, base.tokenizer, work / "base")
-    mem_dpo, mem_sft, mem_sft2 = (memory_child(stage, str(d), str(work / f"mem_{stage}{b}"), b, 192, str(work / "base"))
-                                  for stage, d, b in (("dpo", data, 4), ("sft", sft_data, 4), ("sft", sft_data, 8)))
+        save_model(base.model, base.tokenizer, work / "base")
+        mem_dpo, mem_sft, mem_sft2 = (
+            memory_child(stage, str(d), str(work / f"mem_{stage}{b}"), b, 192, str(work / "base"))
+            for stage, d, b in (("dpo", data, 4), ("sft", sft_data, 4), ("sft", sft_data, 8)))
     rows = [
         ("held-out pair accuracy, DPO implicit reward", "0.500 (ties)", f"{acc_after['accuracy']:.3f}", ">= 0.75"),
         ("held-out pair accuracy, reward model", "-", f"{rm_acc['accuracy']:.3f}", ">= 0.80"),
@@ -153,7 +158,8 @@ def main() -> None:
          f"{mem_dpo / 1024:.0f} / {mem_sft / 1024:.0f} / {mem_sft2 / 1024:.0f} "
          f"({mem_dpo / mem_sft:.2f}x / {mem_dpo / mem_sft2:.2f}x)", "<= 1.3x"),
     ]
-    print(f"DPO+LoRA on {MODEL}: {len(pairs)} pairs, {args.steps} steps, beta {args.beta}; held out "
+    print(f"DPO+LoRA on {MODEL}: {len(pairs)} pairs, {args.steps} steps, beta {args.beta}, rpo_alpha "
+          f"{args.rpo_alpha}; held out "
           f"{len(held_pairs)} pairs, {len(held_convs)} conversations, {len(unsafe)} unsafe, {len(clean)} clean; "
           f"load: {os.getloadavg()[0]:.1f}; {time.time() - t0:.0f} s")
     print("| metric | before | after | target |\n|---|---:|---:|---|")

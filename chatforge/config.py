@@ -214,6 +214,7 @@ class TrainConfig:
     beta: float = 0.1  # dpo: strength of the pull towards the reference (the implicit reward's scale)
     loss_type: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo (IPO, on per-token mean log-probs)
     label_smoothing: float = 0.0  # dpo sigmoid: assumed share of flipped labels (conservative DPO)
+    rpo_alpha: float = 0.0  # dpo: weight of the chosen reply's per-token NLL added to the loss (RPO; TRL's rpo_alpha)
     reference: str = "auto"  # dpo: frozen | adapter-off | precomputed; auto: adapter-off with lora, else frozen
     perturbation: PerturbSpec | None = None  # robust training: e.g. {rate: 0.1, kinds: [typo, homoglyph]}
     privacy: PrivacySpec | None = None  # DP-SGD: e.g. {target_epsilon: 8, max_grad_norm: 1.0} (train/dp.py)
@@ -281,6 +282,8 @@ class TrainConfig:
             raise bad("loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if not math.isfinite(self.rpo_alpha) or self.rpo_alpha < 0:
+            raise bad("rpo_alpha", f"must be a number >= 0, got {self.rpo_alpha}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise bad("label_smoothing", "applies to loss_type sigmoid only")
         if self.reference not in REFERENCES:

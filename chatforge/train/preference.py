@@ -8,6 +8,7 @@ DPO (Rafailov et al. 2023, as TRL's DPOTrainer computes it): with s(y) the summe
 tokens under the policy and s_ref under the reference, the logit is z = (s(c) - s(r)) - (s_ref(c) - s_ref(r)) and
   sigmoid: loss = -(1 - ls) log σ(βz) - ls log σ(-βz)     (ls: label smoothing, conservative DPO)
   ipo:     loss = (z - 1/(2β))²   on per-token mean log-probs (Azar et al. 2023, as TRL does)
+  plus rpo_alpha × the chosen reply's per-token NLL when set (RPO, as TRL's rpo_alpha).
 The implicit rewards are β(s - s_ref) of each reply; reward accuracy is the share of pairs whose chosen reward is
 higher; the margin is their difference; the KL estimate is the mean per-token log(π/π_ref) over the replies in the
 batch (an estimate on the preference data, not on samples of the policy).
@@ -37,7 +38,7 @@ import numpy as np
 from chatforge.errors import ChatforgeError
 
 REFERENCE_FILE = "reference_logps.safetensors"
-METRICS = ("reward_acc", "chosen_reward", "rejected_reward", "margin", "kl")
+METRICS = ("reward_acc", "chosen_reward", "rejected_reward", "margin", "kl", "chosen_nll")
 
 
 # ---------------------------------------------------------------- batches
@@ -149,8 +150,10 @@ def _add(stats: dict, **values) -> None:
 
 
 def dpo_loss(model, batch: PairBatch, autocast_ctx, *, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0):
-    """(summed DPO loss over the batch's pairs, None, None); the batch's stats get the sums its metrics need."""
+             label_smoothing: float = 0.0, rpo_alpha: float = 0.0):
+    """(summed DPO loss over the batch's pairs, None, None); the batch's stats get the sums its metrics need.
+    rpo_alpha: add that weight of the chosen reply's per-token NLL (RPO, Pang et al. 2024, TRL's rpo_alpha), which
+    keeps the chosen reply likely instead of only pushing the rejected one down."""
     import torch.nn.functional as F
 
     logps, counts = reply_logps(model, batch, autocast_ctx)
@@ -164,10 +167,14 @@ def dpo_loss(model, batch: PairBatch, autocast_ctx, *, beta: float, loss_type: s
     else:
         z = (pol_c - pol_r) - (ref_c - ref_r)
         losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
+    nll = -pol_c / counts[:B].to(logps.dtype).clamp(min=1)
+    if rpo_alpha:
+        losses = losses + rpo_alpha * nll
     chosen, rejected = beta * (pol_c - ref_c).detach(), beta * (pol_r - ref_r).detach()
     _add(batch.stats, pairs=B, reward_acc=(chosen > rejected).sum(), chosen_reward=chosen.sum(),
          rejected_reward=rejected.sum(), margin=(chosen - rejected).sum(),
-         kl_nats=(logps.detach() - ref.t().reshape(-1)).sum(), kl_tokens=counts.sum(), loss=losses.detach().sum())
+         kl_nats=(logps.detach() - ref.t().reshape(-1)).sum(), kl_tokens=counts.sum(), loss=losses.detach().sum(),
+         chosen_nll=nll.detach().sum())
     return losses.sum(), None, None
 
 
@@ -206,7 +213,8 @@ def summarize(stats: list[dict]) -> dict:
     n = total.get("pairs", 0.0)
     if not n:
         return {}
-    out = {k: total[k] / n for k in ("reward_acc", "chosen_reward", "rejected_reward", "margin") if k in total}
+    out = {k: total[k] / n for k in ("reward_acc", "chosen_reward", "rejected_reward", "margin", "chosen_nll")
+           if k in total}
     if total.get("kl_tokens"):
         out["kl"] = total["kl_nats"] / total["kl_tokens"]
     return out
@@ -305,7 +313,8 @@ class PreferenceStage:
             import copy
 
             ref_model = copy.deepcopy(core).requires_grad_(False).eval()
-        loss = partial(dpo_loss, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+        loss = partial(dpo_loss, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                       rpo_alpha=cfg.rpo_alpha)
         ref = partial(reference_logps, ref_model, device=device, autocast_ctx=ctx, use_adapter_off=use_off)
         return replace(self, loss=loss, reference=ref, precomputed=mode == "precomputed", out=Path(out),
                        autocast=ctx)

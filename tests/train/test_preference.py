@@ -118,6 +118,14 @@ def test_dpo_loss_equals_a_hand_computed_value(tiny):
     batch.stats.clear()
     got, _, _ = dpo_loss(policy, batch, torch.autocast("cpu", enabled=False), beta=beta, loss_type="ipo")
     assert float(got.detach()) == pytest.approx(ipo, rel=1e-5)
+    # RPO: plus rpo_alpha x the chosen reply's per-token NLL
+    batch.stats.clear()
+    got, _, _ = dpo_loss(policy, batch, torch.autocast("cpu", enabled=False), beta=beta, rpo_alpha=0.5)
+    sigmoid = sum(-math.log(1 / (1 + math.exp(-beta * ((c - r) - (rc - rr)))))
+                  for c, r, rc, rr in zip(pol_c, pol_r, ref_c, ref_r))
+    nll = sum(-c / a for c, a in zip(pol_c, n_c))
+    assert float(got.detach()) == pytest.approx(sigmoid + 0.5 * nll, rel=1e-5)
+    assert batch.stats["chosen_nll"] == pytest.approx(nll, rel=1e-5)
     # the metrics the step logs come from the same numbers
     assert batch.stats["pairs"] == 3
     rewards = [beta * (c - rc) > beta * (r - rr) for c, r, rc, rr in zip(pol_c, pol_r, ref_c, ref_r)]
@@ -206,6 +214,8 @@ def test_preference_config_errors(tmp_path, tiny, data):
         config(tmp_path, data, folder, "x", loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ChatforgeError, match=r"beta: must be a positive number, got 0.0"):
         config(tmp_path, data, folder, "x", beta=0)
+    with pytest.raises(ChatforgeError, match=r"rpo_alpha: must be a number >= 0, got -1.0"):
+        config(tmp_path, data, folder, "x", rpo_alpha=-1)
     with pytest.raises(ChatforgeError, match=r"reference: frozen keeps a second copy"):
         train(config(tmp_path, data, folder, "y", reference="frozen", **{"lora.r": 4}))
 
