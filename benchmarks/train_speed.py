@@ -72,6 +72,23 @@ def batches(B: int, T: int, n: int):
     return out
 
 
+def timed(step, data, tokens_per_step: int) -> tuple[float, dict[str, float]]:
+    """(warm-up seconds, tokens/s of "ours" and "ref"): two warm-up steps each (and the compile), then the rest
+    alternating step by step so that a busy machine slows both alike; the median step time counts."""
+    t0 = time.perf_counter()
+    for name in ("ours", "ref"):
+        for b in data[:2]:
+            step(name, b)
+    warm = time.perf_counter() - t0
+    times = {"ours": [], "ref": []}
+    for b in data[2:]:
+        for name in ("ours", "ref"):
+            t = time.perf_counter()
+            step(name, b)
+            times[name].append(time.perf_counter() - t)
+    return warm, {k: tokens_per_step / statistics.median(v) for k, v in times.items()}
+
+
 def measure(shape: str, dtype_name: str, mode: str, steps: int) -> dict:
     import torch
 
@@ -103,20 +120,9 @@ def measure(shape: str, dtype_name: str, mode: str, steps: int) -> dict:
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    for name in ("ours", "ref"):
-        for b in data[:2]:  # warm-up (and the compile)
-            step(name, b)
-    warm = time.perf_counter() - t0
-    times = {"ours": [], "ref": []}
-    for b in data[2:]:
-        for name in ("ours", "ref"):
-            t = time.perf_counter()
-            step(name, b)
-            times[name].append(time.perf_counter() - t)
+    warm, tok = timed(step, data, B * T)
     flops = flops_per_token(ours.config, T)["training"]
     peak = matmul_peak(cpu, dtype)
-    tok = {k: B * T / statistics.median(v) for k, v in times.items()}
     return {"shape": shape, "dtype": dtype_name, "mode": mode, "ours": tok["ours"], "ref": tok["ref"],
             "mfu_ours": flops * tok["ours"] / peak, "mfu_ref": flops * tok["ref"] / peak, "warm_s": warm,
             "peak_gflops": peak / 1e9, "ref_name": type(ref).__name__}
@@ -181,20 +187,9 @@ def measure_lora(dtype_name: str, mode: str, steps: int) -> dict:
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    for name in ("ours", "ref"):
-        for b in data[:2]:
-            step(name, b)
-    warm = time.perf_counter() - t0
-    times = {"ours": [], "ref": []}
-    for b in data[2:]:
-        for name in ("ours", "ref"):
-            t = time.perf_counter()
-            step(name, b)
-            times[name].append(time.perf_counter() - t)
+    warm, tok = timed(step, data, B * T)
     flops = training_flops_per_token(core, T, lora=True)
     peak = matmul_peak(cpu, dtype)
-    tok = {k: B * T / statistics.median(v) for k, v in times.items()}
     return {"shape": "smollm2-lora", "dtype": dtype_name, "mode": mode, "ours": tok["ours"], "ref": tok["ref"],
             "mfu_ours": flops * tok["ours"] / peak, "mfu_ref": flops * tok["ref"] / peak, "warm_s": warm,
             "peak_gflops": peak / 1e9, "ref_name": "peft+Llama"}
