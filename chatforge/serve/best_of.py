@@ -96,4 +96,5 @@ async def best_of_completion(service, request, plan, prompt: list[int], params: 
 
     return _json(schemas.ChatCompletion(**service.head("chatcmpl-"), object="chat.completion",
                                         choices=[choice(j, i) for j, i in enumerate(best.order[:n])],
-                                        usage=schemas.Usage.of(len(prompt), best.completion_tokens)))
+                                        usage=schemas.Usage.of(len(prompt), best.completion_tokens,
+                                                               job.cached_tokens(len(params)))))

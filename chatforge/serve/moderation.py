@@ -33,6 +33,9 @@ class RefusedJob:
 
     finished = True  # nothing to abort
 
+    def cached_tokens(self, per_prompt: int = 1) -> int:
+        return 0  # the model never saw the prompt
+
     def __init__(self, text: str, n: int, logprobs: bool):
         self.deltas = [(i, Delta(text, [], [] if logprobs else None, CONTENT_FILTER)) for i in range(n)]
 

@@ -94,7 +94,7 @@ async def chat_completions(request: Request):
         schemas.ChatChoice(index=i, **plan.choice("".join(c.text), c.finish_reason),
                            logprobs=schemas.ChoiceLogprobs.from_engine(c.logprobs) if logprobs is not None else None)
         for i, c in enumerate(choices)],
-        usage=schemas.Usage.of(len(prompt), sum(c.tokens for c in choices))))
+        usage=schemas.Usage.of(len(prompt), sum(c.tokens for c in choices), job.cached_tokens(n))))
 
 
 # -- legacy completions -----------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ async def completions(request: Request):
     offsets = [len(texts[i // n]) for i in range(len(params))]
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(completion_events(job, head, prompt_tokens, usage, req.logprobs, offsets),
+        return EventStream(completion_events(job, head, prompt_tokens, usage, req.logprobs, offsets, n),
                            lambda: service.scheduler.abort(job))
     try:
         choices = await service.collect(job, request, len(params))
@@ -143,7 +143,7 @@ async def completions(request: Request):
         schemas.CompletionChoice(index=i, text="".join(c.text), finish_reason=c.finish_reason, logprobs=(
             schemas.CompletionLogprobs.from_engine(c.logprobs, [offsets[i] + o for o in c.offsets], bool(req.logprobs))
             if req.logprobs is not None else None)) for i, c in enumerate(choices)],
-        usage=schemas.Usage.of(prompt_tokens, sum(c.tokens for c in choices))))
+        usage=schemas.Usage.of(prompt_tokens, sum(c.tokens for c in choices), job.cached_tokens(n))))
 
 
 # -- models, health, the page -----------------------------------------------------------------------------------

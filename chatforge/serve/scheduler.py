@@ -36,6 +36,11 @@ class Job:
     open_choices: int = 0
     finished: bool = False  # set by the engine thread when all choices ended or the job was aborted
 
+    def cached_tokens(self, per_prompt: int = 1) -> int:
+        """Prompt tokens the prefix cache served, once per prompt (choices come `per_prompt` to a prompt, and only
+        the first of them counts: usage counts a prompt once). Read after the job ended."""
+        return sum(r.cached_tokens for r in self.requests[::per_prompt])
+
     def _emit(self, item) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)

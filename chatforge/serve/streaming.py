@@ -61,7 +61,8 @@ def chat_events(job, head: dict, n: int, prompt_tokens: int, include_usage: bool
 
     def usage_chunk(completion_tokens: int):
         return schemas.ChatCompletionChunk(**head, object="chat.completion.chunk", choices=[],
-                                           usage=schemas.Usage.of(prompt_tokens, completion_tokens))
+                                           usage=schemas.Usage.of(prompt_tokens, completion_tokens,
+                                                                  job.cached_tokens(n)))
 
     async def stream() -> AsyncIterator[str]:
         for i in range(n):
@@ -73,8 +74,9 @@ def chat_events(job, head: dict, n: int, prompt_tokens: int, include_usage: bool
 
 
 def completion_events(job, head: dict, prompt_tokens: int, include_usage: bool, logprobs: int | None,
-                      offsets: list[int]) -> AsyncIterator[str]:
-    """text_completion events; offsets[i]: characters before choice i's next token (its prompt, then its reply)."""
+                      offsets: list[int], per_prompt: int = 1) -> AsyncIterator[str]:
+    """text_completion events; offsets[i]: characters before choice i's next token (its prompt, then its reply);
+    per_prompt: the choices of each prompt (n), which share its cached tokens."""
     usage = {"usage": None} if include_usage else {}
 
     def render(i: int, delta) -> list[str]:
@@ -90,7 +92,8 @@ def completion_events(job, head: dict, prompt_tokens: int, include_usage: bool, 
 
     def usage_chunk(completion_tokens: int):
         return schemas.CompletionChunk(**head, object="text_completion", choices=[],
-                                       usage=schemas.Usage.of(prompt_tokens, completion_tokens))
+                                       usage=schemas.Usage.of(prompt_tokens, completion_tokens,
+                                                              job.cached_tokens(per_prompt)))
 
     return events(job, render, usage_chunk if include_usage else None)
 

@@ -127,3 +127,9 @@ def sse_payloads(raw: bytes) -> list:
         data = event[len("data: "):]
         out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def counts(usage: dict) -> dict:
+    """A usage object's token counts without prompt_tokens_details: how many prompt tokens the prefix cache served
+    depends on the requests before (the same prompt again is served from the cache)."""
+    return {k: v for k, v in usage.items() if k != "prompt_tokens_details"}

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from serve_support import REPLIES, build_models, serve, sse_payloads
+from serve_support import REPLIES, build_models, counts, serve, sse_payloads
 
 CHAT = "/v1/chat/completions"
 
@@ -56,8 +56,8 @@ def test_chat_completion_shape_and_usage(chat_server, tokenizer):
     prompt = tokenizer.render([{"role": "user", "content": "hello"}], add_generation_prompt=True)[0]
     reply = tokenizer.encode(REPLIES["hello"])
     # the end-of-turn token that stopped it is generated too, as OpenAI counts it
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(reply) + 1,
-                             "total_tokens": len(prompt) + len(reply) + 1}
+    assert counts(body["usage"]) == {"prompt_tokens": len(prompt), "completion_tokens": len(reply) + 1,
+                                     "total_tokens": len(prompt) + len(reply) + 1}
 
 
 def test_length_finish_and_max_completion_tokens(chat_server):
@@ -83,7 +83,7 @@ def test_stream_framing_matches_openai(chat_server):
     assert all(c["usage"] is None for c in chunks)  # as OpenAI sends when include_usage is on
     assert usage_chunk["choices"] == []
     full = post(chat_server, ask("hello", max_tokens=100)).json()
-    assert usage_chunk["usage"] == full["usage"]
+    assert counts(usage_chunk["usage"]) == counts(full["usage"])
 
 
 def test_stream_without_usage_has_no_usage_field(chat_server):
@@ -129,6 +129,27 @@ def test_n_choices_share_the_prompt_in_usage(chat_server):
     assert finished == [0, 1]
 
 
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(chat_server, tokenizer):
+    """prompt_tokens_details.cached_tokens, as OpenAI reports prompt caching: a prompt sharing a long system
+    prompt with the request before it prefills only what is new (all but its last token comes from the cache)."""
+    system = {"role": "system", "content": "You answer briefly and kindly, in plain words, every time. " * 3}
+
+    def usage(text: str) -> dict:
+        return post(chat_server, {"model": "tiny", "temperature": 0, "max_tokens": 4,
+                                  "messages": [system, {"role": "user", "content": text}]}).json()["usage"]
+
+    first, again = usage("hello"), usage("hello")
+    assert again["prompt_tokens_details"]["cached_tokens"] == again["prompt_tokens"] - 1
+    assert first["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"] - 1
+    shared = len(tokenizer.render([system], add_generation_prompt=False)[0])
+    other = usage("what is the weather like today")
+    assert shared <= other["prompt_tokens_details"]["cached_tokens"] < other["prompt_tokens"] - 1
+    streamed = sse_payloads(post(chat_server, {"model": "tiny", "temperature": 0, "max_tokens": 4, "stream": True,
+                                               "stream_options": {"include_usage": True},
+                                               "messages": [system, {"role": "user", "content": "hello"}]}).content)
+    assert shared <= streamed[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"]
+
+
 def test_content_parts_and_developer_role(chat_server):
     as_parts = post(chat_server, {"model": "tiny", "temperature": 0, "max_tokens": 100, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "hello"}]}]}).json()
@@ -136,7 +157,7 @@ def test_content_parts_and_developer_role(chat_server):
     replies = [post(chat_server, {"model": "tiny", "temperature": 0, "max_tokens": 8, "messages": [
         {"role": role, "content": "Be brief."}, {"role": "user", "content": "hello"}]}).json() for role in
         ("system", "developer")]
-    assert replies[0]["usage"] == replies[1]["usage"]  # developer is OpenAI's new name for system
+    assert counts(replies[0]["usage"]) == counts(replies[1]["usage"])  # developer is OpenAI's name for system
     assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]
 
 
