@@ -323,26 +323,32 @@ class Tokenizer:
         to the template as transformers' apply_chat_template(tools=...) passes them (generation/tools.py); assistant
         `tool_calls` are trained like any assistant reply, `tool` results are context (not in the mask).
         """
-        messages, tools = self._with_tools(messages, tools)
-        marked = _mark(_check_messages(messages), self._control_re)
-        tools = _mark(tools, self._control_re) if tools else None  # a description cannot forge a control token
-        text = self._render(marked, add_generation_prompt, tools)
+        marked, tools, text = self._prepared(messages, tools, add_generation_prompt)
         ids, starts = self._encode_marked(text)
         spans = self._spans_in_one_render(marked, text, add_generation_prompt, tools)
         if spans is None:
             spans = self._spans_by_prefixes(marked, text, tools)
         return ids, self._token_mask(starts, spans)
 
-    def content_mask(self, messages: list[dict], tools: list[dict] | None = None) -> list[int] | None:
-        """The mask over render(messages)'s ids of every message's content and its end-of-turn token (pretraining on
+    def render_content(self, messages: list[dict],
+                       tools: list[dict] | None = None) -> tuple[list[int], list[int]] | None:
+        """render(messages)'s ids with a mask on every message's content and its end-of-turn token (pretraining on
         dialogs: all the text, none of the role headers), from one render; None when the template changes the
         tagged content, and the caller probes the renderer message by message (data.pack)."""
+        marked, tools, text = self._prepared(messages, tools, False)
+        spans = self._spans_in_one_render(marked, text, False, tools, every_message=True)
+        if spans is None:
+            return None
+        ids, starts = self._encode_marked(text)
+        return ids, self._token_mask(starts, spans)
+
+    def _prepared(self, messages: list[dict], tools: list[dict] | None,
+                  add_generation_prompt: bool) -> tuple[list[dict], list[dict] | None, str]:
+        """(messages and tools as the template gets them, control-token strings marked as text, the rendered text)."""
         messages, tools = self._with_tools(messages, tools)
         marked = _mark(_check_messages(messages), self._control_re)
-        tools = _mark(tools, self._control_re) if tools else None
-        text = self._render(marked, False, tools)
-        spans = self._spans_in_one_render(marked, text, False, tools, every_message=True)
-        return None if spans is None else self._token_mask(self._encode_marked(text)[1], spans)
+        tools = _mark(tools, self._control_re) if tools else None  # a description cannot forge a control token
+        return marked, tools, self._render(marked, add_generation_prompt, tools)
 
     @staticmethod
     def _token_mask(starts: list[int], spans: list[tuple[int, int]]) -> list[int]:

@@ -588,12 +588,8 @@ def test_one_render_finds_the_replies_the_prefix_renders_find(tok, monkeypatch):
 
 
 def _marked(t, messages, tools):
-    from chatforge.tokenizer import _check_messages, _mark
-
-    messages, tools = t._with_tools(messages, tools)
-    marked = _mark(_check_messages(messages), t._control_re)
-    tools = _mark(tools, t._control_re) if tools else None
-    return marked, t._render(marked, False, tools), False, tools
+    marked, tools, text = t._prepared(messages, tools, False)
+    return marked, text, False, tools
 
 
 def test_templates_with_generation_tags_render_like_transformers(tok, tmp_path):

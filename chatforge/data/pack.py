@@ -25,7 +25,7 @@ def _content_mask(tokenizer, messages: list[dict], ids: list[int]) -> list[int]:
     """1 on each message's content tokens and its closing end-of-turn token, 0 on role headers.
 
     Found with the renderer itself: rendering the first i messages plus an empty message of the next role puts the
-    end-of-turn token right where that message's content starts. The fallback of Tokenizer.content_mask, which
+    end-of-turn token right where that message's content starts. The fallback of Tokenizer.render_content, which
     finds the same in one render; this renders every prefix (quadratic in the dialog's length).
     """
     mask = [0] * len(ids)
@@ -46,13 +46,15 @@ def encode_record(record: dict, tokenizer, target: str) -> tuple[list[int], list
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if "messages" in record:
+        if target == "content":
+            rendered = tokenizer.render_content(record["messages"], tools=record.get("tools"))
+            if rendered is not None:
+                return rendered
         ids, mask = tokenizer.render(record["messages"], tools=record.get("tools"))
         if target == "all":
             mask = [1] * len(ids)
-        elif target == "content":
-            mask = tokenizer.content_mask(record["messages"], tools=record.get("tools"))
-            if mask is None:  # a template that changes the content (trims it): probe message by message
-                mask = _content_mask(tokenizer, record["messages"], ids)
+        elif target == "content":  # a template that changes the content (trims it): probe message by message
+            mask = _content_mask(tokenizer, record["messages"], ids)
         return ids, mask
     if "text" in record:
         ids = tokenizer.encode(record["text"]) + [tokenizer.eos_id]

@@ -141,7 +141,7 @@ def test_content_target_covers_every_turn(tok):
 
 
 def test_content_mask_in_one_render_equals_probing_every_prefix(tok):
-    """Tokenizer.content_mask (one render) gives the mask the per-message probes give, with a system prompt, tool
+    """Tokenizer.render_content (one render) gives the mask the per-message probes give, with a system prompt, tool
     turns, Chinese and a long dialog; a trimming template falls back to the probes."""
     from chatforge.data.pack import _content_mask
     from chatforge.tokenizer import Tokenizer
@@ -154,15 +154,16 @@ def test_content_mask_in_one_render_equals_probing_every_prefix(tok):
                           {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "Noon."}]}
     for c in (long, system, conv("  spaced  ", " x ")):
         ids, _ = tok.render(c["messages"])
-        assert tok.content_mask(c["messages"]) == _content_mask(tok, c["messages"], ids)
+        assert tok.render_content(c["messages"]) == (ids, _content_mask(tok, c["messages"], ids))
     # tool turns: every rendered message's text (the probes, which render without the tool rewrite, got this wrong)
     ids, _ = tok.render(tools["messages"])
-    assert [tok.decode(s) for s in trained_spans(ids, tok.content_mask(tools["messages"]))] == [
+    content_ids, mask = tok.render_content(tools["messages"])
+    assert content_ids == ids and [tok.decode(s) for s in trained_spans(ids, mask)] == [
         "time?" + IM_END, '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>' + IM_END,
         "<tool_response>\n12:00\n</tool_response>" + IM_END, "Noon." + IM_END]
     trimming = Tokenizer(tok.hf, tok.chat_template.replace("message['content']", "message['content'] | trim"))
     assert trimming.chat_template != tok.chat_template
-    assert trimming.content_mask(conv("  spaced  ", " x ")["messages"]) is None  # the probes decide
+    assert trimming.render_content(conv("  spaced  ", " x ")["messages"]) is None  # the probes decide
 
 
 def test_bytes_per_token_add_up(tok):
