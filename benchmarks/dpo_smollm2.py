@@ -80,12 +80,14 @@ def measure(model, tok, held_convs, unsafe, clean) -> dict:
 
 def memory_child(stage: str, data: str, out: str, batch: int, seq_len: int, init: str) -> int:
     """Peak RSS (KiB) of a few LoRA training steps in a fresh process. init: a model folder (safetensors, read
-    through a memory map), so the peak is training's, not the GGUF dequantisation's (3.1 GiB for either stage)."""
+    through a memory map), so the peak is training's, not the GGUF dequantisation's (3.1 GiB for either stage).
+    The peak is the child's VmHWM: getrusage's ru_maxrss survives fork + exec, so a child started from this
+    process (with its models loaded) would report this process's peak instead (every child showed 5,494 MiB)."""
     code = (f"from chatforge.config import load_config; from chatforge.train.loop import train; "
             f"train(load_config(None, ['stage={stage}', 'data={data}', 'init={init}', 'out_dir={out}', "
             f"'lora.r=16', 'seq_len={seq_len}', 'batch_size={batch}', 'max_steps=3', 'warmup_steps=1', "
             f"'eval_every=1000', 'save_every=1000', 'val_fraction=0', 'dtype=bf16', 'num_threads=1']));"
-            "import resource; print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print('RSS', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     for line in res.stdout.splitlines():
         if line.startswith("RSS"):
