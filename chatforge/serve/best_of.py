@@ -14,6 +14,10 @@ are sampled server-side and the n best returned; best_of must be at least n and 
   as the model wrote it (as serve/moderation.py does).
 * usage.completion_tokens counts the tokens of all best_of candidates: they were all generated (OpenAI bills
   best_of the same way).
+
+Legacy completions take best_of as OpenAI defines it there, with or without a reward model: best_of candidates per
+prompt, the n with the highest log probability per token returned (`by_logprob`), the same 400s for best_of < n,
+streaming and temperature 0.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ def candidates(service, req, n: int, temperature: float) -> int:
         return n
     if asked is None:
         return n if req.stream or temperature == 0 else max(ranker.default, n)
+    return checked(req, n, temperature)
+
+
+def checked(req, n: int, temperature: float) -> int:
+    """The request's best_of (None: n), or the 400 that says why it cannot be served."""
+    asked = req.best_of
+    if asked is None:
+        return n
     if asked < n:
         raise APIError(400, f"'best_of' ({asked}) must be at least 'n' ({n}): best_of candidates are sampled and "
                             f"the n best returned.", "best_of", "invalid_request")
@@ -62,6 +74,17 @@ def candidates(service, req, n: int, temperature: float) -> int:
         raise APIError(400, f"'best_of' ({asked}) > n needs sampling: with temperature 0 every candidate is the "
                             f"same reply.", "best_of", "invalid_request")
     return asked
+
+
+def by_logprob(choices) -> list[int]:
+    """Candidate indices, best first, as OpenAI's legacy best_of ranks: the highest mean log probability of the
+    sampled tokens; a candidate the guard stopped, or one without tokens, ranks last; ties keep the earlier one."""
+    def key(i: int):
+        c = choices[i]
+        lps = [e["logprob"] for e in c.logprobs]
+        return c.finish_reason == "content_filter" or not lps, -(sum(lps) / len(lps)) if lps else 0.0, i
+
+    return sorted(range(len(choices)), key=key)
 
 
 async def best_of_completion(service, request, plan, prompt: list[int], params: list, n: int, logprobs):

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from chatforge.errors import ChatforgeError
 from chatforge.serve import schemas, tools
-from chatforge.serve.best_of import best_of_completion, candidates
+from chatforge.serve.best_of import best_of_completion, by_logprob, candidates, checked
 from chatforge.serve.errors import APIError, ClientGone, engine_error
 from chatforge.serve.moderation import check_chat, check_texts
 from chatforge.serve.streaming import EventStream, chat_events, completion_events
@@ -104,14 +104,16 @@ async def completions(request: Request):
     service = request.app.state.service
     req = service.parse(service.CompletionRequest, await request.body())
     n = req.n or 1
-    if req.best_of is not None and req.best_of != n:
-        raise APIError(400, f"Unsupported parameter: 'best_of': {schemas.UNSUPPORTED['best_of']} ({n}).",
-                       "best_of", "invalid_request")
     texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
     texts, refusal = check_texts(service, texts)
     if len(texts) * n > service.max_n:
         raise APIError(400, f"{len(texts)} prompts x n={n} asks for {len(texts) * n} completions; this server "
                             f"allows at most {service.max_n} per request.", "n", "invalid_request")
+    # best_of: k candidates per prompt, the n most likely per token returned (serve/best_of.py)
+    k = n if refusal is not None else checked(req, n, service.sampling(req, 16, 0, None).temperature)
+    if len(texts) * k > service.max_n:
+        raise APIError(400, f"{len(texts)} prompts x best_of={k} asks for {len(texts) * k} candidates; this server "
+                            f"allows at most {service.max_n} per request.", "best_of", "invalid_request")
     tokenizer = service.tokenizer
 
     def encode(text: str) -> list[int]:
@@ -122,12 +124,13 @@ async def completions(request: Request):
     if any(not p for p in prompts):
         raise APIError(400, "The prompt encodes to no tokens.", "prompt", "invalid_request")
     budgets = [service.budget(len(p), req.max_tokens or 16, "prompt") for p in prompts]
-    pairs = [(p, max_new) for p, max_new in zip(prompts, budgets) for _ in range(n)]
-    params = [service.sampling(req, max_new, i, req.logprobs) for i, (_, max_new) in enumerate(pairs)]
+    pairs = [(p, max_new) for p, max_new in zip(prompts, budgets) for _ in range(k)]
+    ranked_logprobs = req.logprobs if k == n else req.logprobs or 0  # candidates carry what ranks them
+    params = [service.sampling(req, max_new, i, ranked_logprobs) for i, (_, max_new) in enumerate(pairs)]
     job = service.submit([p for p, _ in pairs], params, refusal)
     head = service.head("cmpl-")
     prompt_tokens = sum(map(len, prompts))
-    offsets = [len(texts[i // n]) for i in range(len(params))]
+    offsets = [len(texts[i // k]) for i in range(len(params))]
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventStream(completion_events(job, head, prompt_tokens, usage, req.logprobs, offsets, n),
@@ -139,11 +142,13 @@ async def completions(request: Request):
     except Exception as e:
         status, error = engine_error(e)
         return _json(error, status)
+    kept = [j * k + i for j in range(len(texts)) for i in by_logprob(choices[j * k:(j + 1) * k])[:n]] \
+        if k > n else list(range(len(choices)))
     return _json(schemas.Completion(**head, object="text_completion", choices=[
         schemas.CompletionChoice(index=i, text="".join(c.text), finish_reason=c.finish_reason, logprobs=(
-            schemas.CompletionLogprobs.from_engine(c.logprobs, [offsets[i] + o for o in c.offsets], bool(req.logprobs))
-            if req.logprobs is not None else None)) for i, c in enumerate(choices)],
-        usage=schemas.Usage.of(prompt_tokens, sum(c.tokens for c in choices), job.cached_tokens(n))))
+            schemas.CompletionLogprobs.from_engine(c.logprobs, [offsets[j] + o for o in c.offsets], bool(req.logprobs))
+            if req.logprobs is not None else None)) for i, (j, c) in enumerate((j, choices[j]) for j in kept)],
+        usage=schemas.Usage.of(prompt_tokens, sum(c.tokens for c in choices), job.cached_tokens(k))))
 
 
 # -- models, health, the page -----------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ UNSUPPORTED: dict[str, str] = {
     "metadata": "metadata is only used with stored completions, which are not supported",
     "echo": "echo is not supported (only false is accepted)",
     "suffix": "suffix (insertion) is not supported",
-    "best_of": "best_of is only accepted when it equals n",
 }
 MAX_STOP = 4  # as OpenAI
 MAX_STOP_CHARS = 256
@@ -172,7 +171,7 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
             Field(min_length=1, max_length=max_n)]
         logprobs: integer(ge=0, le=5) | None = None
         user: Text | None = None
-        best_of: N = None
+        best_of: N = None  # candidates ranked by log probability per token (serve/best_of.py)
         echo: Literal[False] | None = None
         suffix: None = None
         logit_bias: Empty = None

@@ -150,3 +150,43 @@ def test_rank_filters_before_scoring_and_puts_stopped_candidates_last(guard, rew
     assert best.finish_reasons == ["content_filter", "stop", "stop"] and best.order[-1] == 0
     assert best.scores == pytest.approx(scores(reward, shown), abs=1e-5)
     assert best.order[0] == (1 if best.scores[1] >= best.scores[2] else 2) and best.completion_tokens == 30
+
+
+def test_legacy_completions_best_of_returns_the_most_likely_per_token(models):
+    """OpenAI's legacy best_of needs no reward model: the n candidates with the highest mean token logprob."""
+    def complete(srv, **body) -> httpx.Response:
+        return httpx.post(srv.url + "/v1/completions", json={"prompt": "hello", **SAMPLE, **body}, timeout=120)
+
+    with serve(models["random"], max_n=6) as srv:
+        plain = complete(srv, n=5, logprobs=0).json()  # the same 5 samples (sample i uses seed + i), unranked
+        texts = [c["text"] for c in plain["choices"]]
+        assert len(set(texts)) > 1
+        means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in plain["choices"]]
+        order = sorted(range(5), key=lambda i: (-means[i], i))
+        one = complete(srv, best_of=5).json()
+        assert [c["text"] for c in one["choices"]] == [texts[order[0]]]
+        assert one["choices"][0]["logprobs"] is None  # not asked for: ranked with them, returned without
+        assert counts(one["usage"]) == counts(plain["usage"])  # every candidate was generated
+        two = complete(srv, n=2, best_of=5, logprobs=0).json()
+        assert [c["text"] for c in two["choices"]] == [texts[i] for i in order[:2]]
+        assert [c["index"] for c in two["choices"]] == [0, 1]
+        got, want = two["choices"][0]["logprobs"], plain["choices"][order[0]]["logprobs"]
+        assert got["tokens"] == want["tokens"] and got["text_offset"] == want["text_offset"]
+        assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)  # batched apart: rounding
+        both = complete(srv, prompt=["hello", "hello"], best_of=2).json()  # seeds 11, 12 | 13, 14: ranked per prompt
+        assert [c["text"] for c in both["choices"]] == [texts[min(pair, key=lambda i: (-means[i], i))]
+                                                        for pair in ((0, 1), (2, 3))]
+
+        def error(**body) -> dict:
+            r = complete(srv, **body)
+            assert r.status_code == 400, r.text
+            return r.json()["error"]
+
+        assert error(n=3, best_of=2)["message"] == (
+            "'best_of' (2) must be at least 'n' (3): best_of candidates are sampled and the n best returned.")
+        assert error(best_of=3, stream=True)["param"] == "best_of"
+        assert error(best_of=3, temperature=0)["param"] == "best_of"
+        e = error(prompt=["a", "b", "c"], best_of=3)
+        assert e["param"] == "best_of" and e["message"] == (
+            "3 prompts x best_of=3 asks for 9 candidates; this server allows at most 6 per request.")
+        assert complete(srv, n=2, best_of=2, stream=True).status_code == 200
