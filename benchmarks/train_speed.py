@@ -9,7 +9,12 @@ clipping) on the same batches, alternating step by step so that a busy machine s
 (model/shape.py) over the measured matmul peak (device.matmul_peak). A table per row: tokens/s, MFU, the ratio.
 
     python benchmarks/train_speed.py [--shapes 1M,10M,30M,smollm2-lora] [--dtypes fp32,bf16] [--modes eager,compiled]
-                                     [--steps 10] [--threads 1]
+                                     [--steps 10] [--threads 1] [--lora-trained 0.42]
+
+--lora-trained: the share of positions that carry the loss in the LoRA row (1.0: every position, as pretraining;
+an SFT row is mostly prompt: ~0.42 on the shop dialogs). Both sides get the same mask: chatforge's loss takes logits
+of the trained positions only, peft's model gets labels of -100 elsewhere (transformers computes every position's
+logits and ignores those). Tokens/s counts every position on both sides.
 
 Threads: 1 by default. On two cores shared by several processes, two torch threads per process ran 6-8x slower
 than one (both sides alike), so the ratio holds either way but one thread gives steadier numbers.
@@ -132,7 +137,7 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_pr
 LORA_BATCH = (4, 256)  # the SmolLM2 LoRA recipe's micro-batch
 
 
-def measure_lora(dtype_name: str, mode: str, steps: int) -> dict:
+def measure_lora(dtype_name: str, mode: str, steps: int, trained: float = 1.0) -> dict:
     """SmolLM2-135M-Instruct with LoRA: chatforge (the loop's set-up: apply_lora, the frozen base cast by
     train.speed.frozen_to, the stage's token loss) next to peft on transformers' LlamaForCausalLM loaded from the same
     converted folder (bf16: the base loaded in bf16, peft keeping its adapters fp32), the same LoRA settings,
@@ -162,27 +167,32 @@ def measure_lora(dtype_name: str, mode: str, steps: int) -> dict:
     g = torch.Generator().manual_seed(1)
     from chatforge.data.pack import Batch
 
-    data = []
+    data = []  # (chatforge's batch, the same targets as transformers' labels)
     for _ in range(steps + 2):
         x = torch.randint(0, vocab, (B, T + 1), generator=g)
-        data.append(Batch(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool),
-                          torch.zeros(B, T, dtype=torch.long), torch.arange(T).expand(B, T)))
+        # a prompt, then a reply to the end of the row: the last `trained` share of each row carries the loss
+        mask = torch.arange(T).expand(B, T) >= round((1 - trained) * T)
+        lab = x[:, :-1].clone()
+        lab[:, 1:][~mask[:, :-1]] = -100  # transformers shifts: labels[t] is predicted at t - 1
+        data.append((Batch(x[:, :-1], x[:, 1:], mask, torch.zeros(B, T, dtype=torch.long),
+                           torch.arange(T).expand(B, T)), lab))
     ctx = autocast(cpu, dtype)
     loss = compiled_loss(token_loss, ours, ctx) if mode == "compiled" else token_loss
 
-    def ref_loss(batch):
+    def ref_loss(batch, lab):
         with ctx:
-            return ref(input_ids=batch.input_ids, labels=batch.input_ids).loss
+            return ref(input_ids=batch.input_ids, labels=lab).loss
 
     ref_fn = torch.compile(ref_loss, dynamic=False) if mode == "compiled" else ref_loss
     trainable = {k: [p for p in m.parameters() if p.requires_grad] for k, m in (("ours", ours), ("ref", ref))}
     opts = {k: torch.optim.AdamW(v, lr=1e-4, fused=True) for k, v in trainable.items()}
 
-    def step(name: str, batch) -> None:
+    def step(name: str, item) -> None:
+        batch, lab = item
         if name == "ours":
             accumulate_gradients(ours, [batch], cpu, ctx, loss)
         else:
-            ref_fn(batch).backward()
+            ref_fn(batch, lab).backward()
         torch.nn.utils.clip_grad_norm_(trainable[name], 1.0)
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
@@ -190,7 +200,7 @@ def measure_lora(dtype_name: str, mode: str, steps: int) -> dict:
     warm, tok = timed(step, data, B * T)
     flops = training_flops_per_token(core, T, lora=True)
     peak = matmul_peak(cpu, dtype)
-    return {"shape": "smollm2-lora", "dtype": dtype_name, "mode": mode, "ours": tok["ours"], "ref": tok["ref"],
+    return {"shape": f"lora@{trained:g}", "dtype": dtype_name, "mode": mode, "ours": tok["ours"], "ref": tok["ref"],
             "mfu_ours": flops * tok["ours"] / peak, "mfu_ref": flops * tok["ref"] / peak, "warm_s": warm,
             "peak_gflops": peak / 1e9, "ref_name": "peft+Llama"}
 
@@ -202,6 +212,7 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lora-trained", type=float, default=1.0, help="share of positions with a loss (LoRA row)")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     import torch
@@ -214,7 +225,7 @@ def main() -> None:
     for shape in a.shapes.split(","):
         for dtype in a.dtypes.split(","):
             for mode in a.modes.split(","):
-                r = measure_lora(dtype, mode, a.steps) if shape == "smollm2-lora" else \
+                r = measure_lora(dtype, mode, a.steps, a.lora_trained) if shape == "smollm2-lora" else \
                     measure(shape, dtype, mode, a.steps)
                 print(f"{shape:9} {dtype:5} {mode:8} {r['ref_name']:17} {r['ref']:10,.0f} {r['ours']:10,.0f} "
                       f"{r['ours'] / r['ref']:6.2f} {r['mfu_ref']:8.1%} {r['mfu_ours']:8.1%} "

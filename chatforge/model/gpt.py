@@ -363,8 +363,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, kv_len: int | None = None,
-                logits_at: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V); only the positions that are sampled with logits_at (B,) or last_only: (B, 1, V).
+                logits_at: torch.Tensor | None = None, last_only: bool = False,
+                only: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); only the positions that are sampled with logits_at (B,) or last_only: (B, 1, V); only
+        the positions a (B, T) bool mask `only` marks (the trained ones): (1, N, V), the vocabulary head and the loss
+        skip the rest (with SmolLM2's 49k vocabulary the head is ~20% of a token's FLOPs).
 
         position_ids: absolute positions (B, T); default 0..T-1. Packed training resets them per conversation.
         doc_ids: (B, T) conversation index per token; tokens attend only within their own conversation.
@@ -412,4 +415,6 @@ class GPT(nn.Module):
             x = x[:, -1:]
         elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
+        elif only is not None:
+            x = x[only][None]
         return self.lm_head(self.model.norm(x))

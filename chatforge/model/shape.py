@@ -26,7 +26,7 @@ dim, ff = MLP width, a = bytes of the autocast dtype: 2 for bf16, 4 for fp32):
   B x T x T tensor of dtype a and keeps in every layer. With attention dropout PyTorch falls back to the math
   kernel, which keeps the fp32 T x T probabilities (12*H*T + 12*H*hd per token). Gradient checkpointing keeps only
   each layer's fp32 input (4d) and recomputes one layer at a time during the backward pass. The loss buffers follow
-  train.loss.token_loss: logits (a per position), then log-softmax and its gradients in fp32 for the trained positions.
+  train.loss.token_loss: logits of the trained positions only (a each), their log-softmax and its gradients in fp32.
   The peak is taken over a simple timeline of the backward pass: at its start every activation and the loss buffers
   are alive; as it walks down the layers each layer's activations are freed and its gradients appear.
 * Inference memory: weights + KV cache = 2 (K and V) * L * KV * hd * bytes per token.
@@ -157,12 +157,12 @@ def training_memory(c: ModelConfig, batch_size: int, seq_len: int, mixed: bool =
     layer_full = layer_tok * n + layer_copy + mask
     layer_kept = 4 * c.d_model * n if gradient_checkpointing else layer_full
     head = head_tok * n + head_copy + once_tok * n
-    # Loss, as train.loss.token_loss computes it: logits (a per position), the trained positions picked out (a) and cast
-    # to fp32 (4), their log-softmax (4). Backward: the NLL and log-softmax gradients (4 + 4 next to the saved 4),
-    # then the picked gradient (a) scattered back into a zero tensor the shape of the logits (a).
+    # Loss, as train.loss.token_loss computes it eagerly: logits of the trained positions only (a each), cast to fp32
+    # (4), their log-softmax (4). Backward: the NLL and log-softmax gradients (4 + 4 next to the saved 4), then the
+    # logits' gradient (a).
     m = max(1, round(trained_fraction * n))
-    forward = a * n + (max(a * m + 4 * m, 8 * m) if mixed else 8 * m)
-    loss = c.vocab_size * max(forward, 12 * m, a * (n + m))
+    forward = (a * m + 8 * m) if mixed else 8 * m
+    loss = c.vocab_size * max(forward, 12 * m + a * m)
     layer_grad = 4 * _layer_params(c)
     head_grad = grads - c.n_layer * layer_grad
     # Gradient of the residual stream flowing down (fp32) and the MLP's widest gradients while a layer runs backward.

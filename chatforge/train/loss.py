@@ -23,21 +23,29 @@ LN2 = math.log(2.0)
 
 
 def token_loss(model, batch, autocast_ctx):
-    """(summed cross-entropy over trained targets, argmax predictions there, the targets).
+    """(summed cross-entropy over trained targets, argmax predictions there, the targets; None for both in a
+    training step).
 
-    The loss runs over every position with untrained targets ignored rather than picking the trained ones out: the
-    shapes stay static (no device-to-host read for the count, one graph under torch.compile). Predictions and
-    targets are only picked out without gradients (evaluation); a training step gets None for them."""
+    Eager, only the trained positions get logits (`only=`): an SFT row is mostly prompt, and the vocabulary head and
+    its fp32 cross-entropy are a large share of a small-model step. Under torch.compile the loss runs over every
+    position with untrained targets ignored instead: the shapes stay static (one graph, no data-dependent count)."""
     import torch
     import torch.nn.functional as F
 
+    if torch.compiler.is_compiling():
+        with autocast_ctx:
+            logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+        targets = batch.targets.masked_fill(~batch.loss_mask, -100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               reduction="sum"), None, None
     with autocast_ctx:
-        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-    targets = batch.targets.masked_fill(~batch.loss_mask, -100)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids,
+                       only=batch.loss_mask)[0]
+    targets = batch.targets[batch.loss_mask]
+    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
     if torch.is_grad_enabled():
         return ce, None, None
-    return ce, logits[batch.loss_mask].argmax(-1), batch.targets[batch.loss_mask]
+    return ce, logits.argmax(-1), targets
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Speed features that a user relies on: the compile rule, the cached matmul peak, MFU and trained tokens/s in every
-metrics row, the static-shape token loss, and LoRA's frozen base in bf16 with fp32 adapters and AdamW state."""
+metrics row, the token loss (trained positions only eagerly, static shapes compiled), and LoRA's frozen base in bf16 with fp32 adapters and AdamW state."""
 
 from __future__ import annotations
 
@@ -56,6 +56,32 @@ def test_the_token_loss_sums_only_trained_targets():
     with torch.no_grad():
         _, pred, targets = token_loss(model, batch, torch.autocast("cpu", enabled=False))
     assert torch.equal(targets, batch.targets[mask]) and torch.equal(pred, logits[mask].argmax(-1))
+
+
+def test_eager_loss_takes_logits_at_trained_positions_only_and_matches_the_static_one(monkeypatch):
+    """Eager, the head runs on the trained positions alone; under torch.compile (static shapes) on every position
+    with the rest ignored. Both give the same loss and the same gradients."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=16))
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.rand(2, 8) > 0.6
+    batch = Batch(ids[:, :-1], ids[:, 1:], mask, torch.zeros(2, 8, dtype=torch.long), torch.arange(8).expand(2, 8))
+    off = torch.autocast("cpu", enabled=False)
+    assert model(batch.input_ids, only=mask).shape == (1, int(mask.sum()), 50)
+    torch.testing.assert_close(model(batch.input_ids, only=mask)[0], model(batch.input_ids)[mask])
+
+    def loss_and_grads():
+        model.zero_grad()
+        ce = token_loss(model, batch, off)[0]
+        ce.backward()
+        return ce.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager = loss_and_grads()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the path a compiled loss traces
+    static = loss_and_grads()
+    torch.testing.assert_close(eager[0], static[0])
+    for g_eager, g_static in zip(eager[1], static[1]):
+        torch.testing.assert_close(g_eager, g_static)
 
 
 def test_lora_freezes_the_base_in_bf16_and_trains_fp32_adapters():
