@@ -227,7 +227,7 @@ def main() -> None:
             for mode in a.modes.split(","):
                 r = measure_lora(dtype, mode, a.steps, a.lora_trained) if shape == "smollm2-lora" else \
                     measure(shape, dtype, mode, a.steps)
-                print(f"{shape:9} {dtype:5} {mode:8} {r['ref_name']:17} {r['ref']:10,.0f} {r['ours']:10,.0f} "
+                print(f"{r['shape']:9} {dtype:5} {mode:8} {r['ref_name']:17} {r['ref']:10,.0f} {r['ours']:10,.0f} "
                       f"{r['ours'] / r['ref']:6.2f} {r['mfu_ref']:8.1%} {r['mfu_ours']:8.1%} "
                       f"{r['peak_gflops']:9.0f} {r['warm_s']:7.0f}", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
