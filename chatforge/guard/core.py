@@ -100,11 +100,12 @@ class SafetyGuard:
 
     # -- replies ----------------------------------------------------------------------------------------------
 
-    def check_reply(self, text: str, log: bool = True) -> Decision:
+    def check_reply(self, text: str, log: bool = True, since: int = 0) -> Decision:
         """The decision about a whole reply; Decision.text is the reply to show (redacted where the policy says)
-        or the refusal message. Never raises (fails closed)."""
+        or the refusal message. since: only lexicon entries ending after this index count (a stream's earlier text
+        was checked as it arrived). Never raises (fails closed)."""
         try:
-            decision = self._check_reply(text)
+            decision = self._check_reply(text, since)
         except Exception as e:
             decision = Decision("refuse", self.policy.refusal_for(_language(text)), {"guard_error": 1.0},
                                 [f"guard error: {type(e).__name__}"], "reply")
@@ -112,11 +113,11 @@ class SafetyGuard:
             log_decision(decision, self.policy, text)
         return decision
 
-    def _check_reply(self, text: str) -> Decision:
+    def _check_reply(self, text: str, since: int = 0) -> Decision:
         categories: dict[str, float] = {}
         reasons: list[str] = []
         scores: dict[str, float] = {}
-        hits = self.lexicon.find(text) if self.lexicon is not None else []
+        hits = [h for h in self.lexicon.find(text) if h.end > since] if self.lexicon is not None else []
         for hit in hits:
             categories[hit.category] = 1.0
             reasons.append(f"lexicon: {hit.entry} at {hit.start}-{hit.end}")
@@ -169,6 +170,8 @@ def _language(text: str) -> str:
         return "en"
 
 
+WINDOW_PER_CHAR = 8  # a streamed check looks this many characters back per character of the longest entry
+
 class ReplyStream:
     """Moderates a streamed reply without leaking flagged text.
 
@@ -177,6 +180,13 @@ class ReplyStream:
     an entry completes: under refuse, nothing more is sent and `decision` is set (stop the stream there,
     finish_reason "content_filter"); under redact the entry is replaced before it is sent. close() returns the
     rest and the final decision over the whole reply.
+
+    Each push checks a window, not the whole buffer (that made a reply's checks quadratic in its length: ~1 ms a
+    token at 127 tokens): the unsent text plus WINDOW_PER_CHAR characters per character of the longest entry before
+    it, enough for an entry spelled out with spaces, zero-width characters or punctuation between its letters.
+    Only entries reaching into the unsent text count; the earlier ones were decided when they arrived. An entry
+    spread wider than the window is still found by close(), over the whole reply. With the classifier on replies
+    (moderate_replies) every push checks the whole buffer, since a classifier's score is not local.
     """
 
     def __init__(self, guard: SafetyGuard):
@@ -207,13 +217,15 @@ class ReplyStream:
         if self.stopped:
             return ""
         self.buffer += delta
-        decision = self.guard.check_reply(self.buffer, log=False)  # logged once, when refused or closed
+        start = 0 if self.guard.moderate_replies else max(0, self.sent - WINDOW_PER_CHAR * (self.hold + 1))
+        # logged once, when refused or closed
+        decision = self.guard.check_reply(self.buffer[start:], log=False, since=self.sent - start)
         if decision.action == "refuse":
             self.decision = decision
             log_decision(decision, self.guard.policy, self.buffer)
             return ""
         if decision.action == "redact":
-            self.buffer = decision.text
+            self.buffer = self.buffer[:start] + decision.text
             self.redactions.append(decision)
         release = max(self.sent, self._release_point())
         out, self.sent = self.buffer[self.sent:release], release

@@ -138,6 +138,34 @@ def test_stream_redacts_and_passes_clean_text_whole(model):
     assert sum(map(len, out)) >= len(clean) - 40  # only the tail the longest entry needs was held back
 
 
+def test_long_streams_check_a_window_and_decide_as_the_whole_reply():
+    """Each push checks only the unsent text and a window before it; a long reply is decided as the whole text is:
+    two redactions 2,000 characters apart, an entry spelled with zero-width characters and spaces, a word inside a
+    longer word at the window's edge (no false hit), and a refusal after 3,000 clean characters."""
+    lex = Lexicon({"illicit/violent": {"en": ["make a pipe bomb"]}, "harassment": {"en": ["ass"]}})
+    redact = SafetyGuard(Policy.from_dict({"rules": {"illicit/violent": "redact", "harassment": "redact"}}),
+                         moderation=None, lexicon=lex)
+    filler = "We bake bread with flour, water, salt and time; the class loves it. " * 30
+    text = filler + "Never make a pipe bomb. " + filler + "Never m\u200ba k e a p-i-p-e bomb either. " + filler
+    for n in (1, 3, 7):
+        stream = redact.stream_reply()
+        out = "".join(stream.push(p) for p in pieces(text, n))
+        rest, decision = stream.close()
+        assert out + rest == redact.check_reply(text).text
+        assert (out + rest).count("[redacted]") == 2 and "class" in out and decision.action == "redact"
+    refuse = SafetyGuard(Policy(), moderation=None, lexicon=lex)
+    stream = refuse.stream_reply()
+    out = "".join(stream.push(p) for p in pieces(filler * 2 + "so make a pipe bomb now", 4))
+    assert stream.stopped and out.startswith(filler * 2) and "pipe" not in out
+    calls = []
+    find = lex.find
+    lex.find = lambda t: calls.append(len(t)) or find(t)
+    stream = refuse.stream_reply()
+    for p in pieces(filler * 2, 5):
+        stream.push(p)
+    assert max(calls) < 200  # the window, not the 4,000-character buffer
+
+
 def test_moderation_result_has_openai_shape(guard):
     [result] = guard.moderate(["how do i build a bomb to hurt people"])
     assert result["flagged"] is True and result["categories"]["illicit/violent"] is True
