@@ -60,14 +60,22 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     if lever.startswith("int8"):
         quantize(model, lever)
+    ids = prompt_ids()
+    # No prefix cache (every timed request repeats the prompt, which would otherwise be prefilled only once) and no
+    # chunked prefill (all prompts prefill in the first, untimed step), so b8 is decode alone, as transformers' is.
+    # Without b8 the engine has one row, as `chatforge chat` does (8 rows would put each b1 run on the next row).
+    rows = 8 if batch8 else 1
+    engine = Engine(model, tok, max_batch_size=rows, prefix_cache=False, prefill_chunk=None)
     out = {}
     if compiled:
         decode.compile_decode(model)
-        out["warmup_s"] = decode.warmup(model, batch_sizes=(1, 8) if batch8 else (1,))
-    # No prefix cache (every timed request repeats the prompt, which would otherwise be prefilled only once) and no
-    # chunked prefill (all prompts prefill in the first, untimed step), so b8 is decode alone, as transformers' is.
-    engine = Engine(model, tok, max_batch_size=8, prefix_cache=False, prefill_chunk=None)
-    ids = prompt_ids()
+        # Warm every kv bucket the timed runs reach (prompt + new tokens), one bucket per call so that each
+        # bucket's compile time shows; the graphs match the engine's cache (rows, context length).
+        reach, bucket = len(ids) + new_tokens, decode.KV_BUCKET
+        out["compile_s"] = [decode.warmup(model, batch_sizes=(1, 8) if batch8 else (1,), rows=rows,
+                                          max_len=engine.context_length, reach=min(r, reach))
+                            for r in range(bucket, reach + bucket, bucket)]
+        out["warmup_s"] = sum(out["compile_s"])
 
     def timed(batch: int) -> tuple[float, float, int]:
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -200,6 +208,12 @@ def main() -> int:
                  f"{r['tok_s_b1'] / ref_ll['tok_s_b1']:>10.2f}x" if ref_ll else f"{'-':>11}",
                  f"{r['first_token_s'] / ref_ll['first_token_s']:>13.2f}x" if ref_ll else f"{'-':>14}"]
         print(" ".join(cells))
+    compiled = {row: " + ".join(f"{t:.0f}" for t in r["compile_s"]) for row, r in results.items() if "compile_s" in r}
+    if compiled:
+        from chatforge.generation.decode import KV_BUCKET
+
+        print(f"warm-up seconds per kv bucket of {KV_BUCKET} slots (a compile, or a load from the disk cache): "
+              f"{compiled}")
     short = {row: (r["tokens_b1"], r.get("tokens_b8")) for row, r in results.items()
              if r["tokens_b1"] < args.new_tokens}
     if short:

@@ -88,7 +88,8 @@ class Bot:
             from chatforge.generation import decode
 
             decode.compile_decode(model)
-            bot.warmup_s = decode.warmup(model, batch_sizes=(1, 2) if max_batch_size > 1 else (1,))
+            bot.warmup_s = decode.warmup(model, batch_sizes=(1, 2) if max_batch_size > 1 else (1,),
+                                         rows=max_batch_size, max_len=engine.context_length)
         return bot
 
     @property

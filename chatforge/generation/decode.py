@@ -4,12 +4,16 @@ Decode is memory-bound (every weight is read once per step), so the step avoids 
 weights: positions and the attended span come from host-side lengths (no device read inside a step), keys are
 written in place into a static KVCache, and only sampled positions get logits. `compile_decode(model)` swaps in a
 torch.compile'd forward for the step (inductor, freezing by default: weights become constants so quantized weights
-are prepacked once); shapes are dynamic, so one graph serves every length and batch size above 1 (batch 1 and a
-batch on cache rows other than 0..B-1 get one more each). Prefill stays eager: it is matmul-bound over many tokens,
-where compiling gains little and every prompt length would cost a compile (measured in benchmarks/decode_speed.py).
-Inductor's artefacts are cached on disk (TORCHINDUCTOR_CACHE_DIR, by default under the user cache), so only the
-first start on a machine pays the compile; `warmup` runs it at load. Without compile the same functions run the
-eager model and give the same greedy tokens (tested).
+are prepacked once). Shapes are static: dynamic shapes over a 30-layer int8-dyn model did not finish compiling in
+14 minutes, and a static graph per kv length recompiled at every token. So the compiled step reads the cache up to
+a bucket (`kv_bucket`: kv_len rounded up to a multiple of `KV_BUCKET`, capped by the cache) instead of kv_len; the
+mask already hides the slots past each row's position and `KVCache.reserve` zeroes them, so the extra keys change
+nothing. One graph is compiled per (batch size, bucket, rows 0..B-1 or not); the eager step reads exactly kv_len.
+Prefill stays eager: it is matmul-bound over many tokens, where compiling gains little and every prompt length
+would cost a compile (measured in benchmarks/decode_speed.py). Inductor's artefacts are cached on disk
+(TORCHINDUCTOR_CACHE_DIR, by default under the user cache), so only the first start on a machine pays the compile;
+`warmup` runs it at load (up to `max_len`, every bucket a request will reach). Without compile the same functions
+run the eager model and give the same greedy tokens (tested, across a bucket boundary).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import torch
 from chatforge.errors import ChatforgeError
 
 COMPILED = "compiled_forward"  # the model attribute holding the compiled forward
+BUCKET = "compiled_kv_bucket"  # the model attribute holding its kv bucket
+KV_BUCKET = 256  # slots per bucket: few graphs (2 for a 170-token prompt + 128 tokens), little extra attention
+RECOMPILE_LIMIT = 64  # graphs per compiled forward before dynamo falls back to eager for new shapes
 
 
 def inductor_cache_dir() -> Path:
@@ -34,24 +41,45 @@ def inductor_cache_dir() -> Path:
     return base / "chatforge" / "inductor"
 
 
-def compile_decode(model: torch.nn.Module, freeze: bool = True, mode: str | None = None) -> None:
-    """Make prefill() and step() run a compiled forward of `model` (in place; `uncompile` undoes it).
+def compile_decode(model: torch.nn.Module, freeze: bool = True, mode: str | None = None,
+                   bucket: int = KV_BUCKET) -> None:
+    """Make step() run a compiled forward of `model` (in place; `uncompile` undoes it).
 
     freeze: inductor freezing (weights folded as constants; the model must not be trained afterwards).
     mode: torch.compile mode; on CUDA "reduce-overhead" adds CUDA graphs.
+    bucket: the step reads the cache in multiples of this many slots, so static graphs are few (see `kv_bucket`).
     """
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
+    if bucket < 1:
+        raise ChatforgeError(f"compile: bucket must be at least 1, got {bucket}")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     inductor_config.freezing = freeze
     inductor_config.fx_graph_cache = True
-    setattr(model, COMPILED, torch.compile(model.forward, dynamic=True, mode=mode))
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    setattr(model, COMPILED, torch.compile(model.forward, dynamic=False, mode=mode))
+    setattr(model, BUCKET, bucket)
+
+
+def kv_bucket(kv_len: int, cache, config, bucket: int = KV_BUCKET) -> int:
+    """The cache length a compiled step reads for `kv_len`: rounded up to a multiple of `bucket`, capped by the
+    cache (and by max_seq_len, which learned positions check), never below kv_len (so a sequence past the cache
+    still raises). Reading more slots is exact: a query at p masks every slot past p, and reserve() zeroes them. A
+    full ring reads all of its window at any length, so with rope every length past it is the window's graph."""
+    if cache.ring and config.positions != "learned":
+        kv_len = min(kv_len, cache.capacity)
+    limit = min(cache.capacity, config.max_seq_len)
+    if kv_len >= limit:
+        return kv_len
+    return min(limit, -(-kv_len // bucket) * bucket)
 
 
 def uncompile(model: torch.nn.Module) -> None:
     """Back to the eager forward (same greedy tokens)."""
-    if hasattr(model, COMPILED):
-        delattr(model, COMPILED)
+    for name in (COMPILED, BUCKET):
+        if hasattr(model, name):
+            delattr(model, name)
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
@@ -106,6 +134,8 @@ def step(model: torch.nn.Module, cache, slots: list[int], tokens: list[int], pos
     """
     device = cache.k.device
     kv_len = max(positions) + 1
+    if is_compiled(model):  # a few static shapes: the read span rounded up to a bucket
+        kv_len = kv_bucket(kv_len, cache, model.config, getattr(model, BUCKET))
     cache.use_rows(slots)
     cache.reserve(kv_len)
     ids = torch.tensor(tokens, device=device)[:, None]
@@ -113,22 +143,37 @@ def step(model: torch.nn.Module, cache, slots: list[int], tokens: list[int], pos
     return _forward(model)(ids, position_ids=pos, cache=cache, kv_len=kv_len)[:, 0]
 
 
-def warmup(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (1, 2), prompt_len: int = 16) -> float:
+def warmup(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (1, 2), prompt_len: int = 16, *,
+           rows: int | None = None, max_len: int | None = None, reach: int | None = None) -> float:
     """Run a prefill and decode steps once so a compiled model compiles (or loads from the disk cache) now, at
-    load, not on the first request; returns the seconds it took (the server reports it)."""
+    load, not on the first request; returns the seconds it took (the server reports it).
+
+    rows, max_len: the shape of the engine's KVCache (its max_batch_size and context length). A static graph is
+    specific to the cache's shape (and to its being an inference tensor, as the engine's is), so warming a cache of
+    another shape would compile graphs the engine never runs; unset, a cache just big enough. reach: the longest sequence to warm for; a compiled model runs one step in every
+    kv bucket up to it (default: the buckets of prompt_len + 2), each on rows 0..B-1 and, when the cache has more
+    rows than B, on others (a gather: another graph), so a run within `reach` compiles nothing more (tested).
+    """
     from chatforge.model.gpt import KVCache
 
     t0 = time.perf_counter()
     param = next(model.parameters())
     cache_dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    need = prompt_len + 4
-    if need > model.config.max_seq_len:
-        raise ChatforgeError(f"warmup: prompt_len {prompt_len} does not fit max_seq_len {model.config.max_seq_len}")
-    cache = KVCache(model.config, max(batch_sizes), need, device=param.device, dtype=cache_dtype)
-    with torch.inference_mode():
+    rows = rows or max(batch_sizes)
+    reach = max(reach or 0, prompt_len + 2)
+    max_len = max_len or reach
+    if reach > min(max_len, model.config.max_seq_len) or max(batch_sizes) > rows:
+        raise ChatforgeError(f"warmup: batch sizes {batch_sizes} and length {reach} do not fit a cache of {rows} "
+                             f"rows, {max_len} positions (max_seq_len {model.config.max_seq_len})")
+    positions = [prompt_len, prompt_len + 1]
+    if is_compiled(model):  # one step per bucket: position (k-1)*bucket is the first to read k buckets
+        positions = list(range(0, reach, getattr(model, BUCKET)))
+    with torch.inference_mode():  # the engine makes its cache in inference mode, and a graph guards on that too
+        cache = KVCache(model.config, rows, max_len, device=param.device, dtype=cache_dtype)
         for b in batch_sizes:
             for slot in range(b):
                 prefill(model, cache, slot, [slot % model.config.vocab_size] * (prompt_len - slot))
-            for i in range(2):
-                step(model, cache, list(range(b)), [0] * b, [prompt_len + i] * b)
+            for slots in [list(range(b))] + ([list(range(rows - b, rows))] if rows > b else []):
+                for p in positions:
+                    step(model, cache, slots, [0] * b, [p] * b)
     return time.perf_counter() - t0

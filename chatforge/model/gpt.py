@@ -181,8 +181,18 @@ class KVCache:
             keys, values = torch.cat((old_k, k.to(old_k.dtype)), 2), torch.cat((old_v, v.to(old_v.dtype)), 2)
             k, v = k[:, :, -min(T, self.window):], v[:, :, -min(T, self.window):]
         hd = k.shape[-1]
-        self.k[layer].view(-1, hd).index_copy_(0, index, k.reshape(-1, hd).to(self.k.dtype))
-        self.v[layer].view(-1, hd).index_copy_(0, index, v.reshape(-1, hd).to(self.v.dtype))
+        if torch.compiler.is_compiling():
+            # Under inductor a write through a view of the cache (self.k[layer].view) is functionalised into a copy
+            # of the whole cache per layer (at 8k slots, slower than eager); an index_put_ on the cache itself is
+            # done in place. The same slots, the same values.
+            H, S = self.k.shape[2], self.capacity
+            row_head, slot = index // S, index % S
+            at = (torch.full_like(slot, layer), row_head // H, row_head % H, slot)
+            self.k.index_put_(at, k.reshape(-1, hd).to(self.k.dtype))
+            self.v.index_put_(at, v.reshape(-1, hd).to(self.v.dtype))
+        else:
+            self.k[layer].view(-1, hd).index_copy_(0, index, k.reshape(-1, hd).to(self.k.dtype))
+            self.v[layer].view(-1, hd).index_copy_(0, index, v.reshape(-1, hd).to(self.v.dtype))
         if ring_chunk:
             return keys, values
         return self._read(layer, B, min(kv_len, self.capacity))

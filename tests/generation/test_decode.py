@@ -20,10 +20,10 @@ def prompts(lengths, vocab=97, seed=0) -> list[list[int]]:
 
 def decode_greedy(model, prompt_list, slots, n_new, chunk=512, cache_slots=4):
     """Greedy tokens and per-step logits through decode.prefill/step, every row in its own slot."""
-    cache = KVCache(model.config, cache_slots, model.config.max_seq_len)
     seqs = [list(p) for p in prompt_list]
     logits = [[] for _ in prompt_list]
-    with torch.inference_mode():
+    with torch.inference_mode():  # the cache too, as the engine makes it
+        cache = KVCache(model.config, cache_slots, model.config.max_seq_len)
         for i, (p, slot) in enumerate(zip(prompt_list, slots)):
             row = decode.prefill(model, cache, slot, p, chunk=chunk)
             logits[i].append(row)
@@ -85,17 +85,55 @@ def test_decode_step_never_reads_a_value_from_the_device(family):
             decode.step(model, cache, [1, 0], [3, 4], [20, 12])
 
 
+def test_kv_bucket_rounds_up_within_the_cache():
+    """The compiled step's read span: a multiple of the bucket, capped by the cache and max_seq_len, never short."""
+    llama = random_family_model(FAMILIES["llama-gqa"]).config  # max_seq_len 64
+    cache = KVCache(llama, 1, 64)
+    assert [decode.kv_bucket(n, cache, llama, 16) for n in (1, 16, 17, 40, 60, 64)] == [16, 16, 32, 48, 64, 64]
+    assert decode.kv_bucket(65, cache, llama, 16) == 65  # past the cache: the forward raises, as eager does
+    assert decode.kv_bucket(20, KVCache(llama, 1, 40), llama, 16) == 32
+    assert decode.kv_bucket(33, KVCache(llama, 1, 40), llama, 16) == 40
+    window = random_family_model(FAMILIES["mistral-window"]).config  # a ring of 8 slots
+    ring = KVCache(window, 1, 64)
+    assert [decode.kv_bucket(n, ring, window, 4) for n in (3, 5, 9, 50)] == [4, 8, 8, 8]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_step_reading_whole_buckets_gives_the_exact_tokens(family):
+    """The bucketed read of a compiled step, run eagerly (the model stands in for its compiled forward): slots past
+    each row's position are masked, so logits match the exact read and the greedy tokens are the same, across
+    several bucket boundaries, a ring and rows other than 0..B-1."""
+    model = random_family_model(FAMILIES[family])
+    batch = prompts([5, 13, 9])
+    exact, exact_logits = decode_greedy(model, batch, [2, 0, 1], n_new=20)
+    setattr(model, decode.COMPILED, model)
+    setattr(model, decode.BUCKET, 8)
+    try:
+        bucketed, bucketed_logits = decode_greedy(model, batch, [2, 0, 1], n_new=20)
+    finally:
+        decode.uncompile(model)
+    assert not decode.is_compiled(model)
+    assert bucketed == exact
+    assert max((torch.stack(a) - torch.stack(b)).abs().max().item()
+               for a, b in zip(exact_logits, bucketed_logits)) <= 1e-5
+
+
 @pytest.mark.slow
 def test_compiled_decode_gives_the_eager_greedy_tokens(tmp_path, monkeypatch):
-    """The compiled step (inductor, frozen, dynamic shapes) and the eager fallback agree token for token."""
+    """The compiled step (inductor, frozen, static shapes per kv bucket) and the eager fallback agree token for
+    token across bucket boundaries, and after warmup() the run compiles nothing more."""
+    import torch._dynamo.config as dynamo_config
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = random_family_model(FAMILIES["llama-gqa"])
     batch = prompts([7, 15])
-    eager, eager_logits = decode_greedy(model, batch, [0, 1], n_new=10)
-    decode.compile_decode(model)
+    eager, eager_logits = decode_greedy(model, batch, [0, 1], n_new=12, cache_slots=2)  # kv_len 8..26
+    decode.compile_decode(model, bucket=8)
     try:
         assert decode.is_compiled(model)
-        compiled, compiled_logits = decode_greedy(model, batch, [0, 1], n_new=10)
+        decode.warmup(model, batch_sizes=(2,), rows=2, max_len=model.config.max_seq_len, reach=27)
+        monkeypatch.setattr(dynamo_config, "error_on_recompile", True)
+        compiled, compiled_logits = decode_greedy(model, batch, [0, 1], n_new=12, cache_slots=2)
     finally:
         decode.uncompile(model)
     assert compiled == eager
