@@ -78,7 +78,8 @@ def checked(req, n: int, temperature: float) -> int:
 
 def by_logprob(choices) -> list[int]:
     """Candidate indices, best first, as OpenAI's legacy best_of ranks: the highest mean log probability of the
-    sampled tokens; a candidate the guard stopped, or one without tokens, ranks last; ties keep the earlier one."""
+    sampled tokens; a candidate the guard stopped, or one without log probabilities (no tokens, or text the output
+    chain redacted, whose logprobs it withholds), ranks last; ties keep the earlier one."""
     def key(i: int):
         c = choices[i]
         lps = [e["logprob"] for e in c.logprobs]
