@@ -150,9 +150,10 @@ def warmup(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (1, 2), prompt
 
     rows, max_len: the shape of the engine's KVCache (its max_batch_size and context length). A static graph is
     specific to the cache's shape (and to its being an inference tensor, as the engine's is), so warming a cache of
-    another shape would compile graphs the engine never runs; unset, a cache just big enough. reach: the longest sequence to warm for; a compiled model runs one step in every
-    kv bucket up to it (default: the buckets of prompt_len + 2), each on rows 0..B-1 and, when the cache has more
-    rows than B, on others (a gather: another graph), so a run within `reach` compiles nothing more (tested).
+    another shape would compile graphs the engine never runs; unset, a cache just big enough.
+    reach: the longest sequence to warm for; a compiled model runs one step in every kv bucket up to it (default:
+    the buckets of prompt_len + 2), each on rows 0..B-1 and, when the cache has more rows than B, on others (a
+    gather: another graph), so a run within `reach` compiles nothing more (tested).
     """
     from chatforge.model.gpt import KVCache
 

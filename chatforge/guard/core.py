@@ -172,6 +172,7 @@ def _language(text: str) -> str:
 
 WINDOW_PER_CHAR = 8  # a streamed check looks this many characters back per character of the longest entry
 
+
 class ReplyStream:
     """Moderates a streamed reply without leaking flagged text.
 

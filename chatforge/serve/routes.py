@@ -147,7 +147,7 @@ async def completions(request: Request):
     return _json(schemas.Completion(**head, object="text_completion", choices=[
         schemas.CompletionChoice(index=i, text="".join(c.text), finish_reason=c.finish_reason, logprobs=(
             schemas.CompletionLogprobs.from_engine(c.logprobs, [offsets[j] + o for o in c.offsets], bool(req.logprobs))
-            if req.logprobs is not None else None)) for i, (j, c) in enumerate((j, choices[j]) for j in kept)],
+            if req.logprobs is not None else None)) for i, j in enumerate(kept) for c in [choices[j]]],
         usage=schemas.Usage.of(prompt_tokens, sum(c.tokens for c in choices), job.cached_tokens(k))))
 
 

@@ -32,16 +32,15 @@ def token_loss(model, batch, autocast_ctx):
     import torch
     import torch.nn.functional as F
 
-    if torch.compiler.is_compiling():
-        with autocast_ctx:
-            logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+    static = torch.compiler.is_compiling()
+    with autocast_ctx:
+        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids,
+                       only=None if static else batch.loss_mask)
+    if static:
         targets = batch.targets.masked_fill(~batch.loss_mask, -100)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                reduction="sum"), None, None
-    with autocast_ctx:
-        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids,
-                       only=batch.loss_mask)[0]
-    targets = batch.targets[batch.loss_mask]
+    logits, targets = logits[0], batch.targets[batch.loss_mask]
     ce = F.cross_entropy(logits.float(), targets, reduction="sum")
     if torch.is_grad_enabled():
         return ce, None, None

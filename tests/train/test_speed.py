@@ -1,5 +1,6 @@
 """Speed features that a user relies on: the compile rule, the cached matmul peak, MFU and trained tokens/s in every
-metrics row, the token loss (trained positions only eagerly, static shapes compiled), and LoRA's frozen base in bf16 with fp32 adapters and AdamW state."""
+metrics row, the token loss (trained positions only eagerly, static shapes compiled), and LoRA's frozen base in bf16
+with fp32 adapters and AdamW state."""
 
 from __future__ import annotations
 
