@@ -180,6 +180,8 @@ class Batch:
     def n_trained(self) -> int:
         return int(self.loss_mask.sum())
 
+    trained_tokens = n_trained  # what the metrics count: here also the loss's divisor
+
 
 class PackedRows:
     """An epoch's packing (which records fill each row) with the rows built only when a batch asks for them, so

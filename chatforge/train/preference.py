@@ -67,6 +67,10 @@ class PairBatch:
     def n_trained(self) -> int:  # the loop divides the summed loss by this: the mean over the step's pairs
         return self.n_pairs
 
+    @property
+    def trained_tokens(self) -> int:  # what the metrics count: reply tokens, chosen and rejected
+        return int(self.loss_mask.sum())
+
 
 def make_pair_batch(enc, index, pad_id: int) -> PairBatch:
     import torch

@@ -180,6 +180,21 @@ def test_dpo_resumes_bit_for_bit_and_logs_every_step(tmp_path, tiny, data, over)
     assert [r["loss"] for r in again] == [r["loss"] for r in rows]
 
 
+def test_dpo_metrics_count_reply_tokens_not_pairs(tmp_path, tiny, data):
+    """The loss is a mean over pairs, but trained_tokens (and trained_tok_s) count the reply tokens that carried it,
+    chosen and rejected: one step over all 60 pairs trains every reply token the data report counted."""
+    from chatforge.train.events import Started
+
+    _, folder = tiny
+    started = []
+    out = train(config(tmp_path, data, folder, "count", val_fraction=0, batch_size=60, grad_accum=1, max_steps=1,
+                       eval_every=1000, save_every=1000),
+                on_event=lambda e: started.append(e) if isinstance(e, Started) else None)
+    expected = started[0].info["data"]["trained_tokens"]
+    row = read_metrics(Path(out["out_dir"]) / "metrics.jsonl")[0]
+    assert expected > 2 * 60 and row["trained_tokens"] == out["trained_tokens"] == expected
+
+
 def test_adapter_off_reference_is_the_base_model(tiny):
     """The LoRA reference is the model itself with its adapter switched off: no second copy, the base's numbers."""
     from chatforge.train.preference import reference_logps
