@@ -48,7 +48,8 @@ def size_command(config: str | None = None, params: str | None = None, batch_siz
     if "data" in result:
         info = result["data"]
         print(f"\ndata {data}: {info['records']:,} training records -> {info['tokens']:,} tokens "
-              f"({info['trained_tokens']:,} trained) with a {info['vocab_size']}-token vocabulary")
+              f"({info['trained_tokens']:,} trained, encoded for {info['stage']}) with a {info['vocab_size']}-token "
+              "vocabulary")
     rec = result.get("recommendation")
     if rec is not None:
         print(f"\nrecommended: {rec['preset']} — {rec['reason']}.")

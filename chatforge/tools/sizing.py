@@ -9,6 +9,7 @@ compute-optimally.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import replace
@@ -203,8 +204,6 @@ def model_config_from_train(cfg) -> ModelConfig:
 
 def resolve_config(config: str | None, params: str | None, vocab_size: int) -> tuple[ModelConfig, str, object]:
     """(model config, its name, the TrainConfig if a training YAML was given) for `size`'s inputs."""
-    import os
-
     from chatforge.model.gpt import PRESETS, config_from_preset
 
     if config and params:
@@ -416,8 +415,11 @@ def plan_size(config: str | None = None, params: str | None = None, batch_size: 
         result["compute_optimal_hours"] = result["compute_optimal_tokens"] / result["throughput"]["tokens_per_s"] / 3600
     data_tokens = tokens
     if data is not None:
-        info = dataset_tokens(data, model.vocab_size, seq_len, cfg.stage if cfg else "sft", cfg.tokenizer if cfg else None)
-        result["data"] = info | {"spec": data}
+        # a YAML says its stage; a model folder is fine-tuned (SFT); a preset or --params shape is trained from
+        # scratch, i.e. pretrained on all the text (the SFT encoding's truncated rows would undercount it ~5x)
+        stage = cfg.stage if cfg else "sft" if config and os.path.isdir(config) else "pretrain"
+        info = dataset_tokens(data, model.vocab_size, seq_len, stage, cfg.tokenizer if cfg else None)
+        result["data"] = info | {"spec": data, "stage": stage}
         data_tokens = info["tokens"]
     if data_tokens is not None or seconds is not None:
         result["recommendation"] = _recommend_for(model, batch_size, seq_len, data_tokens, seconds, throughput,

@@ -166,6 +166,21 @@ def test_size_command_probe_and_data_recommendation(tmp_path, capsys):
             f"max_steps=null max_time_s=null max_tokens={4 * d['data']['tokens']} (about 4.0 epochs)") in printed
 
 
+def test_size_counts_a_from_scratch_model_s_data_as_pretraining_encodes_it(tmp_path, capsys):
+    """A preset is trained from scratch, so all the text is pretrained on: the SFT encoding (assistant rows,
+    truncated) would undercount the data that bounds the recommendation."""
+    from chatforge.tools.sizing import dataset_tokens
+
+    out = tmp_path / "size.json"
+    assert main(["size", "--config", "nano", "--no-probe", "--vocab-size", "300", "--seq-len", "32",
+                 "--data", "builtin:english/ai", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())["data"]
+    pretrain = dataset_tokens("builtin:english/ai", 300, 32, "pretrain")
+    assert d["stage"] == "pretrain" and d["tokens"] == pretrain["tokens"]
+    assert d["tokens"] > dataset_tokens("builtin:english/ai", 300, 32, "sft")["tokens"]
+    assert "encoded for pretrain" in capsys.readouterr().out
+
+
 def test_size_plans_exactly_the_model_that_training_builds(tmp_path):
     """One model-shape rule (model/shape.py): `size` on a training config gives the ModelConfig train builds."""
     from chatforge.config import load_config
