@@ -4,7 +4,8 @@ A ~170-token chat prompt, 128 greedy tokens. For each row: first-token latency (
 tokens/s at batch 1 and at batch 8 (aggregate, after the prefills), and peak RSS. Each row runs in its own process
 (one after another, same threads), so peak RSS is that row's alone; the machine is shared and noisy, so compare
 rows of the same run only, as ratios. chatforge rows go through the engine (sampling and streaming included):
-fp32, bf16, int8 weight-only and int8 dynamic (torchao), each eager or compiled (decode.compile_decode, frozen).
+fp32, bf16, int8 weight-only and int8 dynamic (torchao), each eager or compiled (decode.compile_decode, frozen;
++compile-pyw: with inductor's Python wrapper instead of its C++ one).
 transformers runs the same weights (the folder chatforge converted from the packaged GGUF); llama.cpp
 (llama-cpp-python, the `bench` extra) runs the packaged Q4_1 GGUF itself, at batch 1 only.
 
@@ -16,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 MODEL = "smollm2-135m-instruct"
 ROWS = ["transformers-fp32", "transformers-bf16", "fp32", "bf16", "bf16+compile", "int8-wo", "int8-wo+compile",
-        "int8-dyn", "int8-dyn+compile", "llama.cpp"]
+        "int8-dyn", "int8-dyn+compile", "int8-dyn+compile-pyw", "llama.cpp"]
 SYSTEM = ("You are a patient, precise assistant for a small bakery. You answer in plain English, in full sentences, "
           "without lists or headings, and you never invent prices, opening hours or ingredients that the customer "
           "has not been told about. When you are unsure, you say so and suggest asking the staff in the shop.")
@@ -43,7 +43,9 @@ def prompt_ids():
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak (VmHWM): getrusage's ru_maxrss survives fork + exec, so it could be the parent's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
@@ -68,7 +70,7 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
     engine = Engine(model, tok, max_batch_size=rows, prefix_cache=False, prefill_chunk=None)
     out = {}
     if compiled:
-        decode.compile_decode(model)
+        decode.compile_decode(model, cpp_wrapper=compiled != "compile-pyw")  # -pyw: inductor's Python wrapper
         # Warm every kv bucket the timed runs reach (prompt + new tokens), one bucket per call so that each
         # bucket's compile time shows; the graphs match the engine's cache (rows, context length).
         reach, bucket = len(ids) + new_tokens, decode.KV_BUCKET
@@ -82,11 +84,16 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
         for _ in range(batch):
             engine.add_request(ids, params)
         t0 = time.perf_counter()
-        n = len(engine.step())  # the prefills and each row's first token
+        events = engine.step()  # the prefills and each row's first token
+        n = len(events)
         t1 = time.perf_counter()
         while engine.has_work():
-            n += len(engine.step())
+            new = engine.step()
+            n += len(new)
+            events += new
         t2 = time.perf_counter()
+        if batch == 1:
+            out["ids_b1"] = [t for _, d in events for t in d.token_ids]
         return t1 - t0, (n - batch) / (t2 - t1), n // batch
 
     with torch.inference_mode():
@@ -214,6 +221,11 @@ def main() -> int:
 
         print(f"warm-up seconds per kv bucket of {KV_BUCKET} slots (a compile, or a load from the disk cache): "
               f"{compiled}")
+    groups: dict[tuple, list[str]] = {}  # rows by the greedy b1 tokens they produced
+    for row, r in results.items():
+        groups.setdefault(tuple(r.get("ids_b1") or [row]), []).append(row)
+    if len(groups) > 1:
+        print("rows with the same greedy b1 tokens: " + "; ".join(", ".join(g) for g in groups.values()))
     short = {row: (r["tokens_b1"], r.get("tokens_b8")) for row, r in results.items()
              if r["tokens_b1"] < args.new_tokens}
     if short:
