@@ -4,8 +4,7 @@ A ~170-token chat prompt, 128 greedy tokens. For each row: first-token latency (
 tokens/s at batch 1 and at batch 8 (aggregate, after the prefills), and peak RSS. Each row runs in its own process
 (one after another, same threads), so peak RSS is that row's alone; the machine is shared and noisy, so compare
 rows of the same run only, as ratios. chatforge rows go through the engine (sampling and streaming included):
-fp32, bf16, int8 weight-only and int8 dynamic (torchao), each eager or compiled (decode.compile_decode, frozen;
-+compile-pyw: with inductor's Python wrapper instead of its C++ one).
+fp32, bf16, int8 weight-only and int8 dynamic (torchao), each eager or compiled (decode.compile_decode, frozen).
 transformers runs the same weights (the folder chatforge converted from the packaged GGUF); llama.cpp
 (llama-cpp-python, the `bench` extra) runs the packaged Q4_1 GGUF itself, at batch 1 only.
 
@@ -23,7 +22,7 @@ import time
 
 MODEL = "smollm2-135m-instruct"
 ROWS = ["transformers-fp32", "transformers-bf16", "fp32", "bf16", "bf16+compile", "int8-wo", "int8-wo+compile",
-        "int8-dyn", "int8-dyn+compile", "int8-dyn+compile-pyw", "llama.cpp"]
+        "int8-dyn", "int8-dyn+compile", "llama.cpp"]
 SYSTEM = ("You are a patient, precise assistant for a small bakery. You answer in plain English, in full sentences, "
           "without lists or headings, and you never invent prices, opening hours or ingredients that the customer "
           "has not been told about. When you are unsure, you say so and suggest asking the staff in the shop.")
@@ -70,7 +69,7 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
     engine = Engine(model, tok, max_batch_size=rows, prefix_cache=False, prefill_chunk=None)
     out = {}
     if compiled:
-        decode.compile_decode(model, cpp_wrapper=compiled != "compile-pyw")  # -pyw: inductor's Python wrapper
+        decode.compile_decode(model)
         # Warm every kv bucket the timed runs reach (prompt + new tokens), one bucket per call so that each
         # bucket's compile time shows; the graphs match the engine's cache (rows, context length).
         reach, bucket = len(ids) + new_tokens, decode.KV_BUCKET

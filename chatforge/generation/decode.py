@@ -42,14 +42,12 @@ def inductor_cache_dir() -> Path:
 
 
 def compile_decode(model: torch.nn.Module, freeze: bool = True, mode: str | None = None,
-                   bucket: int = KV_BUCKET, cpp_wrapper: bool | None = None) -> None:
+                   bucket: int = KV_BUCKET) -> None:
     """Make step() run a compiled forward of `model` (in place; `uncompile` undoes it).
 
     freeze: inductor freezing (weights folded as constants; the model must not be trained afterwards).
-    mode: torch.compile mode; on CUDA "reduce-overhead" adds CUDA graphs (and then no cpp_wrapper).
+    mode: torch.compile mode; on CUDA "reduce-overhead" adds CUDA graphs.
     bucket: the step reads the cache in multiples of this many slots, so static graphs are few (see `kv_bucket`).
-    cpp_wrapper: inductor's C++ wrapper (default: on CPU, without mode). A decode step of a 30-layer model calls
-    ~300 small kernels; from the default Python wrapper that cost a tiny model's step 6.9 ms, from C++ 3.3 ms.
     """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
@@ -60,12 +58,7 @@ def compile_decode(model: torch.nn.Module, freeze: bool = True, mode: str | None
     inductor_config.freezing = freeze
     inductor_config.fx_graph_cache = True
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    if cpp_wrapper is None:
-        cpp_wrapper = mode is None and next(model.parameters()).device.type == "cpu"
-    if cpp_wrapper and mode is not None:
-        raise ChatforgeError(f"compile: cpp_wrapper cannot be combined with mode {mode!r}")
-    options = {"cpp_wrapper": True} if cpp_wrapper else None
-    setattr(model, COMPILED, torch.compile(model.forward, dynamic=False, mode=mode, options=options))
+    setattr(model, COMPILED, torch.compile(model.forward, dynamic=False, mode=mode))
     setattr(model, BUCKET, bucket)
 
 
