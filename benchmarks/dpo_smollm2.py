@@ -10,7 +10,7 @@ pairs, conversations (SFT loss), unsafe prompts (refusal rate), clean prompts (f
 over-refusal set (safe prompts that look unsafe; reported, not a target).
 
 Prints one table: pair accuracy of the implicit reward (DPO) and of the reward model, held-out SFT loss, refusal
-and false-refusal rates, peak memory of DPO+LoRA vs LoRA SFT at the same batch (child processes, max RSS), and
+and false-refusal rates, peak memory of DPO+LoRA vs LoRA SFT at the same batch (child processes, VmHWM), and
 three before/after replies. Sizes are flags; the defaults took ~70 minutes on the shared 2-core machine at
 load 6 (one thread: `nice -n 5 env OMP_NUM_THREADS=1`).
 
