@@ -43,12 +43,16 @@ class Dist:
 
     def sum(self, value: float) -> float:
         """The sum of a number over all processes (fp64 on the host side: exact for token counts)."""
+        return self.sums([value])[0]
+
+    def sums(self, values: list[float]) -> list[float]:
+        """Each number summed over all processes, in one all-reduce."""
         import torch
         import torch.distributed as td
 
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         td.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
 
     @property
     def device(self):

@@ -315,11 +315,7 @@ def train_step(run: Run, p: Progress) -> dict:
         batches, (loss, n_trained) = [], run.private.accumulate(run.device, run.autocast)
     else:
         batches = [run.stream.next() for _ in range(cfg.grad_accum)]
-        loss, _ = accumulate_gradients(run.forward, batches, run.device, run.autocast, run.loss, run.dist)
-        # the loss's divisor is pairs for a preference step; the metrics always count tokens that carried the loss
-        n_trained = sum(b.trained_tokens for b in batches)
-        if run.dist is not None:
-            n_trained = int(run.dist.sum(n_trained))
+        loss, n_trained = accumulate_gradients(run.forward, batches, run.device, run.autocast, run.loss, run.dist)
     gnorm = None
     if cfg.grad_clip and run.private is None:
         gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)

@@ -101,10 +101,11 @@ STAGES: dict[str, Stage] = _stages()
 
 
 def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None, dist=None) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step; returns (mean loss per trained token, trained tokens).
+    """Backward over the micro-batches of one optimizer step; returns (mean loss, trained tokens).
 
-    Each micro-batch's summed loss is divided by the trained tokens of the whole step, not by its own count, so the
-    accumulated gradient equals that of one batch holding all of them, however the tokens fall between micro-batches.
+    Each micro-batch's summed loss is divided by the count of the whole step (`n_trained`: trained tokens, or pairs
+    for a preference step), not by its own, so the accumulated gradient equals that of one batch holding all of them,
+    however they fall between micro-batches. The returned count is always tokens that carried the loss.
     dist (distributed.Dist): the count is the whole global step's, over every process, and the loss is scaled by
     the world size because DDP/FSDP average gradients; the result equals one process holding the global batch.
     Under DDP the micro-batches before the last skip the all-reduce (no_sync); FSDP2 reduce-scatters each one,
@@ -117,7 +118,7 @@ def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None, 
         n_trained, scale = int(dist.sum(n_trained)), float(dist.world)
     if n_trained == 0:
         raise ChatforgeError("training: a step without trained tokens (every record in it was fully masked)")
-    loss_sum = 0.0
+    loss_sum, tokens = 0.0, sum(b.trained_tokens for b in micro_batches)
     last = len(micro_batches) - 1
     for i, b in enumerate(micro_batches):
         # DDP all-reduces in backward: only the last micro-batch's does, over the gradients accumulated locally
@@ -126,8 +127,8 @@ def accumulate_gradients(model, micro_batches, device, autocast_ctx, loss=None, 
             (ce / n_trained * scale if dist is not None else ce / n_trained).backward()
         loss_sum += float(ce.detach())
     if dist is not None:
-        loss_sum = dist.sum(loss_sum)
-    return loss_sum / n_trained, n_trained
+        loss_sum, tokens = dist.sums([loss_sum, tokens])
+    return loss_sum / n_trained, int(tokens)
 
 
 def evaluate_rows(model, rows, batch_size: int, device, dtype, byte_table: np.ndarray,
