@@ -42,11 +42,11 @@ def check_replay_apart(cfg, records: tuple, general: list[dict]) -> None:
     """The recipe's replay dialogs come from chitchat's train split: none may be (the start of) a scored dialog."""
     if cfg.replay is None:
         return
-    from chatforge.data.replay import mix_replay
+    from chatforge.data.replay import replay_pool
 
-    mixed, _ = mix_replay(records[0], records[2], cfg.replay, cfg.seed)
+    pool, _, _ = replay_pool(records[0], records[2], cfg.replay, cfg.seed)
     scored = [r["messages"] for r in general]
-    shared = [r for r in mixed if "meta" in r and any(m[:len(r["messages"])] == r["messages"] for m in scored)]
+    shared = [r for r in pool if any(m[:len(r["messages"])] == r["messages"] for m in scored)]
     if shared:
         raise SystemExit(f"{len(shared)} replay dialogs are also scored as general held-out dialogs")
 
@@ -119,6 +119,8 @@ def load_text() -> str:
 
 
 def main(argv: list[str]) -> None:
+    import json
+
     import torch
 
     from chatforge.config import load_config
@@ -148,6 +150,9 @@ def main(argv: list[str]) -> None:
     summary, wall = finetune(cfg, records)
     tuned = load_tuned(summary)
     after = measure(tuned.model, tuned.tokenizer, facts, general)
+    from chatforge.io import atomic_write_text
+
+    atomic_write_text(Path(cfg.out_dir) / "fact_check.json", json.dumps(after["facts"], ensure_ascii=False, indent=1))
 
     fb, fa = fact_cells(before), fact_cells(after)
     ratio = after["general_loss"] / before["general_loss"]
@@ -169,7 +174,8 @@ def main(argv: list[str]) -> None:
         b, a = items_b[i], items_a[i]
         print(f"\nQ: {b['question']}   (expect {b['expect']})\n  before [{'ok' if b['ok'] else 'no'}]: {b['reply']!r}"
               f"\n  after  [{'ok' if a['ok'] else 'no'}]: {a['reply']!r}")
-    print(f"\nadapter: {summary['best_dir']} (chatforge chat {summary['best_dir']})")
+    print(f"\nadapter: {summary['best_dir']} (chatforge chat {summary['best_dir']}); every held-out question and "
+          f"reply: {cfg.out_dir}/fact_check.json")
 
 
 if __name__ == "__main__":

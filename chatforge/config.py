@@ -86,15 +86,26 @@ class PerturbSpec:
 @dataclass
 class ReplaySpec:
     """The `replay:` section: general dialogs mixed into fine-tuning so the model keeps what it could (data/replay.py).
-    `share` of the training records come from the train split of `data` (split as `val_fraction` splits it, so its
-    held-out conversations stay out), each cut to its first `max_messages` messages, ending on a reply."""
+    `share` of each epoch's training records come from the train split of `data` (split as `val_fraction` splits it,
+    so its held-out conversations stay out), each cut to its first `max_messages` messages, ending on a reply. Each
+    epoch takes dialogs no earlier epoch had, for `epochs` epochs, then they come round again: a fixed few replayed
+    every epoch are memorised and stop holding the model to general dialog."""
 
     data: str = "builtin:chitchat"
     share: float = 0.25
     max_messages: int | None = 6
     val_fraction: float = 0.1
+    epochs: int = 32
 
-    def check(self, bad) -> None:
+    def check(self, bad, cfg) -> None:
+        if cfg.stage not in ("pretrain", "sft"):
+            raise bad("replay", f"stage {cfg.stage} is not supported (pretrain and sft are: replay adds dialogs, "
+                                "not preference pairs)")
+        if cfg.perturbation is not None:
+            raise bad("replay", "cannot be used with perturbation: perturbation re-encodes a fixed record set "
+                                "each epoch, replay changes the set each epoch")
+        if self.epochs < 1:
+            raise bad("replay.epochs", f"must be at least 1, got {self.epochs}")
         if not 0.0 < self.share < 1.0:
             raise bad("replay.share", f"must be between 0 and 1 (exclusive), got {self.share}")
         if self.max_messages is not None and self.max_messages < 2:
@@ -143,7 +154,8 @@ class PrivacySpec:
         refusals = {"compile": "a compiled model hides the layers whose per-sample gradients Opacus computes",
                     "gradient_checkpointing": "it re-runs the forward pass inside backward, which Opacus's "
                                               "per-sample hooks cannot follow",
-                    "perturbation": "records re-drawn each epoch are not the records the accountant counts"}
+                    "perturbation": "records re-drawn each epoch are not the records the accountant counts",
+                    "replay": "replay dialogs drawn anew each epoch are not the records the accountant counts"}
         for name, why in refusals.items():
             if getattr(cfg, name) and getattr(cfg, name) != "auto":  # compile: auto stays eager with privacy
                 raise bad(name, f"cannot be used with privacy: {why}")
@@ -271,7 +283,7 @@ class TrainConfig:
         if self.privacy is not None:
             self.privacy.check(bad, self)
         if self.replay is not None:
-            self.replay.check(bad)
+            self.replay.check(bad, self)
         self._check_preference(bad)
         self._check_model(bad, locate)
 

@@ -10,6 +10,7 @@ small, but a real dataset is millions of tokens and Python lists of ints cost 10
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,11 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __add__(self, other: "Encoded") -> "Encoded":
+        """Both record sets, self's first; the counts added up."""
+        return Encoded(self.ids + other.ids, self.masks + other.masks,
+                       {k: self.stats.get(k, 0) + other.stats.get(k, 0) for k in {**self.stats, **other.stats}})
 
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(i) for i in self.ids), dtype=np.int64, count=len(self.ids))
@@ -264,12 +270,15 @@ def iter_batches(rows: Rows, batch_size: int, max_batches: int | None = None):
 
 class BatchStream:
     """Endless training batches. Epoch e's shuffle and packing depend only on (seed, e), so the position
-    {"epoch", "row"} is all a resumed run needs to continue with exactly the batches it would have seen."""
+    {"epoch", "row"} is all a resumed run needs to continue with exactly the batches it would have seen.
+    members(epoch), when given, names the records an epoch holds (replay's changing general dialogs); else all."""
 
-    def __init__(self, enc: Encoded, seq_len: int, batch_size: int, pad_id: int, seed: int):
+    def __init__(self, enc: Encoded, seq_len: int, batch_size: int, pad_id: int, seed: int,
+                 members: Callable[[int], np.ndarray] | None = None):
         if not len(enc):
             raise ChatforgeError("data: no training records left after encoding (see data_report.json)")
         self.enc, self.seq_len, self.batch_size, self.pad_id, self.seed = enc, seq_len, batch_size, pad_id, seed
+        self.members = members
         self.epoch, self.row = 0, 0
         self._rows: Rows | PackedRows | None = None
         self._rows_epoch = -1
@@ -280,7 +289,12 @@ class BatchStream:
         if self._rows_epoch != self.epoch:
             if self._lengths is None:
                 self._lengths = self.enc.lengths()
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._lengths))
+            rng = np.random.default_rng([self.seed, self.epoch])
+            if self.members is None:
+                order = rng.permutation(len(self._lengths))
+            else:
+                chosen = self.members(self.epoch)
+                order = chosen[rng.permutation(len(chosen))]
             self._rows = None  # the previous epoch's layout goes before the next one is made
             self._rows = packed(self.enc, self.seq_len, self.pad_id, order, self._lengths)
             self._rows_epoch = self.epoch

@@ -9,6 +9,7 @@ nothing: it emits events (events.py) that the command layer shows.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -192,11 +193,12 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     if records is None and shards is None:
         records = load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
     train_records, val_records, data_report = records or (None, None, None)
-    if cfg.replay is not None and train_records is not None:  # general dialogs against forgetting
-        from chatforge.data.replay import mix_replay
+    pool, per_epoch = [], 0  # replay: general dialogs against forgetting, a changing share of each epoch
+    if cfg.replay is not None and train_records is not None:
+        from chatforge.data.replay import replay_pool
 
-        train_records, data_report = mix_replay(train_records, data_report, cfg.replay, cfg.seed)
-    tokenizer, new_ids = build_tokenizer(cfg, train_records, out, resume)
+        pool, per_epoch, data_report = replay_pool(train_records, data_report, cfg.replay, cfg.seed)
+    tokenizer, new_ids = build_tokenizer(cfg, train_records + pool if pool else train_records, out, resume)
     why = shards and token_shards.mismatch(shards, cfg.stage, cfg.seq_len, tokenizer)
     if why:  # the shards of another tokenizer or seq_len: the records, tokenized in memory
         emit(Note(f"data: {cfg.data}/shards not used ({why}); tokenizing in memory"))
@@ -213,8 +215,17 @@ def set_up(cfg: TrainConfig, resume: bool, records: tuple | None, emit) -> tuple
     else:
         train_enc = stage.encode(train_records, tokenizer, cfg.seq_len)
         val_enc = stage.encode(val_records, tokenizer, cfg.seq_len)
+    members = None
+    if pool:
+        from chatforge.data.replay import replay_members
+
+        pool_enc = stage.encode(pool, tokenizer, cfg.seq_len)
+        pieces = round(per_epoch * len(pool_enc) / len(pool))  # a record can be dropped (or split: pretraining)
+        members = functools.partial(replay_members, len(train_enc), len(pool_enc), pieces)
+        train_enc = train_enc + pool_enc
     world = dist.world if dist is not None else 1
-    stream = stage.batches(train_enc, cfg.seq_len, cfg.batch_size * world, tokenizer.pad_id, cfg.seed)
+    stream = stage.batches(train_enc, cfg.seq_len, cfg.batch_size * world, tokenizer.pad_id, cfg.seed,
+                           **({"members": members} if members else {}))
     forward = model
     if dist is not None:  # each rank takes its slice of the global batch; DDP wraps, FSDP2 shards in place
         stream = distributed.RankSlice(stream, dist, cfg.batch_size)

@@ -62,11 +62,12 @@ class Stage:
 
         return encode_records(records, tokenizer, self.target, seq_len + 1, self.split_long)
 
-    def batches(self, enc, seq_len: int, batch_size: int, pad_id: int, seed: int):
-        """The training batches: packed rows, reshuffled each epoch, with a resumable position."""
+    def batches(self, enc, seq_len: int, batch_size: int, pad_id: int, seed: int, members=None):
+        """The training batches: packed rows, reshuffled each epoch, with a resumable position; members(epoch): the
+        records of an epoch (data/pack.BatchStream)."""
         from chatforge.data.pack import BatchStream
 
-        return BatchStream(enc, seq_len, batch_size, pad_id, seed)
+        return BatchStream(enc, seq_len, batch_size, pad_id, seed, members)
 
     def eval_rows(self, enc, seq_len: int, pad_id: int):
         from chatforge.data.pack import pack

@@ -138,6 +138,8 @@ def test_micro_batches_give_the_gradient_of_the_whole_draw(tmp_path):
     (["privacy.noise_multiplier=1", "gradient_checkpointing=true"], "override 'gradient_checkpointing=true': "
      "gradient_checkpointing: cannot be used with privacy: it re-runs the forward pass inside backward, which "
      "Opacus's per-sample hooks cannot follow"),
+    (["privacy.noise_multiplier=1", "replay.share=0.2"], "override 'replay.share=0.2': replay: cannot be used with "
+     "privacy: replay dialogs drawn anew each epoch are not the records the accountant counts"),
     (["privacy.target_epsilon=8", "max_steps=null", "max_time_s=60"], "override 'privacy.target_epsilon=8': "
      "privacy.target_epsilon: needs max_steps or max_tokens: the noise is calibrated to the number of steps, which a "
      "time budget does not fix"),
