@@ -16,6 +16,7 @@ load 6 (one thread: `nice -n 5 env OMP_NUM_THREADS=1`).
 
     .venv/bin/python benchmarks/dpo_smollm2.py [--steps 60] [--pairs 240] [--eval 40] [--contrast 80]
         [--refusal-rejected opener|model] [--rpo-alpha 1.0] [--beta 0.1] [--lr 5e-4] [--dpo-only]
+        [--lora-targets attention|all-linear]
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def main() -> None:
     ap.add_argument("--refusal-rejected", choices=("opener", "model"), default="opener",
                     help="rejected side of refusal pairs: a compliant-sounding opener, or the base model's own reply")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lora-targets", default="attention", choices=("attention", "all-linear"),
+                    help="LoRA on the attention projections (q, k, v, o) or on every projection of the blocks")
     ap.add_argument("--batch", type=int, default=4, help="pairs per micro-batch")
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per step")
     ap.add_argument("--out", default=None)
@@ -197,7 +200,8 @@ def main() -> None:
     sft_data.write_text("".join(json.dumps({"messages": p["prompt"] + p["chosen"]}, ensure_ascii=False) + "\n"
                                 for p in pairs), encoding="utf-8")
     before = measure(base.model, base.tokenizer, held_convs, unsafe, clean, over)
-    common = [f"init={MODEL}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "seq_len=192",
+    targets = ["lora.target_modules=all-linear"] if args.lora_targets == "all-linear" else []
+    common = [f"init={MODEL}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "seq_len=192", *targets,
               f"batch_size={args.batch}", f"grad_accum={args.accum}", "warmup_steps=5", f"max_steps={args.steps}",
               "eval_every=1000", "save_every=1000",
               "val_fraction=0", "dtype=bf16", f"lr={args.lr}", "seed=0", f"num_threads={args.threads}"]
@@ -235,8 +239,8 @@ def main() -> None:
          f"({mem_dpo / mem_sft:.2f}x / {mem_dpo / mem_sft2:.2f}x)", "<= 1.3x"),
     ]
     print(f"DPO+LoRA on {MODEL}: {len(pairs)} pairs ({args.contrast} contrast; refusal rejected: "
-          f"{args.refusal_rejected}), {args.steps} steps x {args.batch * args.accum} pairs, lr {args.lr}, "
-          f"beta {args.beta}, rpo_alpha {args.rpo_alpha}; held out "
+          f"{args.refusal_rejected}), LoRA r16 on {args.lora_targets}, {args.steps} steps x "
+          f"{args.batch * args.accum} pairs, lr {args.lr}, beta {args.beta}, rpo_alpha {args.rpo_alpha}; held out "
           f"{len(held_pairs)} pairs, {len(held_convs)} conversations, {len(unsafe)} unsafe, {len(clean)} clean, "
           f"{len(over)} over-refusal; "
           f"load: {os.getloadavg()[0]:.1f}; {time.time() - t0:.0f} s")
