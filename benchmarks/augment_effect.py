@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     load_start = load_text()
     facts = read_facts(str(FACTS))
     base = load(cfg.init)
-    general = general_records()  # only to reuse (or fill) domain_finetune.py's cache of the base model's figures
+    general = general_records(cfg.seed)  # only to reuse (or fill) domain_finetune.py's cache of the base model's figures
     before = cached_before(cfg, FACTS, general, lambda: measure(base.model, base.tokenizer, facts, general))["facts"]
 
     t0 = time.perf_counter()

@@ -30,11 +30,13 @@ REPLY_TOKENS = 64
 SHOWN = 6  # before/after replies printed
 
 
-def general_records(n: int = GENERAL_SAMPLE) -> list[dict]:
+def general_records(seed: int = 0, n: int = GENERAL_SAMPLE) -> list[dict]:
+    """A fixed sample of chitchat's validation split as the run's seed splits it: replay draws from the train split
+    of the same split, so the two stay apart."""
     from chatforge.data import load_dataset
     from chatforge.eval.evaluate import pick_records
 
-    _, val, _ = load_dataset(GENERAL, 0.1, 0)
+    _, val, _ = load_dataset(GENERAL, 0.1, seed)
     return pick_records(val, n, 0)
 
 
@@ -60,6 +62,8 @@ def cached_before(cfg, facts_path: Path, general: list[dict], compute) -> dict:
 
     key = {"init": cfg.init, "facts": hashlib.sha256(facts_path.read_bytes()).hexdigest(), "general": len(general),
            "reply_tokens": REPLY_TOKENS}
+    if cfg.seed:  # the sample of another seed's split (seed 0 keeps the key the earlier runs were cached under)
+        key["general_seed"] = cfg.seed
     path = Path(cfg.out_dir + "-before.json")
     if path.exists():
         saved = json.loads(path.read_text())
@@ -134,7 +138,7 @@ def main(argv: list[str]) -> None:
     load_start = load_text()
     records = load_dataset(cfg.data, cfg.val_fraction, cfg.seed)
     facts = read_facts(str(FACTS))
-    general = general_records()
+    general = general_records(cfg.seed)
     replay = (f"; replay: {cfg.replay.share:.0%} of training records from {cfg.replay.data}'s train split"
               if cfg.replay else "")
     print(f"data: {cfg.data}: {len(records[0])} train, {len(records[1])} held out{replay}; fact checks: "
