@@ -61,9 +61,7 @@ def cached_before(cfg, facts_path: Path, general: list[dict], compute) -> dict:
     from chatforge.io import atomic_write_text
 
     key = {"init": cfg.init, "facts": hashlib.sha256(facts_path.read_bytes()).hexdigest(), "general": len(general),
-           "reply_tokens": REPLY_TOKENS}
-    if cfg.seed:  # the sample of another seed's split (seed 0 keeps the key the earlier runs were cached under)
-        key["general_seed"] = cfg.seed
+           "general_seed": cfg.seed, "reply_tokens": REPLY_TOKENS}
     path = Path(cfg.out_dir + "-before.json")
     if path.exists():
         saved = json.loads(path.read_text())
@@ -130,6 +128,7 @@ def main(argv: list[str]) -> None:
     from chatforge.config import load_config
     from chatforge.data import load_dataset
     from chatforge.eval.facts import read_facts
+    from chatforge.io import atomic_write_text
     from chatforge.weights.loader import load
 
     cfg = load_config(str(CONFIG), argv)
@@ -154,8 +153,6 @@ def main(argv: list[str]) -> None:
     summary, wall = finetune(cfg, records)
     tuned = load_tuned(summary)
     after = measure(tuned.model, tuned.tokenizer, facts, general)
-    from chatforge.io import atomic_write_text
-
     atomic_write_text(Path(cfg.out_dir) / "fact_check.json", json.dumps(after["facts"], ensure_ascii=False, indent=1))
 
     fb, fa = fact_cells(before), fact_cells(after)

@@ -2,6 +2,7 @@
 train split of their corpus, make up the asked share, are cut to end on a reply, and carry their origin."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,26 +106,42 @@ def test_training_with_replay_trains_on_the_mix_and_reports_it(tmp_path):
     assert summary["steps"] == 2
 
 
+def test_the_training_loop_gives_each_epoch_its_own_replay_dialogs(tmp_path):
+    """Every domain record in every epoch, and 36 of the 54 replay dialogs, the next 36 each epoch."""
+    from chatforge.train.loop import set_up
+
+    run, _ = set_up(load_config(None, [f"{k}={v}" for k, v in replay_args(tmp_path, "m").items()]), False, None,
+                    lambda event: None)
+    epochs = [run.stream.members(e) for e in range(3)]
+    assert [len(m) for m in epochs] == [72, 72, 72]
+    assert all(list(m[:36]) == list(range(36)) for m in epochs)
+    assert [sorted(m[36:] - 36) for m in epochs] == [list(range(36)), list(range(18)) + list(range(36, 54)),
+                                                     list(range(18, 54))]
+
+
 class Stop(Exception):
     pass
 
 
 def test_training_with_replay_resumes_bit_for_bit_across_epochs(tmp_path):
-    """The epochs' changing replay dialogs depend on (seed, epoch) only: a run killed in its third epoch (of ~3 steps) and resumed
+    """The epochs' changing replay dialogs depend on (seed, epoch) only: a run killed after a few epochs and resumed
     ends with the weights of the run that was never stopped."""
     from safetensors.torch import load_file
 
     from chatforge.train.events import Stepped
     from chatforge.train.loop import train
+    from chatforge.train.run import read_metrics
 
     def cfg(name: str):
-        over = replay_args(tmp_path, name) | {"max_steps": 12, "eval_every": 100, "save_every": 3}
+        over = replay_args(tmp_path, name) | {"max_steps": 24, "batch_size": 8, "eval_every": 100, "save_every": 4}
         return load_config(None, [f"{k}={v}" for k, v in over.items()])
 
     full = train(cfg("full"))
+    epochs = [r["epoch"] for r in read_metrics(Path(full["out_dir"]) / "metrics.jsonl") if "epoch" in r]
+    assert epochs[13] >= 2  # the cut below (step 14) falls past two epochs: the replay dialogs have changed
 
     def on_event(event):
-        if isinstance(event, Stepped) and event.row["step"] == 7:
+        if isinstance(event, Stepped) and event.row["step"] == 14:
             raise Stop
 
     with pytest.raises(Stop):
