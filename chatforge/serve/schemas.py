@@ -67,6 +67,14 @@ def integer(**bounds):
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
+def _bool_only(v):
+    """Literal[False] alone takes 0 and 0.0 (they equal False in Python); JSON Schema's const false does not."""
+    if not isinstance(v, bool):
+        raise ValueError("must be a boolean")
+    return v
+
+
+OnlyFalse = Annotated[Literal[False], BeforeValidator(_bool_only)] | None
 Seed = integer(ge=-INT64, lt=INT64) | None
 Empty = Annotated[dict[str, float], Field(max_length=0)] | None
 
@@ -161,7 +169,7 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         prediction: None = None
         reasoning_effort: None = None
         web_search_options: None = None
-        store: Literal[False] | None = None
+        store: OnlyFalse = None
         metadata: Annotated[dict[str, str], Field(max_length=0)] | None = None
         best_of: N = None  # candidates ranked by the server's reward model (serve/best_of.py)
 
@@ -172,7 +180,7 @@ def build_request_models(max_tokens_cap: int, max_n: int) -> tuple[type[BaseMode
         logprobs: integer(ge=0, le=5) | None = None
         user: Text | None = None
         best_of: N = None  # candidates ranked by log probability per token (serve/best_of.py)
-        echo: Literal[False] | None = None
+        echo: OnlyFalse = None
         suffix: None = None
         logit_bias: Empty = None
 

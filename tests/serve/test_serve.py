@@ -177,6 +177,15 @@ def test_logprobs(chat_server):
     assert all(t["top_logprobs"] == [] for t in streamed)
 
 
+def test_completion_echo_takes_only_the_boolean_false(chat_server):
+    """The schema's const false: 0 and 0.0 are refused (found by schemathesis); an integral logprobs 0.0 is fine."""
+    base = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    for echo in (0, 0.0):
+        r = post(chat_server, base | {"logprobs": 0.0, "echo": echo}, "/v1/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text
+    assert post(chat_server, base | {"logprobs": 0.0, "echo": False}, "/v1/completions").status_code == 200
+
+
 def test_legacy_completions(chat_server, tokenizer):
     body = post(chat_server, {"model": "tiny", "prompt": ["Hello", "你好"], "n": 2, "max_tokens": 5, "temperature": 0,
                               "logprobs": 2}, "/v1/completions").json()
@@ -236,6 +245,7 @@ BAD_REQUESTS = [
     ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": 5}, "model"),
+    ({"store": 0}, "store"), ({"store": 0.0}, "store"),  # JSON Schema's const false is not 0
 ]
 
 
