@@ -119,24 +119,52 @@ def test_a_step_reading_whole_buckets_gives_the_exact_tokens(family):
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_eager_greedy_tokens(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quantize", [None, "int4-wo"])
+def test_compiled_decode_gives_the_eager_greedy_tokens(tmp_path, monkeypatch, quantize):
     """The compiled step (inductor, frozen, static shapes per kv bucket) and the eager fallback agree token for
-    token across bucket boundaries, and after warmup() the run compiles nothing more."""
+    token across bucket boundaries, and after warmup() the run compiles nothing more; int4 weights too (CPU: torch's
+    int4 kernel, which inductor calls as it is)."""
     import torch._dynamo.config as dynamo_config
+
+    from chatforge.model.quantize import quantize as quantize_weights
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = random_family_model(FAMILIES["llama-gqa"])
+    if quantize:
+        quantize_weights(model, quantize)
     batch = prompts([7, 15])
     eager, eager_logits = decode_greedy(model, batch, [0, 1], n_new=12, cache_slots=2)  # kv_len 8..26
     decode.compile_decode(model, bucket=8)
     try:
         assert decode.is_compiled(model)
         decode.warmup(model, batch_sizes=(2,), rows=2, max_len=model.config.max_seq_len, reach=27)
-        monkeypatch.setattr(dynamo_config, "error_on_recompile", True)
-        compiled, compiled_logits = decode_greedy(model, batch, [0, 1], n_new=12, cache_slots=2)
+        # config.patch, not monkeypatch: undoing a monkeypatch deletes the option from dynamo's config module
+        with dynamo_config.patch(error_on_recompile=True):
+            compiled, compiled_logits = decode_greedy(model, batch, [0, 1], n_new=12, cache_slots=2)
     finally:
         decode.uncompile(model)
     assert compiled == eager
     assert max((torch.stack(a) - torch.stack(b)).abs().max().item()
                for a, b in zip(eager_logits, compiled_logits)) <= 1e-4
     assert any((tmp_path / "inductor").iterdir())  # artefacts cached on disk for the next start
+
+
+@pytest.mark.slow
+def test_two_compiled_models_in_one_process_each_decode_their_own_weights(tmp_path, monkeypatch):
+    """The compiled step checks few guards on the model's insides (decode._identity_guards), but which parameter
+    objects it holds is one of them: a second model of the same shape, compiled after the first, must not run the
+    first's frozen graph (it did, with nn-module guards skipped altogether)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    models = [random_family_model(FAMILIES["llama-gqa"], seed=s) for s in (0, 1)]
+    batch = prompts([9])
+    eager = [decode_greedy(m, batch, [0], n_new=6, cache_slots=1)[1] for m in models]
+    try:
+        for m in models:
+            decode.compile_decode(m, bucket=8)
+        compiled = [decode_greedy(m, batch, [0], n_new=6, cache_slots=1)[1] for m in models]
+    finally:
+        for m in models:
+            decode.uncompile(m)
+    assert (torch.stack(eager[0][0]) - torch.stack(eager[1][0])).abs().max().item() > 0.1  # they differ
+    for want, got in zip(eager, compiled):
+        assert (torch.stack(want[0]) - torch.stack(got[0])).abs().max().item() <= 1e-4
