@@ -4,7 +4,8 @@ A ~170-token chat prompt, 128 greedy tokens. For each row: first-token latency (
 tokens/s at batch 1 and at batch 8 (aggregate, after the prefills), and peak RSS. Each row runs in its own process
 (one after another, same threads), so peak RSS is that row's alone; the machine is shared and noisy, so compare
 rows of the same run only, as ratios. chatforge rows go through the engine (sampling and streaming included):
-fp32, bf16, int8 weight-only and int8 dynamic (torchao), each eager or compiled (decode.compile_decode, frozen).
+fp32, bf16, int8 weight-only and int8 dynamic (torchao), int4 weight-only (groups of 32: torch's CPU kernel), each
+eager or compiled (decode.compile_decode, frozen).
 transformers runs the same weights (the folder chatforge converted from the packaged GGUF); llama.cpp
 (llama-cpp-python, the `bench` extra) runs the packaged Q4_1 GGUF itself, at batch 1 only.
 
@@ -22,7 +23,7 @@ import time
 
 MODEL = "smollm2-135m-instruct"
 ROWS = ["transformers-fp32", "transformers-bf16", "fp32", "bf16", "bf16+compile", "int8-wo", "int8-wo+compile",
-        "int8-dyn", "int8-dyn+compile", "llama.cpp"]
+        "int8-dyn", "int8-dyn+compile", "int4-wo", "int4-wo+compile", "llama.cpp"]
 SYSTEM = ("You are a patient, precise assistant for a small bakery. You answer in plain English, in full sentences, "
           "without lists or headings, and you never invent prices, opening hours or ingredients that the customer "
           "has not been told about. When you are unsure, you say so and suggest asking the staff in the shop.")
@@ -59,7 +60,7 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
     dtype = "fp32" if lever == "fp32" else "bf16"
     loaded = load(MODEL, dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
-    if lever.startswith("int8"):
+    if lever.startswith("int"):
         quantize(model, lever)
     ids = prompt_ids()
     # No prefix cache (every timed request repeats the prompt, which would otherwise be prefilled only once) and no

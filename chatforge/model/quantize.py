@@ -1,10 +1,11 @@
 """Weight quantization through torchao: fewer bytes read per decoded token, which is what decode speed depends on.
 
 int8-dyn: int8 weights and per-token dynamically quantized int8 activations (int8 matmuls; fastest on CPU once
-compiled and frozen). int8-wo: int8 weights, activations stay in the model's dtype. int4-wo: 4-bit grouped weights,
-only where torchao has a kernel for it (CUDA, bf16). Every nn.Linear is quantized, the output head included (on
-SmolLM2 it is a fifth of the weights); embeddings stay as they are (a lookup reads one row per token). Measure the
-quality cost with chatforge.eval.compare before recommending a method.
+compiled and frozen). int8-wo: int8 weights, activations stay in the model's dtype. int4-wo: 4-bit weights in groups
+of 32 with a scale and a zero each (GGUF Q4_1's bytes per weight): torchao's kernel on CUDA (bf16), torch's own on
+CPU (model/int4_cpu.py; torchao has none there). Every nn.Linear is quantized, the output head included (on SmolLM2
+it is a fifth of the weights); embeddings stay as they are (a lookup reads one row per token). Measure the quality
+cost with chatforge.eval.compare before recommending a method.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from chatforge.errors import ChatforgeError
 
 METHODS = ("int8-dyn", "int8-wo", "int4-wo")
-INT4_GROUP = 128  # weights per int4 scale; a Linear whose input width it does not divide stays unquantized
+INT4_GROUP = 32  # weights per int4 scale, as Q4_1; a Linear whose input width it does not divide stays unquantized
 QUANTIZE_GROUP = 8  # Linears quantized between two hand-backs of freed memory (about one decoder block)
 
 
@@ -33,33 +34,40 @@ def _torchao():
 
 
 def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.Module:
-    """Quantize `model`'s Linear weights in place with torchao; returns the model (for chaining).
+    """Quantize `model`'s Linear weights in place (torchao; int4-wo on CPU: torch's kernel); returns the model.
 
     Raises ChatforgeError naming the method when it is unknown or the model's device has no kernel for it.
     """
+    from chatforge.device import release_host_memory
+
     if method not in METHODS:
         raise ChatforgeError(f"quantize: unknown method {method!r} (use {', '.join(METHODS)})")
-    torchao, q = _torchao()
     param = next(model.parameters())
     device = param.device
     if getattr(model, "quantization", None):
         raise ChatforgeError(f"quantize: the model is already quantized ({model.quantization})")
+    if method == "int4-wo" and device.type == "cpu":
+        from chatforge.model.int4_cpu import quantize_int4
+
+        quantize_int4(model, group_size)
+        release_host_memory()
+        model.quantization = method
+        return model
+    torchao, q = _torchao()
     if method == "int8-dyn":
         config = q.Int8DynamicActivationInt8WeightConfig()
     elif method == "int8-wo":
         config = q.Int8WeightOnlyConfig()
     else:
         if device.type != "cuda":
-            raise ChatforgeError(f"quantize: int4-wo needs a CUDA device (torchao {torchao.__version__} has no int4 "
-                                 f"kernel for {device.type}); use int8-wo or int8-dyn")
+            raise ChatforgeError(f"quantize: int4-wo has no kernel for {device.type} (torchao {torchao.__version__}: "
+                                 f"CUDA; torch: CPU); use int8-wo or int8-dyn")
         if param.dtype != torch.bfloat16:
             model.to(torch.bfloat16)  # torchao's CUDA int4 kernel takes bf16 activations
         config = q.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
 
     def eligible(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.Linear) and (method != "int4-wo" or module.in_features % group_size == 0)
-
-    from chatforge.device import release_host_memory
 
     # a few Linears at a time, the freed weights handed back between groups: quantizing all at once kept the
     # bf16 and the int8 copies of SmolLM2-135M resident together (peak +360 MiB over the bf16 model)
@@ -76,7 +84,10 @@ def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters as stored (a quantized weight counts its int data and scales); a tied weight once."""
-    seen, total = set(), 0
+    from chatforge.model.int4_cpu import Int4Linear
+
+    total = sum(m.packed.nbytes + m.scale_zero.nbytes for m in model.modules() if isinstance(m, Int4Linear))
+    seen = set()
     for p in model.parameters():
         if id(p) in seen:
             continue

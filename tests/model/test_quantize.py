@@ -34,8 +34,50 @@ def test_int8_keeps_the_logits_and_quarters_the_linear_bytes(method):
     assert before - weight_bytes(model) >= 0.7 * 3 * linear  # fp32 -> int8 (+ scales) on every Linear
 
 
-def test_quantized_model_decodes_through_the_cache_path():
-    model = quantize(random_family_model(WIDE), "int8-wo")
+def test_int4_on_cpu_is_the_grouped_weight_the_kernel_multiplies_by():
+    """int4-wo on CPU (torch's kernel): each group of 32 weights is min/max quantized to 16 levels, so no weight
+    moves by much more than half a level (the bf16 scale and zero round a little), the logits stay close, and the
+    Linears take 5 bits a weight (int4 + a bf16 scale and zero per 32)."""
+    from chatforge.model.int4_cpu import Int4Linear
+
+    ref = random_family_model(WIDE).to(torch.bfloat16)
+    model = random_family_model(WIDE).to(torch.bfloat16)
+    before = weight_bytes(model)
+    quantize(model, "int4-wo")
+    assert model.quantization == "int4-wo"
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    linears = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(layers) == set(linears) and not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    for name, layer in layers.items():
+        w = linears[name].weight.float()
+        groups = w.reshape(w.shape[0], -1, 32)
+        step = (groups.amax(-1) - groups.amin(-1)) / 15
+        err = (layer.dequantized() - w).abs().reshape_as(groups)
+        assert (err / step[..., None]).max() <= 0.6, name  # half a level, plus the bf16 rounding of scale and zero
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = ref(ids).float(), model(ids).float()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 0.2, rel  # random weights have no structure: each layer adds ~8% noise (a real model: eval --compare)
+    n_linear = sum(m.weight.numel() for m in linears.values())
+    assert before - weight_bytes(model) == pytest.approx(n_linear * (2 - 5 / 8), rel=1e-6)
+
+
+def test_int4_leaves_a_layer_the_cpu_kernel_cannot_take():
+    """The kernel needs the input width divisible by the group and the output width by 16: other layers stay."""
+    from chatforge.model.int4_cpu import Int4Linear
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 20), torch.nn.Linear(20, 16))
+    quantize(net, "int4-wo")
+    assert [type(m) for m in net] == [Int4Linear, torch.nn.Linear, torch.nn.Linear]
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.allclose(net[0](x), x @ net[0].dequantized().t() + net[0].bias, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["int8-wo", "int4-wo"])
+def test_quantized_model_decodes_through_the_cache_path(method):
+    model = quantize(random_family_model(WIDE), method)
     cache = KVCache(model.config, 1, 64)
     prompt = list(range(3, 15))
     with torch.inference_mode():
@@ -49,10 +91,6 @@ def test_quantize_errors_name_the_method():
     model = random_family_model(WIDE)
     with pytest.raises(ChatforgeError, match=r"^quantize: unknown method 'int3' \(use int8-dyn, int8-wo, int4-wo\)$"):
         quantize(model, "int3")
-    if not torch.cuda.is_available():
-        with pytest.raises(ChatforgeError, match=r"^quantize: int4-wo needs a CUDA device \(torchao .* has no int4 "
-                                                 r"kernel for cpu\); use int8-wo or int8-dyn$"):
-            quantize(model, "int4-wo")
     quantize(model, "int8-wo")
     with pytest.raises(ChatforgeError, match=r"^quantize: the model is already quantized \(int8-wo\)$"):
         quantize(model, "int8-dyn")
