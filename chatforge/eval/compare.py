@@ -1,6 +1,7 @@
 """What a cheaper way to run a model costs in quality: held-out perplexity and greedy-token agreement against a
-reference (bf16), on the same records and the same fixed prompts. `chatforge eval --compare` calls
-`compare_variants`; a quantization method is recommended only when its perplexity stays within 2% of bf16.
+reference (bf16 where the device computes it natively, else fp32: `--dtype` names it), on the same records and the
+same fixed prompts. `chatforge eval --compare` calls `compare_variants`; a quantization method is recommended only
+when its perplexity stays within 2% of the reference.
 
 Greedy agreement is teacher-forced: the reference generates greedily from each prompt, and the candidate is scored
 on how often its own argmax at each of those positions is the reference's token. Unlike comparing free-running
@@ -72,13 +73,13 @@ def check_variant(variant: str) -> None:
         raise ChatforgeError(f"compare: unknown variant {variant!r} (use {', '.join(variant_names())})")
 
 
-def load_variant(name_or_path: str, variant: str, device: str = "cpu"):
-    """The model and tokenizer for one variant: a dtype (fp32, bf16) or a quantization method on bf16 weights."""
+def load_variant(name_or_path: str, variant: str, device: str = "cpu", base: str = "bf16"):
+    """The model and tokenizer for one variant: a dtype (fp32, bf16) or a quantization method on `base` weights."""
     from chatforge.model.quantize import METHODS, quantize
     from chatforge.weights.loader import load
 
     check_variant(variant)
-    loaded = load(name_or_path, device=device, dtype=variant if variant in DTYPES else "bf16")
+    loaded = load(name_or_path, device=device, dtype=variant if variant in DTYPES else base)
     if variant in METHODS:
         quantize(loaded.model, variant)
     return loaded.model, loaded.tokenizer
@@ -87,7 +88,8 @@ def load_variant(name_or_path: str, variant: str, device: str = "cpu"):
 def compare_variants(name_or_path: str, variants: tuple[str, ...] | list[str], records: list[dict],
                      prompt_messages: list[list[dict]], *, reference: str = "bf16", new_tokens: int = 32,
                      seq_len: int = 512, batch_size: int = 4, device: str = "cpu") -> dict:
-    """`compare` for one model in several variants against `reference` (bf16): perplexity on the held-out `records`,
+    """`compare` for one model in several variants against `reference` (a dtype, whose weights the quantized
+    variants take; or a quantization method on bf16): perplexity on the held-out `records`,
     greedy agreement on the fixed prompts (`prompt_messages`, rendered with the generation prompt). A variant
     equal to the reference is the same loaded model: its loss is the reference's, and its agreement, measured,
     checks that the teacher-forced forward pass and the engine's decode agree (it must come out 1)."""
@@ -97,9 +99,11 @@ def compare_variants(name_or_path: str, variants: tuple[str, ...] | list[str], r
         check_variant(v)
     if not prompt_messages:
         raise ChatforgeError("compare: no prompts (no held-out conversation has an assistant reply)")
-    ref_model, tokenizer = load_variant(name_or_path, reference, device)
+    base = reference if reference in DTYPES else "bf16"
+    ref_model, tokenizer = load_variant(name_or_path, reference, device, base)
     prompts = [tokenizer.render(m, add_generation_prompt=True)[0] for m in prompt_messages]
-    candidates = {v: ref_model if v == reference else load_variant(name_or_path, v, device)[0] for v in variants}
+    candidates = {v: ref_model if v == reference else load_variant(name_or_path, v, device, base)[0]
+                  for v in variants}
     result = compare(ref_model, candidates, tokenizer, records, prompts, seq_len=seq_len, batch_size=batch_size,
                      new_tokens=new_tokens)
     return result | {"model": str(name_or_path), "records": len(records), "reference_variant": reference}

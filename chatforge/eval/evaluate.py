@@ -371,7 +371,7 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
                  facts: str | None = None,
                  split: str = "val", max_samples: int = 200, max_new_tokens: int = 64, batch_size: int = 8,
                  seq_len: int | None = None, out: str | None = None, seed: int = 0, device: str = "auto",
-                 dtype: str = "fp32", val_fraction: float = 0.1, generate: bool = True,
+                 dtype: str | None = None, val_fraction: float = 0.1, generate: bool = True,
                  robustness: bool = False, safety: bool = False) -> int:
     """Evaluate a model on held-out conversations: loss, perplexity, bits-per-byte, next-token accuracy,
     BLEU/chrF/ROUGE-L/distinct-n/reply length/end-of-turn rate of greedy replies, and multiple-choice accuracy.
@@ -393,7 +393,9 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
         out: write the JSON here and the Markdown table next to it (.md); default MODEL/eval.json.
         seed: sampling of the subset and the split; same seed, same output.
         device: auto, cpu, cuda.
-        dtype: fp32 (default, exact on CPU) or bf16.
+        dtype: fp32 (default, exact on CPU) or bf16. With variants in --compare: the reference they are measured
+            against, whose weights the quantized ones take (default: bf16 where the device computes it natively,
+            else fp32).
         val_fraction: validation share used to split data (as in training).
         generate: also generate replies and score them (off: loss and MC only).
         robustness: also the loss and bits-per-byte of the replies with perturbed user turns (typos, swaps,
@@ -406,9 +408,10 @@ def eval_command(model: str, data: str = "builtin", compare: str | None = None, 
     if variants is not None:
         return _compare_variants_command(model, variants, data, split=split, max_samples=max_samples,
                                          max_new_tokens=max_new_tokens, batch_size=batch_size, seq_len=seq_len,
-                                         out=out, seed=seed, device=device, val_fraction=val_fraction)
+                                         out=out, seed=seed, device=device, val_fraction=val_fraction,
+                                         reference=dtype)
     results = [evaluate(m, data, mc=mc, facts=facts, split=split, max_samples=max_samples, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, dtype=dtype,
+                        batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, dtype=dtype or "fp32",
                         val_fraction=val_fraction, generate=generate, robustness=robustness, safety=safety)
                for m in ([model] + ([compare] if compare else []))]
     table = markdown_table(results)
@@ -448,16 +451,18 @@ def variant_list(compare: str | None) -> list[str] | None:
 
 def _compare_variants_command(model: str, variants: list[str], data: str, *, split: str, max_samples: int,
                               max_new_tokens: int, batch_size: int, seq_len: int | None, out: str | None, seed: int,
-                              device: str, val_fraction: float) -> int:
-    from chatforge.device import pick_device
+                              device: str, val_fraction: float, reference: str | None) -> int:
+    from chatforge.device import bf16_supported, pick_device
     from chatforge.eval.compare import compare_table, compare_variants
 
     check_split(split)
     records = held_out_records(data, split, val_fraction, seed, max_samples)
     cuts = [split_for_generation(r["messages"]) for r in records if "messages" in r]
     prompts = [c[0] for c in cuts if c is not None][:COMPARE_PROMPTS]
-    result = compare_variants(model, variants, records, prompts, new_tokens=max_new_tokens,
-                              seq_len=seq_len or 512, batch_size=batch_size, device=str(pick_device(device)))
+    dev = pick_device(device)
+    reference = reference or ("bf16" if bf16_supported(dev) else "fp32")
+    result = compare_variants(model, variants, records, prompts, reference=reference, new_tokens=max_new_tokens,
+                              seq_len=seq_len or 512, batch_size=batch_size, device=str(dev))
     result |= {"data": data, "split": split, "seed": seed}
     table = compare_table(result)
     print(table)

@@ -85,7 +85,7 @@ def test_eval_compare_variants_prints_one_row_per_variant_against_bf16(saved, tm
     folder, data = saved
     out = tmp_path / "cmp.json"
     assert main(["eval", str(folder), "--compare", "bf16,int8-wo,fp32", "--data", str(data), "--split", "all",
-                 "--max-new-tokens", "8", "--out", str(out)]) == 0
+                 "--max-new-tokens", "8", "--out", str(out), "--dtype", "bf16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("| variant | perplexity | ppl / bf16 | bits per byte | greedy agreement vs bf16 | "
                         "within 2% of bf16 |")
@@ -112,3 +112,21 @@ def test_compare_flag_tells_variants_from_a_model_and_names_a_typo(saved, tmp_pa
     assert main(["eval", str(folder), "--compare", "bf16,int9", "--data", str(data)]) == 2
     assert capsys.readouterr().err.strip() == ("error: compare: unknown variant 'int9' (use fp32, bf16, fp16, "
                                                "int8-dyn, int8-wo, int4-wo)")
+
+
+def test_eval_compare_takes_the_reference_from_dtype_and_quantizes_its_weights(saved, tmp_path, capsys):
+    """On a CPU without native bf16 the reference is fp32 (bf16 matmuls are emulated there, ~100x slower): --dtype
+    names it, and the quantized variants are made from its weights (int4-wo's layers return its dtype)."""
+    import json
+
+    from chatforge.cli import main
+
+    folder, data = saved
+    out = tmp_path / "cmp.json"
+    assert main(["eval", str(folder), "--compare", "int4-wo", "--data", str(data), "--split", "all",
+                 "--max-new-tokens", "8", "--out", str(out), "--dtype", "fp32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| variant | perplexity | ppl / fp32 |")
+    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| fp32 (reference)", "| int4-wo"]
+    result = json.loads(out.read_text())
+    assert result["reference_variant"] == "fp32" and 0 < result["candidates"]["int4-wo"]["greedy_agreement"] <= 1
