@@ -1,9 +1,10 @@
-"""Weight quantization through torchao: fewer bytes read per decoded token, which is what decode speed depends on.
+"""Weight quantization: fewer bytes read per decoded token, which is what decode speed depends on.
 
-int8-dyn: int8 weights and per-token dynamically quantized int8 activations (int8 matmuls; fastest on CPU once
-compiled and frozen). int8-wo: int8 weights, activations stay in the model's dtype. int4-wo: 4-bit weights in groups
-of 32 with a scale and a zero each (GGUF Q4_1's bytes per weight): torchao's kernel on CUDA (bf16), torch's own on
-CPU (model/int4_cpu.py; torchao has none there). Every nn.Linear is quantized, the output head included (on SmolLM2
+int8-dyn: int8 weights and per-token dynamically quantized int8 activations (torchao; int8 matmuls, fastest on an
+AVX-512 CPU once compiled and frozen, 20x slower than int8-wo where the CPU has only AVX2). int8-wo: int8 weights with
+a scale per output row. int4-wo: 4-bit weights in groups of 32 with a scale and a zero each (GGUF Q4_1's bytes per
+weight). Weight-only methods run through torchao on CUDA and through torch's own kernels on CPU
+(model/cpu_linear.py: torchao has no CPU int4, and its int8-wo was 2.7x slower there). Every nn.Linear is quantized, the output head included (on SmolLM2
 it is a fifth of the weights); embeddings stay as they are (a lookup reads one row per token). Measure the quality
 cost with chatforge.eval.compare before recommending a method.
 """
@@ -18,6 +19,7 @@ from torch import nn
 from chatforge.errors import ChatforgeError
 
 METHODS = ("int8-dyn", "int8-wo", "int4-wo")
+CPU_METHODS = ("int8-wo", "int4-wo")  # on CPU through torch's own kernels (model/cpu_linear.py), not torchao
 INT4_GROUP = 32  # weights per int4 scale, as Q4_1; a Linear whose input width it does not divide stays unquantized
 QUANTIZE_GROUP = 8  # Linears quantized between two hand-backs of freed memory (about one decoder block)
 
@@ -46,10 +48,10 @@ def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.
     device = param.device
     if getattr(model, "quantization", None):
         raise ChatforgeError(f"quantize: the model is already quantized ({model.quantization})")
-    if method == "int4-wo" and device.type == "cpu":
-        from chatforge.model.int4_cpu import quantize_int4
+    if method in CPU_METHODS and device.type == "cpu":
+        from chatforge.model.cpu_linear import quantize_cpu
 
-        quantize_int4(model, group_size)
+        quantize_cpu(model, method, group_size)
         release_host_memory()
         model.quantization = method
         return model
@@ -84,10 +86,9 @@ def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters as stored (a quantized weight counts its int data and scales); a tied weight once."""
-    from chatforge.model.int4_cpu import Int4Linear
+    from chatforge.model.cpu_linear import stored_bytes
 
-    total = sum(m.packed.nbytes + m.scale_zero.nbytes for m in model.modules() if isinstance(m, Int4Linear))
-    seen = set()
+    total, seen = stored_bytes(model), set()
     for p in model.parameters():
         if id(p) in seen:
             continue

@@ -1,4 +1,4 @@
-"""torchao quantization: close to the unquantized model, works through the decode path, clear errors."""
+"""Weight quantization (torchao; on CPU, int8-wo and int4-wo through torch's kernels): close to the unquantized model, works through the decode path, clear errors."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_int4_on_cpu_is_the_grouped_weight_the_kernel_multiplies_by():
     """int4-wo on CPU (torch's kernel): each group of 32 weights is min/max quantized to 16 levels, so no weight
     moves by much more than half a level (the bf16 scale and zero round a little), the logits stay close, and the
     Linears take 5 bits a weight (int4 + a bf16 scale and zero per 32)."""
-    from chatforge.model.int4_cpu import Int4Linear
+    from chatforge.model.cpu_linear import Int4Linear
 
     ref = random_family_model(WIDE).to(torch.bfloat16)
     model = random_family_model(WIDE).to(torch.bfloat16)
@@ -63,10 +63,32 @@ def test_int4_on_cpu_is_the_grouped_weight_the_kernel_multiplies_by():
     assert before - weight_bytes(model) == pytest.approx(n_linear * (2 - 5 / 8), rel=1e-6)
 
 
+def test_int8_wo_on_cpu_is_a_scale_per_row_the_kernel_multiplies_by():
+    """int8-wo on CPU (torch's kernel): every Linear, weights within half a step of absmax/127 per row (plus the bf16
+    rounding of the scale); the layer returns the model's dtype and is the dequantized weight's product."""
+    from chatforge.model.cpu_linear import Int8Linear
+
+    ref = random_family_model(WIDE)
+    model = quantize(random_family_model(WIDE), "int8-wo")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    linears = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(layers) == set(linears)
+    for name, layer in layers.items():
+        w = linears[name].weight
+        step = w.abs().amax(1, keepdim=True) / 127
+        assert ((layer.dequantized() - w).abs() / step).max() <= 0.5 + 127 * 2 ** -8, name
+    layer = next(iter(layers.values()))
+    x = torch.randn(3, layer.in_features)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, x.bfloat16().float() @ layer.dequantized().t(), atol=1e-2, rtol=1e-2)
+
+
 def test_int4_leaves_a_layer_the_cpu_kernel_cannot_take():
     """The kernel needs the input width divisible by the group and the output width by 16: other layers stay. An
     fp32 model's int4 layer takes and gives fp32 (the kernel multiplies in bf16)."""
-    from chatforge.model.int4_cpu import Int4Linear
+    from chatforge.model.cpu_linear import Int4Linear
 
     net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 20), torch.nn.Linear(20, 16))
     quantize(net, "int4-wo")
