@@ -57,7 +57,8 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
     from chatforge.weights.loader import load
 
     lever, _, compiled = row.partition("+")
-    dtype = "fp32" if lever == "fp32" else "bf16"
+    # quantized rows keep their activations in bf16 where this CPU computes it natively, else in fp32
+    dtype = lever if lever in ("fp32", "bf16") else "auto"
     loaded = load(MODEL, dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
     if lever.startswith("int"):
@@ -101,7 +102,7 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
         out["first_token_s"], out["tok_s_b1"], out["tokens_b1"] = timed(1)
         if batch8:
             _, out["tok_s_b8"], out["tokens_b8"] = timed(8)
-    return out
+    return out | {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def run_transformers(row: str, new_tokens: int, batch8: bool) -> dict:
@@ -187,8 +188,14 @@ def main() -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows: {', '.join(unknown)}")
+    import torch
+
+    from chatforge.device import bf16_supported
+
+    cpu = torch.backends.cpu.get_cpu_capability()
     print(f"SmolLM2-135M-Instruct, {len(prompt_ids())}-token prompt, {args.new_tokens} greedy tokens, "
-          f"{args.threads} threads; load: {open('/proc/loadavg').read().split()[0]}", flush=True)
+          f"{args.threads} threads; load: {open('/proc/loadavg').read().split()[0]}; CPU: {cpu} "
+          f"(bf16 {'native' if bf16_supported(torch.device('cpu')) else 'emulated: int rows run fp32'})", flush=True)
     results = {}
     for row in rows:
         cmd = [sys.executable, __file__, "--row", row, "--new-tokens", str(args.new_tokens),
