@@ -67,7 +67,7 @@ class Bot:
         """A model folder, a LoRA adapter folder, a .gguf file or a known model name (e.g. "smollm2-135m-instruct").
 
         dtype: fp32 (the default on CPU), bf16 or fp16; on a GPU the default is bf16 where supported.
-        quantize: int8-dyn, int8-wo or int4-wo (torchao; `bot.quantization` says which ran). key: a
+        quantize: int8-dyn, int8-wo or int4-wo (model.quantize; `bot.quantization` says which ran). key: a
         privacy.crypto.Key for an encrypted model folder (unset: CHATFORGE_KEY), read in memory only.
         compile: decode through a torch.compile'd step (generation.decode.compile_decode), compiled here by a
         warm-up (`bot.warmup_s`) rather than on the first request; the artefacts are cached on disk, so a later
