@@ -88,16 +88,22 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_cpu(model: nn.Module, method: str, group: int) -> list[str]:
-    """Replace every Linear the method's kernel takes by an Int4Linear (int4-wo) or Int8Linear (int8-wo), in place;
-    returns their names."""
+def quantize_cpu(model: nn.Module, method: str, group: int, int8_names: set[str] = frozenset()) -> list[str]:
+    """Replace every Linear the method's kernel takes by an Int4Linear (int4-wo) or Int8Linear (int8-wo, and the
+    layers named in `int8_names` under int4-wo), in place; returns their names."""
     done = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or (method == "int4-wo" and not fits(child, group)):
+            fqn = f"{parent_name}.{name}" if parent_name else name
+            if not isinstance(child, nn.Linear):
                 continue
-            setattr(parent, name, Int4Linear(child, group) if method == "int4-wo" else Int8Linear(child))
-            done.append(f"{parent_name}.{name}" if parent_name else name)
+            if method == "int4-wo" and fqn not in int8_names:
+                if not fits(child, group):
+                    continue
+                setattr(parent, name, Int4Linear(child, group))
+            else:
+                setattr(parent, name, Int8Linear(child))
+            done.append(fqn)
     return done
 
 

@@ -37,8 +37,9 @@ def test_int8_keeps_the_logits_and_quarters_the_linear_bytes(method):
 def test_int4_on_cpu_is_the_grouped_weight_the_kernel_multiplies_by():
     """int4-wo on CPU (torch's kernel): each group of 32 weights is min/max quantized to 16 levels, so no weight
     moves by much more than half a level (the bf16 scale and zero round a little), the logits stay close, and the
-    Linears take 5 bits a weight (int4 + a bf16 scale and zero per 32)."""
-    from chatforge.model.cpu_linear import Int4Linear
+    Linears take 5 bits a weight (int4 + a bf16 scale and zero per 32); the output head is int8 (8 bits + a bf16
+    scale per row)."""
+    from chatforge.model.cpu_linear import Int4Linear, Int8Linear
 
     ref = random_family_model(WIDE).to(torch.bfloat16)
     model = random_family_model(WIDE).to(torch.bfloat16)
@@ -47,7 +48,8 @@ def test_int4_on_cpu_is_the_grouped_weight_the_kernel_multiplies_by():
     assert model.quantization == "int4-wo"
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
     linears = {n: m for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(layers) == set(linears) and not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert set(layers) == set(linears) - {"lm_head"} and isinstance(model.lm_head, Int8Linear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     for name, layer in layers.items():
         w = linears[name].weight.float()
         groups = w.reshape(w.shape[0], -1, 32)
@@ -59,8 +61,10 @@ def test_int4_on_cpu_is_the_grouped_weight_the_kernel_multiplies_by():
         want, got = ref(ids).float(), model(ids).float()
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 0.2, rel  # random weights have no structure: each layer adds ~8% noise (a real model: eval --compare)
-    n_linear = sum(m.weight.numel() for m in linears.values())
-    assert before - weight_bytes(model) == pytest.approx(n_linear * (2 - 5 / 8), rel=1e-6)
+    n_int4 = sum(m.weight.numel() for name, m in linears.items() if name != "lm_head")
+    vocab, width = ref.lm_head.weight.shape
+    saved = n_int4 * (2 - 5 / 8) + vocab * width * (2 - 1) - 2 * vocab
+    assert before - weight_bytes(model) == pytest.approx(saved, rel=1e-6)
 
 
 def test_int8_wo_on_cpu_is_a_scale_per_row_the_kernel_multiplies_by():
