@@ -1,12 +1,12 @@
 """Weight quantization: fewer bytes read per decoded token, which is what decode speed depends on.
 
 int8-dyn: int8 weights and per-token dynamically quantized int8 activations (torchao; int8 matmuls, fastest on an
-AVX-512 CPU once compiled and frozen, 20x slower than int8-wo where the CPU has only AVX2). int8-wo: int8 weights with
+AVX-512 CPU once compiled and frozen, 8x slower than int8-wo where the CPU has only AVX2). int8-wo: int8 weights with
 a scale per output row. int4-wo: 4-bit weights in groups of 32 with a scale and a zero each (GGUF Q4_1's bytes per
-weight). Weight-only methods run through torchao on CUDA and through torch's own kernels on CPU
-(model/cpu_linear.py: torchao has no CPU int4, and its int8-wo was 2.7x slower there). Every nn.Linear is quantized, the output head included (on SmolLM2
-it is a fifth of the weights); embeddings stay as they are (a lookup reads one row per token). Measure the quality
-cost with chatforge.eval.compare before recommending a method.
+weight), the output head at int8. Weight-only methods run through torchao on CUDA and through torch's own kernels on
+CPU (model/cpu_linear.py: torchao has no CPU int4, and its int8-wo decoded at half the speed there). Every nn.Linear
+is quantized, the output head included (on SmolLM2 it is a fifth of the weights); embeddings stay as they are (a
+lookup reads one row per token). Measure the quality cost with chatforge.eval.compare before recommending a method.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from chatforge.errors import ChatforgeError
 METHODS = ("int8-dyn", "int8-wo", "int4-wo")
 CPU_METHODS = ("int8-wo", "int4-wo")  # on CPU through torch's own kernels (model/cpu_linear.py), not torchao
 INT4_GROUP = 32  # weights per int4 scale, as Q4_1; a Linear whose input width it does not divide stays unquantized
-# int4-wo keeps the output head at int8 (as llama.cpp's Q4 mixes keep output.weight at 6-8 bits): SmolLM2's head, tied to
-# its embedding, came out of int4 groups of 32 with 9% weight error where every other layer had 0.25%, and the model
-# with it lost 3.5% perplexity
+# int4-wo keeps the output head at int8, as llama.cpp's Q4 mixes keep output.weight at 6-8 bits: SmolLM2's head (tied
+# to its embedding) came out of int4 groups of 32 with 9% weight error where every other layer had 0.25%
 HEAD = "lm_head"
 QUANTIZE_GROUP = 8  # Linears quantized between two hand-backs of freed memory (about one decoder block)
 

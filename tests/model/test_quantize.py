@@ -1,4 +1,5 @@
-"""Weight quantization (torchao; on CPU, int8-wo and int4-wo through torch's kernels): close to the unquantized model, works through the decode path, clear errors."""
+"""Weight quantization (torchao; on CPU, int8-wo and int4-wo through torch's kernels): close to the unquantized
+model, works through the decode path, clear errors."""
 
 from __future__ import annotations
 
