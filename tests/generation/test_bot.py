@@ -187,10 +187,17 @@ def test_generate_n_prints_each_sample_with_its_own_finish(folder):
 
 @pytest.mark.slow
 def test_chat_reads_a_multiline_block_as_one_message(folder):
+    """Two messages, two replies: the block is one message, and its replies are the Bot's own to that history (a
+    reply may hold a newline, so counting lines proves nothing)."""
     script = '"""\ncount\n\ncount"""\n"""count"""\n'
     r = run_cli("chat", folder, "--max-new-tokens", "8", stdin=script)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("\n") == 2  # two messages, two replies
+    bot = Bot.load(folder)
+    first = [{"role": "user", "content": "count\n\ncount"}]
+    reply1 = bot.chat(first, max_new_tokens=8)
+    reply2 = bot.chat(first + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "count"}],
+                      max_new_tokens=8)
+    assert r.stdout == f"{reply1}\n{reply2}\n"
 
 
 def _chat_in_a_terminal(folder: str, keys: list[bytes]) -> str:
