@@ -108,7 +108,8 @@ def generate_command(model: str, prompt: list[str] | None = None, system: str | 
         json_schema: a JSON schema file; the reply is a JSON value valid under it (constrained decoding).
         best_of: sample this many replies and print the one the --reward model scores highest (rejection sampling).
         reward: a reward model folder (trained with stage: reward) for --best-of.
-        quantize: int8-dyn, int8-wo or int4-wo (weight quantization; int4-wo: 4-bit groups of 32, CPU or CUDA).
+        quantize: int8-dyn, int8-wo or int4-wo (weight quantization; int4-wo: 4-bit groups of 32, the output head
+            int8; CPU or CUDA).
         guard: check the prompt and the reply with the safety guard (--no-guard: off).
         guard_policy: a YAML/JSON guard policy (rules per category, refusal message).
         redact_pii: replace e-mail addresses, phone numbers, ID and card numbers, IBANs and IPs in the reply.
@@ -254,7 +255,8 @@ def chat_command(model: str, system: str | None = None, temperature: float | Non
         seed: random seed, for reproducible replies.
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on a GPU that has it).
-        quantize: int8-dyn, int8-wo or int4-wo (weight quantization; int4-wo: 4-bit groups of 32, CPU or CUDA).
+        quantize: int8-dyn, int8-wo or int4-wo (weight quantization; int4-wo: 4-bit groups of 32, the output head
+            int8; CPU or CUDA).
         guard: check each message and reply with the safety guard (--no-guard: off).
         guard_policy: a YAML/JSON guard policy (rules per category, refusal message).
         redact_pii: replace e-mail addresses, phone numbers, ID and card numbers, IBANs and IPs in replies.

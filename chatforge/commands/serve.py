@@ -38,7 +38,8 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key
         cors_origin: browser origins allowed to call the API from other sites (CORS is off without it).
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: fp32, bf16 or fp16; unset: fp32 on CPU, bf16 on a GPU that supports it.
-        quantize: int8-dyn, int8-wo or int4-wo (weight quantization; int4-wo: 4-bit groups of 32, CPU or CUDA).
+        quantize: int8-dyn, int8-wo or int4-wo (weight quantization; int4-wo: 4-bit groups of 32, the output head
+            int8; CPU or CUDA).
         guard: check prompts and replies with the safety guard: a refused prompt is answered with the refusal and
             finish_reason content_filter, a flagged reply stops there; /v1/moderations (--no-guard: all off).
         guard_policy: a YAML/JSON guard policy (rules per category, refusal message).
