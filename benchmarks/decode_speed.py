@@ -102,7 +102,7 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
         out["first_token_s"], out["tok_s_b1"], out["tokens_b1"] = timed(1)
         if batch8:
             _, out["tok_s_b8"], out["tokens_b8"] = timed(8)
-    return out | {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    return out
 
 
 def run_transformers(row: str, new_tokens: int, batch8: bool) -> dict:

@@ -27,9 +27,25 @@ def fits(linear: nn.Linear, group: int) -> bool:
     return linear.in_features % group == 0 and linear.out_features % N_MULTIPLE == 0
 
 
-class Int4Linear(nn.Module):
-    """An nn.Linear whose weight is stored as packed int4 with a bf16 (scale, zero) per group; it takes and returns
-    the model's dtype."""
+class _KernelLinear(nn.Module):
+    """What both layers share: flatten and cast to KERNEL_DTYPE, multiply in the kernel, give back the shape and
+    dtype the model passed in, add the bias."""
+
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(_KernelLinear):
+    """An nn.Linear whose weight is stored as packed int4 with a bf16 (scale, zero) per group."""
 
     def __init__(self, linear: nn.Linear, group: int):
         super().__init__()
@@ -47,22 +63,18 @@ class Int4Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features, self.group = k, n, group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by (fp32, [out, in]): for tests and quality checks."""
-        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE)
-        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).float().t()
+        return self.matmul(torch.eye(self.in_features, dtype=KERNEL_DTYPE)).float().t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_KernelLinear):
     """An nn.Linear whose weight is stored as int8 with one bf16 scale per output row (symmetric, absmax / 127)."""
 
     def __init__(self, linear: nn.Linear):
@@ -74,11 +86,8 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
-        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by (fp32, [out, in])."""
@@ -88,10 +97,9 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_cpu(model: nn.Module, method: str, group: int, int8_names: set[str] = frozenset()) -> list[str]:
+def quantize_cpu(model: nn.Module, method: str, group: int, int8_names: set[str] = frozenset()) -> None:
     """Replace every Linear the method's kernel takes by an Int4Linear (int4-wo) or Int8Linear (int8-wo, and the
-    layers named in `int8_names` under int4-wo), in place; returns their names."""
-    done = []
+    layers named in `int8_names` under int4-wo), in place."""
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             fqn = f"{parent_name}.{name}" if parent_name else name
@@ -103,10 +111,8 @@ def quantize_cpu(model: nn.Module, method: str, group: int, int8_names: set[str]
                 setattr(parent, name, Int4Linear(child, group))
             else:
                 setattr(parent, name, Int8Linear(child))
-            done.append(fqn)
-    return done
 
 
 def stored_bytes(model: nn.Module) -> int:
     """Bytes of the quantized weights and their scales held by this module's CPU int4/int8 layers."""
-    return sum(b.nbytes for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear)) for b in m.buffers())
+    return sum(b.nbytes for m in model.modules() if isinstance(m, _KernelLinear) for b in m.buffers())
