@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,28 +205,65 @@ def safe_training_prompts() -> list[Example]:
 
 # --- the model -------------------------------------------------------------------------------------------------
 
-def _vectorizers(category_space: bool = False):
-    from sklearn.feature_extraction.text import HashingVectorizer
+_SPACES = re.compile(r"\s\s+")
+_WORD = re.compile(r"(?u)\b\w+\b")
 
-    n_char, n_word = (CATEGORY_FEATURES // 2,) * 2 if category_space else (CHAR_FEATURES, WORD_FEATURES)
-    common = dict(alternate_sign=False, norm=None, lowercase=True, dtype="float32")
-    return (HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), n_features=n_char, **common),
-            HashingVectorizer(analyzer="word", ngram_range=(1, 2), n_features=n_word,
-                              token_pattern=r"(?u)\b\w+\b", **common))
+
+def _char_ngrams(text: str) -> list[str]:
+    """Character 2-4-grams inside words, each word padded with a space (scikit-learn's char_wb analyzer)."""
+    grams = []
+    for w in _SPACES.sub(" ", text).split():
+        w = f" {w} "
+        for n in range(2, 5):
+            grams += [w[i:i + n] for i in range(max(1, len(w) - n + 1))]
+            if len(w) <= n:  # a short word counts once
+                break
+    return grams
+
+
+def _word_ngrams(text: str) -> list[str]:
+    """Word 1-2-grams of \\w+ tokens (scikit-learn's word analyzer with this token pattern)."""
+    words = _WORD.findall(text)
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+def _hashed(texts: list[str], n_char: int, n_word: int):
+    """Counts of hashed n-grams, [char | word] columns: what scikit-learn's HashingVectorizer gives (signed 32-bit
+    MurmurHash3 of the UTF-8 n-gram, seed 0, |h| mod n, no alternating sign; tested against it), without importing
+    scikit-learn at serve time (43 MiB resident)."""
+    import mmh3
+    import numpy as np
+    import scipy.sparse as sp
+
+    def bucket(gram: str, n: int) -> int:
+        h = mmh3.hash(gram, 0, signed=True)
+        return (2147483647 - (n - 1)) % n if h == -2 ** 31 else abs(h) % n
+
+    rows, cols = [], []
+    for i, text in enumerate(texts):
+        text = text.lower()
+        found = [bucket(g, n_char) for g in _char_ngrams(text)] + \
+            [n_char + bucket(g, n_word) for g in _word_ngrams(text)]
+        rows += [i] * len(found)
+        cols += found
+    x = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(texts), n_char + n_word))
+    x.sum_duplicates()
+    return x
 
 
 def features(texts: list[str], category_space: bool = False):
     """Sparse features of the normalised texts: [char n-grams | word n-grams], log1p counts, rows L2-normalised."""
+    import numpy as np
     import scipy.sparse as sp
-    from sklearn.preprocessing import normalize as l2
 
     from chatforge.guard.unicode import normalize
 
-    texts = [normalize(t)[:4000] for t in texts]
-    chars, words = _vectorizers(category_space)
-    x = sp.hstack([chars.transform(texts), words.transform(texts)]).tocsr()
-    x.data = __import__("numpy").log1p(x.data)
-    return l2(x)
+    n_char, n_word = (CATEGORY_FEATURES // 2,) * 2 if category_space else (CHAR_FEATURES, WORD_FEATURES)
+    x = _hashed([normalize(t)[:4000] for t in texts], n_char, n_word)
+    x.data = np.log1p(x.data)
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    norms[norms == 0] = 1
+    return sp.diags((1 / norms).astype(np.float32)) @ x
 
 
 @dataclass

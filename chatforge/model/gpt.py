@@ -312,14 +312,21 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, left uninitialised under torch.device("meta") (a model built to be loaded): normal_ on a meta
+    tensor imports some 800 modules (68 MiB resident), and GPT initialises every weight itself anyway."""
+    weight = torch.empty(rows, dim)
+    return nn.Embedding(rows, dim, _weight=weight) if weight.is_meta else nn.Embedding(rows, dim)
+
+
 class Backbone(nn.Module):
     """Everything but the head; named `model` inside GPT so parameter names match transformers' Llama."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_tokens = _embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
-            self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
+            self.embed_positions = _embedding(config.max_seq_len, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
 
@@ -336,6 +343,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.drop = nn.Dropout(config.dropout)
         self.gradient_checkpointing = False
+        if self.lm_head.weight.is_meta:  # built to be loaded (see _embedding)
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):  # GPT-2's scaled residual init
@@ -411,7 +420,7 @@ class GPT(nn.Module):
                 cache.reserve(kv_len)
             mask, index = cache.plan(position_ids, kv_len)
             plan = (index, kv_len)
-            if T == 1 and self.model.embed_tokens.weight.dtype in (torch.bfloat16, torch.float16):
+            if T == 1 and x.dtype in (torch.bfloat16, torch.float16):
                 # decode_attention's additive form, made once for every layer
                 mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
         else:

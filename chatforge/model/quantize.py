@@ -12,6 +12,7 @@ lookup reads one row per token). Measure the quality cost with chatforge.eval.co
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,10 +52,11 @@ def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.
     device = param.device
     if getattr(model, "quantization", None):
         raise ChatforgeError(f"quantize: the model is already quantized ({model.quantization})")
-    if method in CPU_METHODS and device.type == "cpu":
+    if on_cpu_kernels(method, device):
         from chatforge.model.cpu_linear import quantize_cpu
 
         quantize_cpu(model, method, group_size, int8_names={HEAD})
+        _tie_int8_embedding(model)
         release_host_memory()
         model.quantization = method
         return model
@@ -88,6 +90,56 @@ def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.
         release_host_memory()
     model.quantization = method
     return model
+
+
+def on_cpu_kernels(method: str | None, device: torch.device) -> bool:
+    """Whether `method` runs through model/cpu_linear.py on `device`, which also lets a load quantize as it reads."""
+    return method in CPU_METHODS and torch.device(device).type == "cpu"
+
+
+def _tie_int8_embedding(model: nn.Module) -> None:
+    """A tied model's input embedding reads its int8 head's rows, and its float table is freed."""
+    from chatforge.model.cpu_linear import Int8Embedding, Int8Linear
+
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_embeddings", False) and isinstance(getattr(model, HEAD, None), Int8Linear):
+        model.model.embed_tokens = Int8Embedding(model.lm_head, model.model.embed_tokens.weight.dtype)
+
+
+def loading_quantizer(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> Callable[[str], None]:
+    """For a model built on the meta device whose weights arrive one tensor at a time (weights.folder.load_model):
+    a function to call with each parameter's name once it is loaded. A Linear is quantized as soon as all of its
+    weights are in, so the full-precision model is never resident at once. The result is what `quantize` makes of
+    the whole model; the caller sets model.quantization once every weight is in. CPU weight-only methods only
+    (on_cpu_kernels)."""
+    from chatforge.device import release_host_memory
+    from chatforge.model.cpu_linear import Int8Linear, quantized
+
+    if method not in CPU_METHODS:
+        raise ValueError(f"loading_quantizer: {method!r} is not a CPU weight-only method")
+    tied = model.config.tie_embeddings
+    done = 0
+
+    def loaded(name: str) -> None:
+        nonlocal done
+        owner, _, _ = name.rpartition(".")
+        if tied and name == "model.embed_tokens.weight":  # the head is this table: quantize it once, share it
+            model.lm_head = Int8Linear(model.model.embed_tokens.weight, None)
+            _tie_int8_embedding(model)
+        else:
+            module = model.get_submodule(owner)
+            if not isinstance(module, nn.Linear) or any(p.is_meta for p in module.parameters()):
+                return
+            parent, _, leaf = owner.rpartition(".")
+            layer = quantized(module, method, group_size, owner == HEAD)
+            if layer is None:
+                return
+            setattr(model.get_submodule(parent), leaf, layer)
+        done += 1
+        if done % QUANTIZE_GROUP == 0:
+            release_host_memory()
+
+    return loaded
 
 
 def weight_bytes(model: nn.Module) -> int:

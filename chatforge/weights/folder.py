@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from chatforge.errors import ChatforgeError
 from chatforge.io import atomic_folder, atomic_write_text, read_json
@@ -142,25 +144,29 @@ def _gpt2_to_hf(sd: dict, c: ModelConfig) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _gpt2_from_hf(hf: dict, c: ModelConfig) -> dict:
-    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
-    sd = {"model.embed_tokens.weight": hf["wte.weight"], "model.embed_positions.weight": hf["wpe.weight"],
-          "model.norm.weight": hf["ln_f.weight"], "model.norm.bias": hf["ln_f.bias"]}
-    d = c.d_model
-    for i in range(c.n_layer):
-        p, h = f"model.layers.{i}.", f"h.{i}."
-        a = p + "self_attn."
-        sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"] = hf[h + "ln_1.weight"], hf[h + "ln_1.bias"]
-        sd[p + "post_attention_layernorm.weight"] = hf[h + "ln_2.weight"]
-        sd[p + "post_attention_layernorm.bias"] = hf[h + "ln_2.bias"]
-        w, b = hf[h + "attn.c_attn.weight"].t(), hf[h + "attn.c_attn.bias"]
-        for j, x in enumerate("qkv"):
-            sd[a + f"{x}_proj.weight"], sd[a + f"{x}_proj.bias"] = w[j * d:(j + 1) * d], b[j * d:(j + 1) * d]
-        sd[a + "o_proj.weight"], sd[a + "o_proj.bias"] = hf[h + "attn.c_proj.weight"].t(), hf[h + "attn.c_proj.bias"]
-        sd[p + "mlp.up_proj.weight"], sd[p + "mlp.up_proj.bias"] = hf[h + "mlp.c_fc.weight"].t(), hf[h + "mlp.c_fc.bias"]
-        sd[p + "mlp.down_proj.weight"] = hf[h + "mlp.c_proj.weight"].t()
-        sd[p + "mlp.down_proj.bias"] = hf[h + "mlp.c_proj.bias"]
-    return {k: v.contiguous() for k, v in sd.items()}
+_GPT2_TOP = {"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight",
+             "ln_f.weight": "model.norm.weight", "ln_f.bias": "model.norm.bias"}
+_GPT2_BLOCK = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
+               "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}  # and attn.c_attn: q, k and v fused
+
+
+def _gpt2_from_hf(name: str, t: torch.Tensor, c: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """One GPT2LMHeadModel tensor -> chatforge's (Conv1D weights transposed, c_attn split into q, k and v); a name
+    GPT-2 does not use gives nothing."""
+    name = name.removeprefix("transformer.")
+    if name in _GPT2_TOP:
+        return [(_GPT2_TOP[name], t)]
+    layer, _, rest = name.removeprefix("h.").partition(".")
+    module, _, kind = rest.rpartition(".")
+    if not (name.startswith("h.") and layer.isdigit() and kind in ("weight", "bias")):
+        return []
+    p = f"model.layers.{layer}."
+    if kind == "weight" and module.startswith(("attn.", "mlp.")):
+        t = t.t()
+    if module == "attn.c_attn":
+        d = c.d_model
+        return [(p + f"self_attn.{x}_proj.{kind}", t[j * d:(j + 1) * d].contiguous()) for j, x in enumerate("qkv")]
+    return [(p + f"{_GPT2_BLOCK[module]}.{kind}", t.contiguous())] if module in _GPT2_BLOCK else []
 
 
 def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
@@ -173,11 +179,16 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def state_dict_from_hf(hf: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
-    hf = {k: v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
-    sd = _gpt2_from_hf(hf, c) if c.family == "gpt2" else hf
-    if c.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
+    return dict(kv for name, t in hf.items() for kv in tensors_from_hf(name, t, c))
+
+
+def tensors_from_hf(name: str, t: torch.Tensor, c: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """One tensor of a transformers checkpoint as chatforge's (name, tensor) pairs: none for what chatforge does not
+    keep (GPT-2's attention mask buffers, rotary caches, a tied head), several for GPT-2's fused q/k/v."""
+    if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+        return []
+    pairs = _gpt2_from_hf(name, t, c) if c.family == "gpt2" else [(name, t)]
+    return [(k, v) for k, v in pairs if not (c.tie_embeddings and k == "lm_head.weight")]
 
 
 # ---------------------------------------------------------------- reading and writing folders
@@ -245,41 +256,53 @@ def read_weights(folder: Path, key=None, dtype: torch.dtype | None = None) -> di
 
     dtype: floating tensors come back in it, converted one tensor at a time as they are read, so loading an fp32
     folder in bf16 never holds the whole fp32 copy (peak memory: the bf16 model plus one fp32 tensor)."""
+    return dict(iter_weights(folder, key, dtype))
+
+
+def iter_weights(folder: Path, key=None, dtype: torch.dtype | None = None,
+                 first: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """read_weights one tensor at a time (names in `first`, where the folder has them, come first), so a caller
+    that keeps less than it reads (load_model quantizing) never holds the whole model."""
     from safetensors import safe_open
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    def read_file(path: Path) -> dict[str, torch.Tensor]:
+    def read_files(paths: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal current
+        where = {}
+        for path in paths:
+            current = path
+            with safe_open(str(path), framework="pt") as f:
+                where |= {name: path for name in f.keys()}
+        names = [n for n in first if n in where] + [n for n in where if n not in first]
         # one opening per tensor: a mapping of the file stays resident while it is open, so reading every tensor
         # through one opening would hold the whole file in memory beside the copies (fp32 SmolLM2: +513 MiB)
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-        out = {}
         for name in names:
-            with safe_open(str(path), framework="pt") as f:
-                out[name] = cast(f.get_tensor(name))
-        return out
+            current = where[name]
+            with safe_open(str(current), framework="pt") as f:
+                tensor = cast(f.get_tensor(name))
+            yield name, tensor
 
     if key is not None and is_encrypted_folder(folder):
-        return {k: cast(v) for k, v in _read_encrypted_weights(Path(folder), key).items()}
+        yield from ((k, cast(v)) for k, v in _read_encrypted_weights(Path(folder), key).items())
+        return
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     current = folder  # the file being read, so an error names the corrupt shard rather than the folder
     try:
         if single.exists():
-            current = single
-            return read_file(single)
+            yield from read_files([single])
+            return
         if index.exists():
             current = index
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            out: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                current = folder / shard
-                out |= read_file(current)
-            return out
+            yield from read_files([folder / shard for shard in shards])
+            return
         if (folder / "pytorch_model.bin").exists():
             current = folder / "pytorch_model.bin"
-            return {k: cast(v) for k, v in torch.load(current, map_location="cpu", weights_only=True).items()}
+            weights = torch.load(current, map_location="cpu", weights_only=True)
+            yield from ((k, cast(v)) for k, v in weights.items())
+            return
     except ChatforgeError:
         raise
     except Exception as e:  # corrupt, truncated, or a pickle holding more than tensors: name the file, no traceback
@@ -304,22 +327,45 @@ def read_config(folder: str | os.PathLike, key=None) -> ModelConfig:
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, key=None) -> GPT:
+               dtype: torch.dtype | None = None, key=None, quantize: str | None = None) -> GPT:
     """Build the model from a folder; dtype None keeps fp32 (the dtype parity tests and training want).
-    key: a privacy.crypto.Key for an encrypted folder (decrypted in memory only)."""
+    key: a privacy.crypto.Key for an encrypted folder (decrypted in memory only). quantize: a method that runs on
+    torch's CPU kernels (model.quantize.on_cpu_kernels), applied to each Linear as soon as its weights are read, so
+    the full-precision model is never resident (int8-wo SmolLM2-135M peaks below its fp32 weights' size)."""
+    from chatforge.model.quantize import loading_quantizer, on_cpu_kernels
+
     folder = Path(folder)
     config = read_config(folder, key)
+    if quantize is not None and not on_cpu_kernels(quantize, device):
+        raise ValueError(f"load_model: {quantize!r} on {device} is applied after loading (model.quantize)")
     with torch.device("meta"):
         model = GPT(config)
     dtype = dtype or torch.float32
-    sd = state_dict_from_hf(read_weights(folder, key, dtype), config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    loaded = loading_quantizer(model, quantize) if quantize is not None else None
+    seen, unexpected = set(), []
+    # the embedding first: when it is also the (quantized) head, its float table is gone before the rest arrives
+    first = ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight")
+    for hf_name, tensor in iter_weights(folder, key, dtype, first):
+        for name, value in tensors_from_hf(hf_name, tensor, config):
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            module.register_parameter(leaf, nn.Parameter(value.to(dtype), requires_grad=module._parameters[leaf]
+                                                         .requires_grad))
+            seen.add(name)
+            if loaded is not None:
+                loaded(name)
+        del tensor
+    missing = sorted(expected - seen)
     if missing or unexpected:
         raise ChatforgeError(f"{folder}: weights do not match config.json (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
-    del sd
+                             f"unexpected {sorted(unexpected)[:3]})")
+    if loaded is not None:
+        model.quantization = quantize
+        return model.eval()
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device=device, dtype=dtype).eval()

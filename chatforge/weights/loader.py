@@ -177,6 +177,7 @@ def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | 
     import torch
 
     from chatforge.device import release_host_memory, resolve_dtype
+    from chatforge.model.quantize import on_cpu_kernels
     from chatforge.model.vocab import ensure_chat_tokens, resize_vocab
     from chatforge.weights.folder import with_stop_ids
 
@@ -184,10 +185,12 @@ def load(name_or_path: str, *, device: str | torch.device = "cpu", dtype: str | 
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, torch.device(device))
     resolved = resolve(name_or_path)
-    loaded = _load(resolved, device, dtype, key)
+    # quantized as it is read where the method allows (never all in full precision); else after loading
+    streamed = quantize if on_cpu_kernels(quantize, torch.device(device)) and resolved.kind != "adapter" else None
+    loaded = _load(resolved, device, dtype, key, streamed)
     release_host_memory()  # what reading and converting the weights freed (a dtype change: the fp32 tensors)
     if quantize is not None:
-        loaded = _quantized(loaded, quantize)
+        loaded = replace(loaded, quantization=quantize) if streamed else _quantized(loaded, quantize)
     model, source_tokenizer = loaded.model, loaded.tokenizer
     final = tokenizer if tokenizer is not None else source_tokenizer
     if final is None:
@@ -237,16 +240,18 @@ def merge_adapter(base: Loaded, adapter_folder: str | os.PathLike, source: str |
     return Loaded(model, tokenizer, folder, source or str(Path(folder).resolve()), (), generation)
 
 
-def _load(resolved: Resolved, device, dtype, key=None) -> Loaded:
-    """Model, source tokenizer (may be None) and settings, before any vocabulary change."""
+def _load(resolved: Resolved, device, dtype, key=None, quantize: str | None = None) -> Loaded:
+    """Model, source tokenizer (may be None) and settings, before any vocabulary change; quantize: a method
+    load_model applies while reading (not for an adapter, whose merge needs the float weights)."""
     from chatforge.weights.folder import load_model, read_generation_config, read_tokenizer
 
     if resolved.kind == "adapter":
         return merge_adapter(_load(resolved.base, device, dtype, key), resolved.path, resolved.source)
     folder, key = model_folder(resolved), _key_for(resolved, key)
+    # the weights before the tokenizer: a load's peak (one float tensor beside the model) then sits lower
+    model = load_model(folder, device=device, dtype=dtype, key=key, quantize=quantize)
     tokenizer = read_tokenizer(folder, key)
-    return Loaded(load_model(folder, device=device, dtype=dtype, key=key), tokenizer, folder, resolved.source, (),
-                  read_generation_config(folder, tokenizer, key))
+    return Loaded(model, tokenizer, folder, resolved.source, (), read_generation_config(folder, tokenizer, key))
 
 
 def _vocab(tokenizer: Tokenizer | None) -> dict[str, int] | None:

@@ -90,6 +90,28 @@ def test_int8_wo_on_cpu_is_a_scale_per_row_the_kernel_multiplies_by():
     assert torch.allclose(y, x.bfloat16().float() @ layer.dequantized().t(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("method", ["int8-wo", "int4-wo"])
+def test_a_tied_embedding_reads_the_int8_head(method):
+    """A tied model keeps one int8 copy of its vocabulary table: the embedding looks up the head's rows (dequantized
+    in the model's dtype), the float table is gone from the weights and the state dict holds the table once."""
+    from chatforge.model.cpu_linear import Int8Embedding, Int8Linear
+
+    tied = dict(WIDE, tie_embeddings=True)
+    ref = random_family_model(tied)
+    model = quantize(random_family_model(tied), method)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, Int8Embedding) and isinstance(head, Int8Linear)
+    ids = torch.tensor([[0, 5, 255, 5]])
+    with torch.inference_mode():
+        got = emb(ids)
+    assert got.dtype == torch.float32 and torch.equal(got, head.dequantized()[ids])
+    step = ref.model.embed_tokens.weight.abs().amax(1, keepdim=True) / 127
+    assert ((got[0] - ref.model.embed_tokens.weight[ids[0]]).abs() / step[ids[0]]).max() <= 0.5 + 127 * 2 ** -8
+    assert not any(p.numel() == 256 * 128 for p in model.parameters())  # no float table left
+    keys = [k for k in model.state_dict() if "embed_tokens" in k or "lm_head" in k]
+    assert keys == ["lm_head.weight_int8", "lm_head.scale"]
+
+
 def test_int4_leaves_a_layer_the_cpu_kernel_cannot_take():
     """The kernel needs the input width divisible by the group and the output width by 16: other layers stay. An
     fp32 model's int4 layer takes and gives fp32 (the kernel multiplies in bf16)."""

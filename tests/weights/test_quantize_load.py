@@ -58,3 +58,31 @@ def test_int8_dynamic_without_compile_says_it_is_slow(folder, capsys):
     assert "note: int8-dyn pays only compiled" in capsys.readouterr().err
     assert main(["generate", folder, "--prompt", "hello", "--quantize", "int8-wo", "--max-new-tokens", "2"]) == 0
     assert "int8-dyn" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["int8-wo", "int4-wo"])
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa", "qwen2-bias"])
+def test_quantizing_while_loading_is_quantizing_after(tmp_path, family, method):
+    """On CPU, load(quantize=) quantizes each Linear as its weights are read (the float model is never resident):
+    it must give the very model quantize() makes of the loaded float one, for tied heads (gpt2, qwen2), an untied
+    one (llama) and GPT-2's fused, transposed q/k/v."""
+    from chatforge.model.cpu_linear import Int8Embedding
+    from chatforge.model.quantize import quantize
+    from chatforge.weights.folder import save_model
+    from chatforge.weights.loader import load
+    from conftest import FAMILIES, make_tokenizer, random_family_model
+
+    tok = make_tokenizer()
+    kw = dict(FAMILIES[family], vocab_size=tok.vocab_size)
+    save_model(random_family_model(kw), tok, tmp_path / "m")
+    streamed = load(str(tmp_path / "m"), quantize=method)
+    after = quantize(load(str(tmp_path / "m")).model, method)
+    assert streamed.quantization == method == streamed.model.quantization
+    assert isinstance(streamed.model.model.embed_tokens, Int8Embedding) == kw.get("tie_embeddings", True)
+    want, got = dict(after.named_buffers()) | dict(after.named_parameters()), \
+        dict(streamed.model.named_buffers()) | dict(streamed.model.named_parameters())
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not any(t.is_meta for t in got.values())
+    ids = torch.tensor([tok.encode("hello there, how are you?")])
+    with torch.inference_mode():
+        assert torch.equal(streamed.model(ids), after(ids))
