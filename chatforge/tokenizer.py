@@ -247,8 +247,12 @@ class Tokenizer:
         # Copies without a post-processor, so offsets are raw character spans (GPT-2's ByteLevel post-processor
         # trims whitespace off them), and one that encodes special-token strings as plain text.
         spec = self.hf.to_str()
-        self._enc = HFTokenizer.from_str(spec)
-        self._enc.post_processor = None
+        post = self.hf.post_processor
+        if post is None or (type(post).__name__ == "ByteLevel" and post.trim_offsets is False):
+            self._enc = self.hf  # its post-processor changes nothing here: no ~20 MiB copy (SmolLM2's 49k tokens)
+        else:
+            self._enc = HFTokenizer.from_str(spec)
+            self._enc.post_processor = None
         self._plain = HFTokenizer.from_str(spec)
         self._plain.post_processor = None
         self._plain.encode_special_tokens = True

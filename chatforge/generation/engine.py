@@ -437,21 +437,21 @@ class Engine:
         finally:
             self.abort(req)
 
-    def _ensure_cache(self, length: int) -> None:
-        """One static cache of the context length, made once; its pages are touched (zeroed) only up to the
-        longest request, so memory follows that, not the context, and nothing is reallocated or copied."""
+    def _ensure_cache(self) -> None:
+        """One static cache of the context length, made once; the forwards touch (zero) its pages only as far as
+        each row reads, so memory follows the rows in use and their lengths, and nothing is reallocated or
+        copied."""
         from chatforge.model.gpt import KVCache
 
         if self._cache is None:
             self._cache = KVCache(self.model.config, self.max_batch_size, self._context, device=self.device,
                                   dtype=self.dtype)
-        self._cache.reserve(length)
 
     def _admit(self) -> None:
         """Give waiting requests free rows, each with whatever prefix of its prompt is cached (no forwards here)."""
         while self._waiting and self._free:
             req = self._waiting.popleft()
-            self._ensure_cache(len(req.prompt_ids) + req._limit - 1)
+            self._ensure_cache()
             req._slot, req._prefilled = self._place(req.prompt_ids)
             req.cached_tokens = req._prefilled
             self._held[req._slot] = req

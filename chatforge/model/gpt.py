@@ -101,9 +101,10 @@ class KVCache:
     Layout (layer, row, kv_head, slot, head_dim): a decode step writes each row's new key with one index_copy_ per
     layer and reads a contiguous prefix of slots, so nothing is reallocated as sequences grow. A sliding-window model
     keeps only its window: a ring of `window` slots where position p lives in slot p % window. Memory is allocated
-    with torch.empty (pages are touched only when used) and zeroed up to `reserve(length)`, so resident memory
-    follows the longest sequence, not the capacity. Rows are independent: a row restarts by writing from position 0,
-    and a query at position p only sees slots holding positions <= p, so a previous occupant's keys stay invisible.
+    with torch.empty (pages are touched only when used) and zeroed per row up to `reserve(length)`, so resident
+    memory follows the rows in use and their lengths, not the capacity. Rows are independent: a row restarts by
+    writing from position 0, and a query at position p only sees slots holding positions <= p, so a previous
+    occupant's keys stay invisible.
     `rows` maps the batch being run to cache rows (None: row i is cache row i), which lets a continuous-batching
     engine run any subset of its slots.
     """
@@ -118,26 +119,34 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len  # positions it can hold (a ring holds any number, keeping the last `window`)
         self.rows: torch.Tensor | None = None
-        self._zeroed = 0  # slots [0, _zeroed) are initialised: stale but finite, so masked reads cannot give NaN
-        self.reserve(self.capacity if self.ring else min(self.capacity, 64))  # a ring is read whole
+        self._slots: list[int] | None = None  # the rows use_rows named (None: every row)
+        # per row, slots [0, n) are initialised: stale but finite, so masked reads cannot give NaN
+        self._zeroed = [0] * batch_size
+        if self.ring:
+            self.reserve(self.capacity)  # a ring is read whole
 
     def reserve(self, length: int) -> None:
-        """Initialise the slots a sequence of `length` positions will read (host-side; call before the step)."""
+        """Initialise the slots the rows in use (use_rows; until then every row) read for `length` positions
+        (host-side; call before the step). Rows never used stay untouched: one client of a server with 8 rows
+        keeps one row's keys resident, not eight."""
         end = min(self.capacity, length)
-        if end > self._zeroed:
-            self.k[:, :, :, self._zeroed:end].zero_()
-            self.v[:, :, :, self._zeroed:end].zero_()
-            self._zeroed = end
+        for r in self._slots if self._slots is not None else range(len(self._zeroed)):
+            if end > self._zeroed[r]:
+                self.k[:, r, :, self._zeroed[r]:end].zero_()
+                self.v[:, r, :, self._zeroed[r]:end].zero_()
+                self._zeroed[r] = end
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy the keys/values of positions 0..length-1 from row `src` to row `dst` in place (prefix caching; not
         for a ring, whose row holds only the last `window` positions)."""
         self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
         self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+        self._zeroed[dst] = max(self._zeroed[dst], length)  # initialised now: reserve must not zero them again
 
     def use_rows(self, slots: list[int]) -> None:
         """Run the next forwards on these cache rows; a prefix 0..B-1 reads without a gather."""
-        self.rows = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.k.device)
+        self._slots = list(slots)
+        self.rows = None if self._slots == list(range(len(slots))) else torch.tensor(slots, device=self.k.device)
 
     def plan(self, positions: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention mask, write index) for one forward, shared by every layer.

@@ -105,6 +105,25 @@ def test_cache_rows_let_one_slot_restart_without_touching_others():
     assert (out - ref).abs().max().item() <= 1e-5
 
 
+def test_cache_initialises_only_the_rows_in_use_and_keeps_a_copied_prefix():
+    """reserve() zeroes only the rows use_rows named (one client of an 8-row server keeps one row resident), never
+    slots a row already holds: a prefix copied in by copy_row survives the reserve that follows it."""
+    cache = KVCache(_random_model(FAMILIES["llama-gqa"]).config, batch_size=4, max_len=32)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    cache.use_rows([2])
+    cache.reserve(10)
+    assert cache.k[:, 2, :, :10].eq(0).all() and cache.k[:, 2, :, 10:].isnan().all()
+    assert cache.k[:, [0, 1, 3]].isnan().all() and cache.v[:, [0, 1, 3]].isnan().all()
+    cache.k[:, 2, :, :10] = 1.0
+    cache.copy_row(2, 0, 10)
+    cache.use_rows([0, 2])
+    cache.reserve(16)
+    assert cache.k[:, 0, :, :10].eq(1).all() and cache.k[:, 0, :, 10:16].eq(0).all()
+    assert cache.k[:, 2, :, :10].eq(1).all() and cache.k[:, 2, :, 10:16].eq(0).all()
+    assert cache.k[:, [1, 3]].isnan().all() and cache.k[:, :, :, 16:].isnan().all()
+
+
 def test_presets_span_1m_to_gpt2_124m():
     sizes = {name: GPT(config_from_preset(name, vocab_size=4096)).num_params(non_embedding=True)
              for name in ("nano", "micro", "mini", "small")}
