@@ -53,16 +53,14 @@ def run_chatforge(row: str, new_tokens: int, batch8: bool) -> dict:
 
     from chatforge.generation import decode
     from chatforge.generation.engine import Engine, SamplingParams
-    from chatforge.model.quantize import quantize
     from chatforge.weights.loader import load
 
     lever, _, compiled = row.partition("+")
     # quantized rows keep their activations in bf16 where this CPU computes it natively, else in fp32
     dtype = lever if lever in ("fp32", "bf16") else "auto"
-    loaded = load(MODEL, dtype=dtype)
+    # quantized as chat and serve load it (on CPU: while reading, so the fp32 weights are never all resident)
+    loaded = load(MODEL, dtype=dtype, quantize=lever if lever.startswith("int") else None)
     model, tok = loaded.model, loaded.tokenizer
-    if lever.startswith("int"):
-        quantize(model, lever)
     ids = prompt_ids()
     # No prefix cache (every timed request repeats the prompt, which would otherwise be prefilled only once) and no
     # chunked prefill (all prompts prefill in the first, untimed step), so b8 is decode alone, as transformers' is.

@@ -18,9 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chatforge.device import bf16_supported
+
 N_MULTIPLE = 16  # the int4 kernel packs output rows in tiles of 16
 KERNEL_DTYPE = torch.bfloat16
 ROWS = 4096  # rows quantized at a time
+# Where bf16 is emulated (no AVX-512 BF16), an int8 layer multiplies a prompt of this many rows or more by its
+# dequantized fp32 weight: converting the weight costs a few decode steps' reads, the emulated bf16 kernel far more
+DENSE_ROWS = 32
 
 
 def fits(linear: nn.Linear, group: int) -> bool:
@@ -36,12 +41,22 @@ class _KernelLinear(nn.Module):
     out_features: int
     bias: nn.Parameter | None
 
+    dense_rows: int | None = None  # from this many rows on (a prompt), multiply by the dequantized weight instead
+
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """The product in flat's dtype by the dequantized weight (for layers that set dense_rows)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if self.dense_rows is not None and flat.shape[0] >= self.dense_rows:
+            y = self.dense(flat)
+        else:
+            y = self.matmul(flat.to(KERNEL_DTYPE)).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
@@ -92,9 +107,14 @@ class Int8Linear(_KernelLinear):
         self.register_buffer("scale", scale.to(KERNEL_DTYPE))
         self.bias = bias
         self.in_features, self.out_features = k, n
+        self.dense_rows = None if bf16_supported(torch.device("cpu")) else DENSE_ROWS
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+
+    def dense(self, flat: torch.Tensor) -> torch.Tensor:
+        # the row scales applied to the output columns: one pass over the weight fewer than dequantizing it
+        return nn.functional.linear(flat, self.weight_int8.to(flat.dtype)) * self.scale.to(flat.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by (fp32, [out, in])."""

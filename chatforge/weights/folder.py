@@ -353,8 +353,12 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
                 continue
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
-            module.register_parameter(leaf, nn.Parameter(value.to(dtype), requires_grad=module._parameters[leaf]
-                                                         .requires_grad))
+            empty = module._parameters[leaf]
+            if value.shape != empty.shape:
+                source = name if name == hf_name else f"{name} (from {hf_name})"
+                raise ChatforgeError(f"{folder}: weight {source} has shape {list(value.shape)} where config.json "
+                                     f"gives {list(empty.shape)}")
+            module.register_parameter(leaf, nn.Parameter(value.to(dtype), requires_grad=empty.requires_grad))
             seen.add(name)
             if loaded is not None:
                 loaded(name)

@@ -90,6 +90,26 @@ def test_int8_wo_on_cpu_is_a_scale_per_row_the_kernel_multiplies_by():
     assert torch.allclose(y, x.bfloat16().float() @ layer.dequantized().t(), atol=1e-2, rtol=1e-2)
 
 
+def test_int8_prompt_rows_multiply_the_dequantized_weight_where_bf16_is_emulated():
+    """From dense_rows rows on (a prompt), an int8 layer multiplies in the model's dtype by its dequantized weight:
+    the same product as the kernel's up to its bf16 rounding of the input; set only where bf16 is emulated."""
+    from chatforge.device import bf16_supported
+    from chatforge.model.cpu_linear import DENSE_ROWS, Int8Linear
+
+    layer = Int8Linear(torch.randn(48, 64) * 0.05, torch.nn.Parameter(torch.randn(48)))
+    assert layer.dense_rows == (None if bf16_supported(torch.device("cpu")) else DENSE_ROWS)
+    layer.dense_rows = DENSE_ROWS
+    prompt, token = torch.randn(2, DENSE_ROWS // 2, 64), torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        dense, kernel = layer(prompt), layer(token)
+        layer.dense_rows = None
+        via_kernel = layer(prompt)
+    w = layer.dequantized()
+    assert torch.allclose(dense, prompt @ w.t() + layer.bias, atol=1e-5)
+    assert torch.allclose(kernel, token.bfloat16().float() @ w.t() + layer.bias, atol=1e-2, rtol=1e-2)
+    assert torch.allclose(dense, via_kernel, atol=2e-2, rtol=2e-2) and not torch.equal(dense, via_kernel)
+
+
 @pytest.mark.parametrize("method", ["int8-wo", "int4-wo"])
 def test_a_tied_embedding_reads_the_int8_head(method):
     """A tied model keeps one int8 copy of its vocabulary table: the embedding looks up the head's rows (dequantized

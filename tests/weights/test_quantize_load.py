@@ -86,3 +86,21 @@ def test_quantizing_while_loading_is_quantizing_after(tmp_path, family, method):
     ids = torch.tensor([tok.encode("hello there, how are you?")])
     with torch.inference_mode():
         assert torch.equal(streamed.model(ids), after(ids))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8-wo"])
+def test_a_weight_of_another_shape_than_config_json_is_one_line(tmp_path, quantize):
+    import json
+
+    from chatforge.weights.folder import save_model
+    from chatforge.weights.loader import load
+    from conftest import FAMILIES, make_tokenizer, random_family_model
+
+    tok = make_tokenizer()
+    save_model(random_family_model(dict(FAMILIES["llama-gqa"], vocab_size=tok.vocab_size)), tok, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ChatforgeError, match=r"^.*/m: weight model\.layers\.0\.mlp\.\w+_proj\.weight has shape "
+                                             r"\[(192, 64|64, 192)\] where config\.json gives \[(100, 64|64, 100)\]$"):
+        load(str(tmp_path / "m"), quantize=quantize)
