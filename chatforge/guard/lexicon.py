@@ -46,9 +46,9 @@ def _t2s():
 
 @lru_cache(maxsize=1)
 def _lazy_pinyin():
-    """pypinyin without its phrase table: one ideograph at a time needs only the character table, and the phrases
-    (PYPINYIN_NO_PHRASES, read once at import) cost 46 MiB resident, and without them every ideograph of U+3400-U+9FFF and
-    U+F900-U+FAFF (28,160) is spelled the same (checked with pypinyin 0.55)."""
+    """pypinyin without its phrase table (PYPINYIN_NO_PHRASES, read once at import): one ideograph at a time needs
+    only the character table, the phrases cost 46 MiB resident, and without them every ideograph of U+3400-U+9FFF
+    and U+F900-U+FAFF (28,160) is spelled the same (checked with pypinyin 0.55)."""
     before = os.environ.get("PYPINYIN_NO_PHRASES")
     os.environ["PYPINYIN_NO_PHRASES"] = "true"
     try:
