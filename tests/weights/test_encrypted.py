@@ -87,6 +87,10 @@ def test_bot_load_gives_the_same_tokens_and_writes_no_plaintext(folders, isolate
     assert got.defaults == ref.defaults  # generation_config.json read from the encrypted copy too
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, got.model.state_dict()[k])
+    # quantized while read, from memory as from the plain folder
+    q_plain, q_enc = load(str(plain), quantize="int8-wo").model, load(str(enc), key=key, quantize="int8-wo").model
+    assert q_enc.quantization == "int8-wo" and q_plain.state_dict().keys() == q_enc.state_dict().keys()
+    assert all(torch.equal(v, q_enc.state_dict()[k]) for k, v in q_plain.state_dict().items())
     # the key from the environment, as commands default to
     monkeypatch.setenv("CHATFORGE_KEY", base64.b64encode(key.raw).decode())
     assert load(str(enc)).tokenizer.encode("hello there") == ref.tokenizer.encode("hello there")
