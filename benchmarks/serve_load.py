@@ -181,6 +181,7 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--quantize", default=None, help="int8-wo, int8-dyn, ... (chatforge serve --quantize)")
+    ap.add_argument("--kv-cache-dtype", default=None, help="chatforge serve --kv-cache-dtype (default: the model's)")
     ap.add_argument("--no-guard", action="store_true",
                     help="serve with --no-guard (the guard holds back a reply's first letters until they are safe, "
                          "which the time to first content includes)")
@@ -203,7 +204,8 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(model, port, args.max_batch_size, args.max_queue, args.dtype, args.quantize,
-                            args.server_threads, ["--no-guard"] if args.no_guard else [])
+                            args.server_threads, (["--no-guard"] if args.no_guard else [])
+                            + (["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else []))
         try:
             wait_ready(url, proc)
             rss_idle = peak_rss_mib(proc.pid)
@@ -237,7 +239,7 @@ def main() -> int:
 
     load_after = os.getloadavg()
     print(f"model: {args.model or 'random ' + args.preset}, dtype {args.dtype or 'default'}, quantize "
-          f"{args.quantize or 'none'}, max_tokens {args.max_tokens}, greedy, {args.prompts} distinct prompts, {args.duration:.0f} s per level, "
+          f"{args.quantize or 'none'}, kv cache {args.kv_cache_dtype or 'model dtype'}, max_tokens {args.max_tokens}, greedy, {args.prompts} distinct prompts, {args.duration:.0f} s per level, "
           f"guard {'off' if args.no_guard else 'on'}, server "
           f"batch {args.max_batch_size} queue {args.max_queue}, {args.server_threads or 'default'} server threads, "
           f"{os.cpu_count()} CPUs, loopback; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")

@@ -42,7 +42,7 @@ def model_key(key_file: str | None, passphrase: bool):
 
 
 def load_bot(model: str, *, device: str, dtype: str | None, quantize: str | None, key_file: str | None,
-             passphrase: bool, max_batch_size: int, compile: bool = False) -> Bot:
+             passphrase: bool, max_batch_size: int, compile: bool = False, kv_dtype: str | None = None) -> Bot:
     """The Bot chat, generate and serve use: the one loader, with dtype, quantization, the key and compile (its
     warm-up time goes to stderr: the first start on a machine compiles for minutes, later ones read the cache)."""
     from chatforge.weights.loader import check_quantize
@@ -56,7 +56,7 @@ def load_bot(model: str, *, device: str, dtype: str | None, quantize: str | None
 
         _err(f"compiling the decode step (first start on this machine: minutes; cached in {inductor_cache_dir()})")
     bot = Bot.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size, quantize=quantize,
-                   key=model_key(key_file, passphrase), compile=compile)
+                   key=model_key(key_file, passphrase), compile=compile, kv_dtype=kv_dtype)
     if bot.warmup_s is not None:
         _err(f"compiled decode ready: warm-up {bot.warmup_s:.1f} s")
     return bot

@@ -63,7 +63,8 @@ class Bot:
 
     @classmethod
     def load(cls, path_or_name: str, device: str | None = None, dtype: str | None = None, max_batch_size: int = 8,
-             max_seq_len: int | None = None, *, quantize: str | None = None, key=None, compile: bool = False) -> Bot:
+             max_seq_len: int | None = None, *, quantize: str | None = None, key=None, compile: bool = False,
+             kv_dtype: str | None = None) -> Bot:
         """A model folder, a LoRA adapter folder, a .gguf file or a known model name (e.g. "smollm2-135m-instruct").
 
         dtype: fp32 (the default on CPU), bf16 or fp16; on a GPU the default is bf16 where supported.
@@ -71,7 +72,8 @@ class Bot:
         privacy.crypto.Key for an encrypted model folder (unset: CHATFORGE_KEY), read in memory only.
         compile: decode through a torch.compile'd step (generation.decode.compile_decode), compiled here by a
         warm-up (`bot.warmup_s`) rather than on the first request; the artefacts are cached on disk, so a later
-        start loads them. What int8-dyn needs to be fast; the same greedy tokens as eager.
+        start loads them. What int8-dyn needs to be fast; the same greedy tokens as eager. kv_dtype: fp32, bf16
+        or fp16 keys and values in the KV cache (default: the model's dtype).
         """
         from chatforge.device import pick_device, resolve_dtype
         from chatforge.weights.loader import load
@@ -81,7 +83,7 @@ class Bot:
         # the one loader: names, GGUF, folders, adapters, encrypted folders
         loaded = load(path_or_name, device=dev, dtype=torch_dtype, quantize=quantize, key=key)
         model, tokenizer = loaded.model, loaded.tokenizer
-        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_dtype=kv_dtype)
         bot = cls(model, tokenizer, engine, defaults_from_generation_config(loaded.generation_config))
         bot.quantization = loaded.quantization
         if compile:
@@ -89,7 +91,8 @@ class Bot:
 
             decode.compile_decode(model)
             bot.warmup_s = decode.warmup(model, batch_sizes=(1, 2) if max_batch_size > 1 else (1,),
-                                         rows=max_batch_size, max_len=engine.context_length)
+                                         rows=max_batch_size, max_len=engine.context_length,
+                                         cache_dtype=engine.kv_dtype)
         return bot
 
     @property

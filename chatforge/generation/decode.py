@@ -157,13 +157,15 @@ def step(model: torch.nn.Module, cache, slots: list[int], tokens: list[int], pos
 
 
 def warmup(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (1, 2), prompt_len: int = 16, *,
-           rows: int | None = None, max_len: int | None = None, reach: int | None = None) -> float:
+           rows: int | None = None, max_len: int | None = None, reach: int | None = None,
+           cache_dtype: torch.dtype | None = None) -> float:
     """Run a prefill and decode steps once so a compiled model compiles (or loads from the disk cache) now, at
     load, not on the first request; returns the seconds it took (the server reports it).
 
     rows, max_len: the shape of the engine's KVCache (its max_batch_size and context length). A static graph is
-    specific to the cache's shape (and to its being an inference tensor, as the engine's is), so warming a cache of
-    another shape would compile graphs the engine never runs; unset, a cache just big enough.
+    specific to the cache's shape and dtype (cache_dtype: the engine's kv_dtype; unset, the model's) and to its
+    being an inference tensor, as the engine's is, so warming another cache would compile graphs the engine never
+    runs; unset, a cache just big enough.
     reach: the longest sequence to warm for; a compiled model runs one step in every kv bucket up to it (default:
     the buckets of prompt_len + 2), each on rows 0..B-1 and, when the cache has more rows than B, on others (a
     gather: another graph), so a run within `reach` compiles nothing more (tested).
@@ -172,7 +174,7 @@ def warmup(model: torch.nn.Module, batch_sizes: tuple[int, ...] = (1, 2), prompt
 
     t0 = time.perf_counter()
     param = next(model.parameters())
-    cache_dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+    cache_dtype = cache_dtype or (param.dtype if param.dtype.is_floating_point else torch.float32)
     rows = rows or max(batch_sizes)
     reach = max(reach or 0, prompt_len + 2)
     max_len = max_len or reach

@@ -289,9 +289,11 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None, device=None,
-                 dtype=None, prefix_cache: bool = True, prefill_chunk: int | None = PREFILL_PER_STEP):
+                 dtype=None, prefix_cache: bool = True, prefill_chunk: int | None = PREFILL_PER_STEP,
+                 kv_dtype=None):
         """prefix_cache: reuse the keys of a shared prompt prefix from another request's row. prefill_chunk: the
-        most prompt tokens prefilled per step (None: every admitted prompt whole, in the step that admits it)."""
+        most prompt tokens prefilled per step (None: every admitted prompt whole, in the step that admits it).
+        kv_dtype: what the KV cache stores (default: the model's dtype); attention reads it in the model's."""
         from chatforge.device import pick_device, resolve_dtype
 
         if max_batch_size < 1:
@@ -304,6 +306,7 @@ class Engine:
         if isinstance(dtype, str):
             dtype = resolve_dtype(dtype, self.device)
         self.dtype = dtype or param.dtype
+        self.kv_dtype = (resolve_dtype(kv_dtype, self.device) if isinstance(kv_dtype, str) else kv_dtype) or self.dtype
         if param.device != self.device or param.dtype != self.dtype:
             model.to(device=self.device, dtype=self.dtype)  # in place: the engine owns where its model runs
         self.model = model.eval()
@@ -445,7 +448,7 @@ class Engine:
 
         if self._cache is None:
             self._cache = KVCache(self.model.config, self.max_batch_size, self._context, device=self.device,
-                                  dtype=self.dtype)
+                                  dtype=self.kv_dtype)
 
     def _admit(self) -> None:
         """Give waiting requests free rows, each with whatever prefix of its prompt is cached (no forwards here)."""

@@ -298,3 +298,18 @@ def test_abort_frees_the_slot_and_closing_generate_aborts(tok):
     next(it)
     it.close()
     assert not engine.has_work()
+
+
+def test_a_bf16_kv_cache_under_an_fp32_model_keeps_the_reply(tok, memo):
+    """kv_dtype stores keys and values in bf16 (half an fp32 model's cache) while attention reads them in fp32: the
+    memorized replies come out whole, batched and alone; an unknown dtype is one line."""
+    engine = Engine(memo, tok, max_batch_size=2, kv_dtype="bf16")
+    prompts = [prompt_of(tok, c[:1]) for c in CONVERSATIONS[:2]]
+    outs = engine.generate_batch(prompts, greedy(max_new_tokens=60))
+    assert engine.kv_dtype == torch.bfloat16 and engine._cache.k.dtype == torch.bfloat16
+    assert next(memo.parameters()).dtype == torch.float32
+    assert tok.decode(outs[0].token_ids, skip_special=True) == REPLY
+    fp32 = Engine(memo, tok, max_batch_size=2).generate_batch(prompts, greedy(max_new_tokens=60))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in fp32]
+    with pytest.raises(ChatforgeError, match=r"^dtype: 'int3' is not one of fp32, bf16, fp16$"):
+        Engine(memo, tok, kv_dtype="int3")

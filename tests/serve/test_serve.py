@@ -461,6 +461,13 @@ def test_cli_refuses_public_bind_without_key(models):
     assert err.startswith("error: serve: refusing to listen on 0.0.0.0 without an API key")
 
 
+def test_cli_refuses_an_unknown_kv_cache_dtype_before_loading(models):
+    p = _cli(models["chat"], "--kv-cache-dtype", "int3")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert err == "error: serve: --kv-cache-dtype must be one of fp32, bf16, fp16, got 'int3'\n"
+
+
 @pytest.mark.slow
 def test_cli_serves_with_key_from_environment(models):
     import socket
