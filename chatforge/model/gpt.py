@@ -324,8 +324,9 @@ class Block(nn.Module):
 def _embedding(rows: int, dim: int) -> nn.Embedding:
     """nn.Embedding, left uninitialised under torch.device("meta") (a model built to be loaded): normal_ on a meta
     tensor imports some 800 modules (68 MiB resident), and GPT initialises every weight itself anyway."""
-    weight = torch.empty(rows, dim)
-    return nn.Embedding(rows, dim, _weight=weight) if weight.is_meta else nn.Embedding(rows, dim)
+    if torch.empty(0).is_meta:
+        return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    return nn.Embedding(rows, dim)
 
 
 class Backbone(nn.Module):

@@ -6,7 +6,7 @@ a scale per output row. int4-wo: 4-bit weights in groups of 32 with a scale and 
 weight), the output head at int8. Weight-only methods run through torchao on CUDA and through torch's own kernels on
 CPU (model/cpu_linear.py: torchao has no CPU int4, and its int8-wo decoded at half the speed there). Every nn.Linear
 is quantized, the output head included (on SmolLM2 it is a fifth of the weights); embeddings stay as they are (a
-lookup reads one row per token). Measure the quality cost with chatforge.eval.compare before recommending a method.
+lookup reads one row per token), except that on CPU a tied embedding reads the int8 head's rows (one table). Measure the quality cost with chatforge.eval.compare before recommending a method.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def loading_quantizer(model: nn.Module, method: str, group_size: int = INT4_GROU
     the whole model; the caller sets model.quantization once every weight is in. CPU weight-only methods only
     (on_cpu_kernels)."""
     from chatforge.device import release_host_memory
-    from chatforge.model.cpu_linear import Int8Linear, quantized
+    from chatforge.model.cpu_linear import quantized
 
     if method not in CPU_METHODS:
         raise ValueError(f"loading_quantizer: {method!r} is not a CPU weight-only method")
@@ -122,19 +122,19 @@ def loading_quantizer(model: nn.Module, method: str, group_size: int = INT4_GROU
 
     def loaded(name: str) -> None:
         nonlocal done
-        owner, _, _ = name.rpartition(".")
-        if tied and name == "model.embed_tokens.weight":  # the head is this table: quantize it once, share it
-            model.lm_head = Int8Linear(model.model.embed_tokens.weight, None)
+        owner = name.rpartition(".")[0]
+        if tied and name == "model.embed_tokens.weight":  # the head is this table: quantized once, then shared
+            model.lm_head.weight, owner = model.model.embed_tokens.weight, HEAD
+        module = model.get_submodule(owner)
+        if not isinstance(module, nn.Linear) or any(p.is_meta for p in module.parameters()):
+            return
+        layer = quantized(module, method, group_size, owner == HEAD)
+        if layer is None:
+            return
+        parent, _, leaf = owner.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, layer)
+        if owner == HEAD:
             _tie_int8_embedding(model)
-        else:
-            module = model.get_submodule(owner)
-            if not isinstance(module, nn.Linear) or any(p.is_meta for p in module.parameters()):
-                return
-            parent, _, leaf = owner.rpartition(".")
-            layer = quantized(module, method, group_size, owner == HEAD)
-            if layer is None:
-                return
-            setattr(model.get_submodule(parent), leaf, layer)
         done += 1
         if done % QUANTIZE_GROUP == 0:
             release_host_memory()

@@ -88,6 +88,41 @@ def test_quantizing_while_loading_is_quantizing_after(tmp_path, family, method):
         assert torch.equal(streamed.model(ids), after(ids))
 
 
+def test_quantizing_while_loading_never_holds_the_float_model(tmp_path, monkeypatch):
+    """Each Linear is quantized before the next tensor is read once its weights are in: the tied head right after
+    the embedding (read first), every other layer as its last weight arrives, so the float weights never pile up."""
+    import chatforge.model.cpu_linear as cpu_linear
+    import chatforge.weights.folder as folder
+    from chatforge.weights.folder import save_model
+    from chatforge.weights.loader import load
+    from conftest import FAMILIES, make_tokenizer, random_family_model
+
+    tok = make_tokenizer()
+    save_model(random_family_model(dict(FAMILIES["qwen2-bias"], vocab_size=tok.vocab_size)), tok, tmp_path / "m")
+    events, read, quantized = [], folder.iter_weights, cpu_linear.quantized
+
+    def reading(*args, **kw):
+        for name, tensor in read(*args, **kw):
+            events.append(("read", name))
+            yield name, tensor
+
+    def quantizing(linear, *args):
+        events.append(("quantized", tuple(linear.weight.shape)))
+        return quantized(linear, *args)
+
+    monkeypatch.setattr(folder, "iter_weights", reading)
+    monkeypatch.setattr(cpu_linear, "quantized", quantizing)
+    load(str(tmp_path / "m"), quantize="int8-wo")
+    assert events[:2] == [("read", "model.embed_tokens.weight"), ("quantized", (tok.vocab_size, 64))]
+    reads = [e[1] for e in events if e[0] == "read"]
+    linears = {n.rsplit(".", 1)[0] for n in reads if n.endswith("_proj.weight")}
+    assert sum(e[0] == "quantized" for e in events) == len(linears) + 1  # and the head
+    for i, (kind, name) in enumerate(events):  # a Linear's last tensor is followed by its quantization
+        owner = name.rsplit(".", 1)[0] if kind == "read" else None
+        if owner in linears and not any(r.startswith(owner + ".") for r in reads[reads.index(name) + 1:]):
+            assert events[i + 1][0] == "quantized", name
+
+
 @pytest.mark.parametrize("quantize", [None, "int8-wo"])
 def test_a_weight_of_another_shape_than_config_json_is_one_line(tmp_path, quantize):
     import json
