@@ -33,6 +33,12 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Sapphire Rapids and later), where oneDNN multiplies bf16 in tiles."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.13; absent: assume none
+    return bool(amx is not None and amx())
+
+
 # The one dtype vocabulary of every command and config (transformers' "float32" names stay inside config.json).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

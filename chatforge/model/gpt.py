@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chatforge.device import cpu_has_amx
 from chatforge.errors import ChatforgeError
+
+# One query's half-precision attention on CPU runs as two matmuls (decode_attention) unless the CPU has AMX tiles:
+# without them PyTorch's flash kernel ran one bf16 query 4-8x slower than the matmuls (AVX-512 BF16, 2026-12-01);
+# with them it took 22 us a layer where the matmuls took 67 (Granite Rapids, 264 keys, 2026-12-04). A constant, so
+# that a compiled step bakes the choice in.
+CPU_DECODE_MATMULS = not cpu_has_amx()
 
 
 @dataclass
@@ -249,9 +256,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per row in bf16/fp16: two matmuls and an fp32 softmax.
 
-    PyTorch's CPU flash kernel for half-precision runs one query 4-8x slower than this (and than its own fp32
-    kernel), which costs more than the weights at batch 8. q: (B, H, 1, hd); k, v: (B, Hkv, S, hd); bias: additive
-    fp32 (B, 1, 1, S). Query heads are grouped by kv head as enable_gqa groups them.
+    On a CPU without AMX, PyTorch's flash kernel for half-precision runs one query 4-8x slower than this (and than
+    its own fp32 kernel), which costs more than the weights at batch 8 (CPU_DECODE_MATMULS says where).
+    q: (B, H, 1, hd); k, v: (B, Hkv, S, hd); bias: additive fp32 (B, 1, 1, S). Query heads are grouped by kv head as enable_gqa groups them.
     """
     B, H, _, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -430,7 +437,8 @@ class GPT(nn.Module):
                 cache.reserve(kv_len)
             mask, index = cache.plan(position_ids, kv_len)
             plan = (index, kv_len)
-            if T == 1 and x.dtype in (torch.bfloat16, torch.float16):
+            if T == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" \
+                    and CPU_DECODE_MATMULS:
                 # decode_attention's additive form, made once for every layer
                 mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
         else:

@@ -7,6 +7,7 @@ import torch
 
 from chatforge.weights.folder import load_model, read_config, save_model
 from chatforge.errors import ChatforgeError
+from chatforge.model import gpt
 from chatforge.model.gpt import GPT, KVCache, ModelConfig, PRESETS, config_from_preset
 from conftest import FAMILIES, random_family_model as _random_model
 
@@ -60,9 +61,14 @@ def test_kv_cache_decoding_matches_full_forward(family):
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("matmuls", [True, False])
 @pytest.mark.parametrize("n_kv_head,window", [(4, None), (2, None), (1, 6)])
-def test_bf16_decode_matches_an_fp32_full_forward(n_kv_head, window):
-    """Half-precision decode steps take decode_attention instead of the CPU flash kernel: same logits to bf16 error."""
+def test_bf16_decode_matches_an_fp32_full_forward(n_kv_head, window, matmuls, monkeypatch):
+    """Half-precision decode steps attend through decode_attention (a CPU without AMX) or SDPA (with AMX): either
+    gives an fp32 full forward's logits to bf16 error."""
+    monkeypatch.setattr(gpt, "CPU_DECODE_MATMULS", matmuls)
+    calls, matmul_attention = [], gpt.decode_attention
+    monkeypatch.setattr(gpt, "decode_attention", lambda *a: calls.append(1) or matmul_attention(*a))
     config = ModelConfig(n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=64, vocab_size=97, max_seq_len=32,
                          sliding_window=window)
     model = GPT(config).eval()
@@ -76,6 +82,7 @@ def test_bf16_decode_matches_an_fp32_full_forward(n_kv_head, window):
         half(ids[:, :12], position_ids=torch.arange(12).expand(2, 12), cache=cache)
         steps = [half(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache) for t in range(12, 20)]
     assert (torch.cat(steps, 1).float() - full[:, 12:]).abs().max().item() <= 0.02
+    assert len(calls) == (8 * config.n_layer if matmuls else 0)
 
 
 def test_packed_conversations_do_not_attend_to_each_other():
