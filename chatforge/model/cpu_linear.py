@@ -10,8 +10,9 @@ depends on.
 
 Both kernels multiply in bf16 whatever the model's dtype: their fp32 and fp16 paths are not vectorized (on the AVX2
 EPYC, 1.18 ms for the int4 layer above in fp32 where bf16 took 0.11; int8 0.68 ms against 0.07). A layer takes and
-returns the model's dtype. Where bf16 is emulated (AVX2), an int8 layer multiplies a prompt (DENSE_ROWS rows or more)
-by its weight converted to the model's dtype instead: a 184-token prompt then prefills as fast as in fp32.
+returns the model's dtype. A prompt (DENSE_ROWS rows or more) is multiplied by the weight dequantized to the model's
+dtype instead, as fast as a dense model prefills: the kernels are built for a few rows. `joined` makes one layer of
+several that read the same input (q, k, v; gate, up), for fewer, larger kernel calls per token.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from chatforge.device import bf16_supported
-
-N_MULTIPLE = 16  # the int4 kernel packs output rows in tiles of 16
+BLOCK = 64  # the int4 kernel packs output rows in blocks of 64 (two nibbles of a byte: rows j and j + 32 of a block)
 KERNEL_DTYPE = torch.bfloat16
 ROWS = 4096  # rows quantized at a time
-# Where bf16 is emulated (no AVX-512 BF16), an int8 layer multiplies a prompt of this many rows or more by its weight
-# converted to the model's dtype (on the AVX2 EPYC the two cross between 32 and 48 rows; at 184, 2.9 ms against 6.2)
+# From this many rows on (a prompt), a layer multiplies by its weight dequantized to the model's dtype instead of
+# calling the kernel, which is built for a few rows. Where bf16 is native (Granite Rapids with AMX, 1 thread, 576 x
+# 1536): the int8 kernel took 3.8 ms for 184 rows where a bf16 matmul takes 0.37, and 0.17 against 0.12 at 8 rows;
+# where it is emulated (the AVX2 EPYC) the int8 kernel and an fp32 matmul crossed between 32 and 48 rows.
 DENSE_ROWS = 32
 
 
 def fits(linear: nn.Linear, group: int) -> bool:
-    """Whether the int4 kernel takes this layer's shape (other layers stay as they are)."""
-    return linear.in_features % group == 0 and linear.out_features % N_MULTIPLE == 0
+    """Whether the int4 kernel takes this layer's shape (other layers stay as they are). Whole blocks only, so that
+    the packed weight reads back (dequantized) and concatenates (join) block by block."""
+    return linear.in_features % group == 0 and linear.out_features % BLOCK == 0
 
 
 class _KernelLinear(nn.Module):
@@ -41,14 +43,13 @@ class _KernelLinear(nn.Module):
     in_features: int
     out_features: int
     bias: nn.Parameter | None
-
-    dense_rows: int | None = None  # from this many rows on (a prompt), multiply by the dequantized weight instead
+    dense_rows: int | None = None  # from this many rows on, multiply by the dequantized weight instead
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def dense(self, flat: torch.Tensor) -> torch.Tensor:
-        """The product in flat's dtype, through a dense matmul (for layers that set dense_rows)."""
+        """The product in flat's dtype, through a dense matmul."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +62,23 @@ class _KernelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _joined_bias(layers: list[_KernelLinear]) -> nn.Parameter | None:
+    biases = [layer.bias for layer in layers]
+    return None if biases[0] is None else nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+
+
 class Int4Linear(_KernelLinear):
     """An nn.Linear whose weight is stored as packed int4 with a bf16 (scale, zero) per group."""
 
-    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, group: int):
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, bias: nn.Parameter | None, group: int):
         super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zero", scale_zero)
+        self.bias = bias
+        self.out_features, self.in_features, self.group = packed.shape[0], packed.shape[1] * 2, group
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: nn.Parameter | None, group: int) -> Int4Linear:
         weight = weight.detach().float()
         n, k = weight.shape
         blocks = weight.reshape(n, k // group, group)
@@ -74,18 +87,29 @@ class Int4Linear(_KernelLinear):
         q = ((blocks - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
         # the kernel dequantizes (q - 8) * scale + zero, so zero is the value of the group's middle code
         zero = low + 8 * scale
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scale_zero", torch.stack([scale[..., 0], zero[..., 0]], -1).transpose(0, 1)
-                             .contiguous().to(KERNEL_DTYPE))
-        self.bias = bias
-        self.in_features, self.out_features, self.group = k, n, group
+        scale_zero = torch.stack([scale[..., 0], zero[..., 0]], -1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+        return cls(torch._convert_weight_to_int4pack_for_cpu(q, 1), scale_zero, bias, group)
+
+    @classmethod
+    def join(cls, layers: list[Int4Linear]) -> Int4Linear:
+        """One layer giving the outputs of `layers` side by side (whole blocks of rows concatenate as they are)."""
+        return cls(torch.cat([layer.packed for layer in layers]), torch.cat([layer.scale_zero for layer in layers], 1),
+                   _joined_bias(layers), layers[0].group)
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight the kernel multiplies by (fp32, [out, in]): for tests and quality checks."""
-        return self.matmul(torch.eye(self.in_features, dtype=KERNEL_DTYPE)).float().t()
+    def dense(self, flat: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(flat, self.dequantized(flat.dtype))
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the kernel multiplies by ([out, in]), read from its packing: in each block of 64 rows, byte j
+        of input column c holds row j (low nibble) and row j + 32 (high nibble)."""
+        n, k, g = self.out_features, self.in_features, self.group
+        p = self.packed.reshape(n // BLOCK, k, BLOCK // 2)
+        q = torch.stack([p & 15, p >> 4], 1).transpose(-1, -2).reshape(n, k // g, g)
+        scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)  # (n, k // g) each
+        return ((q.float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
@@ -94,8 +118,17 @@ class Int4Linear(_KernelLinear):
 class Int8Linear(_KernelLinear):
     """An nn.Linear whose weight is stored as int8 with one bf16 scale per output row (symmetric, absmax / 127)."""
 
-    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None):
+    dense_rows = DENSE_ROWS
+
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: nn.Parameter | None):
         super().__init__()
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scale", scale)
+        self.bias = bias
+        self.out_features, self.in_features = weight_int8.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: nn.Parameter | None) -> Int8Linear:
         weight = weight.detach()
         n, k = weight.shape
         scale = torch.empty(n)
@@ -104,11 +137,13 @@ class Int8Linear(_KernelLinear):
             rows = weight[a:a + ROWS].float()
             scale[a:a + ROWS] = rows.abs().amax(1).clamp(min=1e-12) / 127
             q[a:a + ROWS] = (rows / scale[a:a + ROWS, None]).round_().clamp_(-127, 127).to(torch.int8)
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("scale", scale.to(KERNEL_DTYPE))
-        self.bias = bias
-        self.in_features, self.out_features = k, n
-        self.dense_rows = None if bf16_supported(torch.device("cpu")) else DENSE_ROWS
+        return cls(q, scale.to(KERNEL_DTYPE), bias)
+
+    @classmethod
+    def join(cls, layers: list[Int8Linear]) -> Int8Linear:
+        """One layer giving the outputs of `layers` side by side."""
+        return cls(torch.cat([layer.weight_int8 for layer in layers]), torch.cat([layer.scale for layer in layers]),
+                   _joined_bias(layers))
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
@@ -123,6 +158,16 @@ class Int8Linear(_KernelLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def joined(layers: list[nn.Module]) -> _KernelLinear | None:
+    """One layer computing `layers`' outputs side by side (q, k and v; gate and up), or None where they are not all
+    int8 or all int4 of one group, with biases all or none: one kernel call a token instead of three or two (at 2
+    threads, q + k + v took 26 us and their join 17)."""
+    kinds = {(type(layer), getattr(layer, "group", None), layer.bias is None) for layer in layers}
+    if len(kinds) != 1 or not issubclass(next(iter(kinds))[0], (Int4Linear, Int8Linear)):
+        return None
+    return type(layers[0]).join(layers)
 
 
 class Int8Embedding(nn.Module):
@@ -148,8 +193,8 @@ def quantized(linear: nn.Linear, method: str, group: int, int8: bool) -> nn.Modu
     """The layer's replacement under `method` (int8: an Int8Linear even under int4-wo), or None where the int4
     kernel cannot take its shape (the layer stays as it is)."""
     if method == "int4-wo" and not int8:
-        return Int4Linear(linear.weight, linear.bias, group) if fits(linear, group) else None
-    return Int8Linear(linear.weight, linear.bias)
+        return Int4Linear.quantize(linear.weight, linear.bias, group) if fits(linear, group) else None
+    return Int8Linear.quantize(linear.weight, linear.bias)
 
 
 def quantize_cpu(model: nn.Module, method: str, group: int, int8_names: set[str] = frozenset()) -> None:

@@ -277,12 +277,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.attn_bias)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=c.attn_bias)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.attn_out_bias)
+        self.qkv: nn.Module | None = None  # q, k and v as one layer (fuse), for inference
+
+    def fuse(self, join) -> None:
+        """Replace q, k and v by the one layer `join([q, k, v])` makes of them, unless it returns None: one larger
+        matmul a token instead of three (quantized inference; the model's state dict no longer reads as a Llama's)."""
+        layer = join([self.q_proj, self.k_proj, self.v_proj])
+        if layer is not None:
+            self.qkv = layer
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, plan: tuple | None) -> torch.Tensor:
         c, (B, T, _) = self.c, x.shape
-        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
-        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim)
-        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split([c.n_head * c.head_dim] + [c.n_kv_head * c.head_dim] * 2, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, c.n_head, c.head_dim)
+        k = k.view(B, T, c.n_kv_head, c.head_dim)
+        v = v.view(B, T, c.n_kv_head, c.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -308,9 +321,22 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
         self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[c.activation]
+        self.gate_up: nn.Module | None = None  # gate and up as one layer (fuse), for inference
+
+    def fuse(self, join) -> None:
+        """Replace gate and up by the one layer `join([gate, up])` makes of them, unless it returns None (as
+        Attention.fuse)."""
+        layer = join([self.gate_proj, self.up_proj]) if self.gated else None
+        if layer is not None:
+            self.gate_up = layer
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, -1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(h)
 
 

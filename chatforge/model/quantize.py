@@ -57,8 +57,7 @@ def quantize(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> nn.
 
         quantize_cpu(model, method, group_size, int8_names={HEAD})
         _tie_int8_embedding(model)
-        release_host_memory()
-        model.quantization = method
+        finish_loading(model, method)
         return model
     torchao, q = _torchao()
     if method == "int8-dyn":
@@ -106,11 +105,31 @@ def _tie_int8_embedding(model: nn.Module) -> None:
         model.model.embed_tokens = Int8Embedding(model.lm_head, model.model.embed_tokens.weight.dtype)
 
 
+def fuse_projections(model: nn.Module) -> None:
+    """Every block's q, k, v and its gate, up as one kernel layer each (model/cpu_linear.joined), where they were
+    quantized alike: one kernel call a token instead of three and two (SmolLM2: 211 calls a token become 121)."""
+    from chatforge.model.cpu_linear import joined
+    from chatforge.model.gpt import MLP, Attention
+
+    for module in [m for m in model.modules() if isinstance(m, (Attention, MLP))]:
+        module.fuse(joined)
+
+
+def finish_loading(model: nn.Module, method: str) -> None:
+    """What follows the last CPU-quantized Linear: projections fused, the freed memory handed back, the method
+    recorded on the model."""
+    from chatforge.device import release_host_memory
+
+    fuse_projections(model)
+    release_host_memory()
+    model.quantization = method
+
+
 def loading_quantizer(model: nn.Module, method: str, group_size: int = INT4_GROUP) -> Callable[[str], None]:
     """For a model built on the meta device whose weights arrive one tensor at a time (weights.folder.load_model):
     a function to call with each parameter's name once it is loaded. A Linear is quantized as soon as all of its
     weights are in, so the full-precision model is never resident at once. The result is what `quantize` makes of
-    the whole model; the caller sets model.quantization once every weight is in. CPU weight-only methods only
+    the whole model once the caller, with every weight in, calls finish_loading. CPU weight-only methods only
     (on_cpu_kernels)."""
     from chatforge.device import release_host_memory
     from chatforge.model.cpu_linear import quantized

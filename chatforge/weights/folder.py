@@ -332,7 +332,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
     key: a privacy.crypto.Key for an encrypted folder (decrypted in memory only). quantize: a method that runs on
     torch's CPU kernels (model.quantize.on_cpu_kernels), applied to each Linear as soon as its weights are read, so
     the full-precision model is never resident (int8-wo SmolLM2-135M peaks below its fp32 weights' size)."""
-    from chatforge.model.quantize import loading_quantizer, on_cpu_kernels
+    from chatforge.model.quantize import finish_loading, loading_quantizer, on_cpu_kernels
 
     folder = Path(folder)
     config = read_config(folder, key)
@@ -368,7 +368,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
         raise ChatforgeError(f"{folder}: weights do not match config.json (missing {missing[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
     if loaded is not None:
-        model.quantization = quantize
+        finish_loading(model, quantize)
         return model.eval()
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
