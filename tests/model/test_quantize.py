@@ -104,14 +104,19 @@ def test_int8_wo_on_cpu_is_a_scale_per_row_the_kernel_multiplies_by():
     assert torch.allclose(y, x.bfloat16().float() @ layer.dequantized().t(), atol=1e-2, rtol=1e-2)
 
 
-def test_int8_prompt_rows_multiply_the_dequantized_weight():
-    """From DENSE_ROWS rows on (a prompt), an int8 layer multiplies in the model's dtype by its dequantized weight:
-    the same product as the kernel's up to its bf16 rounding of the input."""
-    from chatforge.model.cpu_linear import DENSE_ROWS, Int8Linear
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_prompt_rows_multiply_the_dequantized_weight(kind):
+    """From dense_rows rows on (a prompt), a layer multiplies in the model's dtype by its dequantized weight: the same
+    product as the kernel's up to its bf16 rounding of the input."""
+    from chatforge.model import cpu_linear
 
-    layer = Int8Linear.quantize(torch.randn(48, 64) * 0.05, torch.nn.Parameter(torch.randn(48)))
-    assert layer.dense_rows == DENSE_ROWS
-    prompt, token = torch.randn(2, DENSE_ROWS // 2, 64), torch.randn(1, 1, 64)
+    w, bias = torch.randn(64, 96) * 0.05, torch.nn.Parameter(torch.randn(64))
+    if kind == "int8":
+        layer, rows = cpu_linear.Int8Linear.quantize(w, bias), cpu_linear.DENSE_ROWS
+    else:
+        layer, rows = cpu_linear.Int4Linear.quantize(w, bias, 32), cpu_linear.DENSE_ROWS_INT4
+    assert layer.dense_rows == rows
+    prompt, token = torch.randn(2, rows // 2, 96), torch.randn(1, 1, 96)
     with torch.inference_mode():
         dense, kernel = layer(prompt), layer(token)
         layer.dense_rows = None
