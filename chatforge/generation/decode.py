@@ -54,6 +54,12 @@ def compile_decode(model: torch.nn.Module, freeze: bool = True, mode: str | None
 
     if bucket < 1:
         raise ChatforgeError(f"compile: bucket must be at least 1, got {bucket}")
+    device = next(model.parameters()).device
+    if getattr(model, "quantization", None) == "int8-dyn" and device.type == "cpu" and not int_mm_takes_one_row():
+        raise ChatforgeError(f"compile: int8-dyn decodes garbage when compiled on this CPU with torch "
+                             f"{torch.__version__} (torch._int_mm gets one token's row with stride 0 from inductor "
+                             f"and returns wrong sums: pytorch/pytorch#195066); use int4-wo or int8-wo, or int8-dyn "
+                             f"without compile")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     inductor_config.freezing = freeze
     inductor_config.fx_graph_cache = True
@@ -65,9 +71,20 @@ def compile_decode(model: torch.nn.Module, freeze: bool = True, mode: str | None
     # called from C++ rather than from a Python wrapper (SmolLM2 int4 through the engine: 143-144 against 137-139
     # tokens/s, Granite Rapids, 2 threads)
     options = {**list_mode_options(mode or "default"), "guard_filter_fn": _identity_guards, "size_asserts": False,
-               "cpp_wrapper": next(model.parameters()).device.type == "cpu"}
+               "cpp_wrapper": device.type == "cpu"}
     setattr(model, COMPILED, torch.compile(model.forward, dynamic=False, options=options))
     setattr(model, BUCKET, bucket)
+
+
+def int_mm_takes_one_row() -> bool:
+    """Whether torch._int_mm (torchao's int8-dyn matmul) is right for a one-row input whose row stride is 0, the
+    layout inductor gives a single token's activations: oneDNN's int8 gemm reads the stride as the leading dimension
+    and leaves the output unwritten (pytorch/pytorch#195066; on Granite Rapids with torch 2.13, every compiled
+    int8-dyn step)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (1, 64), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (64, 64), dtype=torch.int8, generator=gen)
+    return torch.equal(torch._int_mm(a.as_strided((1, 64), (0, 1)), b), a.int() @ b.int())
 
 
 def _identity_guards(entries) -> list[bool]:

@@ -168,3 +168,23 @@ def test_two_compiled_models_in_one_process_each_decode_their_own_weights(tmp_pa
     assert (torch.stack(eager[0][0]) - torch.stack(eager[1][0])).abs().max().item() > 0.1  # they differ
     for want, got in zip(eager, compiled):
         assert (torch.stack(want[0]) - torch.stack(got[0])).abs().max().item() <= 1e-4
+
+
+def test_compiling_int8_dyn_is_refused_where_int_mm_gets_one_row_wrong(monkeypatch):
+    """Where torch._int_mm returns wrong sums for a one-token row with stride 0 (the layout inductor gives it:
+    pytorch/pytorch#195066), a compiled int8-dyn step would decode garbage: compile_decode says so in one line and
+    leaves the model eager; where the probe passes, it compiles."""
+    pytest.importorskip("torchao")
+    from chatforge.errors import ChatforgeError
+    from chatforge.model.quantize import quantize
+
+    model = quantize(random_family_model(dict(FAMILIES["llama-gqa"], d_model=128)), "int8-dyn")
+    monkeypatch.setattr(decode, "int_mm_takes_one_row", lambda: False)
+    with pytest.raises(ChatforgeError, match=r"int8-dyn decodes garbage .*pytorch/pytorch#195066\); use int4-wo"):
+        decode.compile_decode(model)
+    assert not decode.is_compiled(model)
+    monkeypatch.setattr(decode, "int_mm_takes_one_row", lambda: True)
+    decode.compile_decode(model)
+    assert decode.is_compiled(model)
+    decode.uncompile(model)
+
