@@ -11,8 +11,8 @@ depends on.
 Both kernels multiply in bf16 whatever the model's dtype: their fp32 and fp16 paths are not vectorized (on the AVX2
 EPYC, 1.18 ms for the int4 layer above in fp32 where bf16 took 0.11; int8 0.68 ms against 0.07). A layer takes and
 returns the model's dtype. A prompt (dense_rows rows or more) is multiplied by the weight dequantized to the model's
-dtype instead, nearly as fast as a dense model prefills: the kernels are built for a few rows. `joined` makes one layer of
-several that read the same input (q, k, v; gate, up), for fewer, larger kernel calls per token.
+dtype instead, nearly as fast as a dense model prefills: the kernels are built for a few rows. `joined` makes one
+layer of several that read the same input (q, k, v; gate, up), for fewer, larger kernel calls per token.
 """
 
 from __future__ import annotations

@@ -258,7 +258,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 
     On a CPU without AMX, PyTorch's flash kernel for half-precision runs one query 4-8x slower than this (and than
     its own fp32 kernel), which costs more than the weights at batch 8 (CPU_DECODE_MATMULS says where).
-    q: (B, H, 1, hd); k, v: (B, Hkv, S, hd); bias: additive fp32 (B, 1, 1, S). Query heads are grouped by kv head as enable_gqa groups them.
+    q: (B, H, 1, hd); k, v: (B, Hkv, S, hd); bias: additive fp32 (B, 1, 1, S). Query heads are grouped by kv head
+    as enable_gqa groups them.
     """
     B, H, _, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]

@@ -1,12 +1,15 @@
 """Weight quantization: fewer bytes read per decoded token, which is what decode speed depends on.
 
 int8-dyn: int8 weights and per-token dynamically quantized int8 activations (torchao; int8 matmuls, fastest on an
-AVX-512 CPU once compiled and frozen, 8x slower than int8-wo where the CPU has only AVX2). int8-wo: int8 weights with
+AVX-512 CPU once compiled and frozen, 8x slower than int8-wo where the CPU has only AVX2, +3.8% perplexity on
+SmolLM2 and, compiled on Granite Rapids, wrong: generation.decode.int_mm_takes_one_row). int8-wo: int8 weights with
 a scale per output row. int4-wo: 4-bit weights in groups of 32 with a scale and a zero each (GGUF Q4_1's bytes per
 weight), the output head at int8. Weight-only methods run through torchao on CUDA and through torch's own kernels on
 CPU (model/cpu_linear.py: torchao has no CPU int4, and its int8-wo decoded at half the speed there). Every nn.Linear
 is quantized, the output head included (on SmolLM2 it is a fifth of the weights); embeddings stay as they are (a
-lookup reads one row per token), except that on CPU a tied embedding reads the int8 head's rows (one table). Measure the quality cost with chatforge.eval.compare before recommending a method.
+lookup reads one row per token), except that on CPU a tied embedding reads the int8 head's rows (one table), and a
+block's q, k, v and gate, up become one kernel layer each (fuse_projections). Measure the quality cost with
+chatforge.eval.compare before recommending a method.
 """
 
 from __future__ import annotations

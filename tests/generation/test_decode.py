@@ -187,4 +187,3 @@ def test_compiling_int8_dyn_is_refused_where_int_mm_gets_one_row_wrong(monkeypat
     decode.compile_decode(model)
     assert decode.is_compiled(model)
     decode.uncompile(model)
-
