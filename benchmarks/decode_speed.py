@@ -7,7 +7,13 @@ rows of the same run only, as ratios. chatforge rows go through the engine (samp
 fp32, bf16, int8 weight-only and int8 dynamic (torchao), int4 weight-only (groups of 32: torch's CPU kernel), each
 eager or compiled (decode.compile_decode, frozen).
 transformers runs the same weights (the folder chatforge converted from the packaged GGUF); llama.cpp
-(llama-cpp-python, the `bench` extra) runs the packaged Q4_1 GGUF itself, at batch 1 only.
+(llama-cpp-python, the `bench` extra) runs the packaged Q4_1 GGUF itself, at batch 1 only. On a CPU with AMX
+(Sapphire Rapids and later) a native llama-cpp-python 0.3.36 build segfaults in its AMX backend on any prompt of two
+tokens or more (ggml-org/llama.cpp#20824); build it without AMX (its batch-1 decode runs on AVX-512 VNNI either way):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON
+      -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF
+      -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --force-reinstall --no-deps "llama-cpp-python==0.3.36"
 
     python benchmarks/decode_speed.py                       # every row
     python benchmarks/decode_speed.py --rows bf16,int8-dyn+compile,llama.cpp --threads 2
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +208,10 @@ def main() -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            if proc.returncode < 0:  # killed by a signal: a segfault leaves no Python error behind
+                last = f"killed by {signal.Signals(-proc.returncode).name}" + \
+                    ("; on an AMX CPU build llama-cpp-python without AMX (this script's docstring)"
+                     if row == "llama.cpp" else "")
             print(f"{row}: failed ({last[:160]})", flush=True)
             continue
         results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
