@@ -123,15 +123,16 @@ def test_a_step_reading_whole_buckets_gives_the_exact_tokens(family):
 def test_compiled_decode_gives_the_eager_greedy_tokens(tmp_path, monkeypatch, quantize):
     """The compiled step (inductor, frozen, static shapes per kv bucket) and the eager fallback agree token for
     token across bucket boundaries, and after warmup() the run compiles nothing more; int4 weights too (CPU: torch's
-    int4 kernel, which inductor calls as it is)."""
+    int4 kernel, which inductor calls as it is; widths in whole blocks of 64, so q, k, v and gate, up are joined)."""
     import torch._dynamo.config as dynamo_config
 
     from chatforge.model.quantize import quantize as quantize_weights
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    model = random_family_model(FAMILIES["llama-gqa"])
+    model = random_family_model(dict(FAMILIES["llama-gqa"], d_model=128, d_ff=384))
     if quantize:
         quantize_weights(model, quantize)
+        assert model.model.layers[0].self_attn.qkv is not None and model.model.layers[0].mlp.gate_up is not None
     batch = prompts([7, 15])
     eager, eager_logits = decode_greedy(model, batch, [0, 1], n_new=12, cache_slots=2)  # kv_len 8..26
     decode.compile_decode(model, bucket=8)
