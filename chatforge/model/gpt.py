@@ -8,6 +8,7 @@ GPT-2's fused Conv1D layout to and from it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -17,12 +18,17 @@ from torch import nn
 
 from chatforge.device import cpu_has_amx
 from chatforge.errors import ChatforgeError
+from chatforge.model.head_loss import linear_cross_entropy
 
 # One query's half-precision attention on CPU runs as two matmuls (decode_attention) unless the CPU has AMX tiles:
 # without them PyTorch's flash kernel ran one bf16 query 4-8x slower than the matmuls (AVX-512 BF16, 2026-12-01);
 # with them it took 22 us a layer where the matmuls took 67 (Granite Rapids, 264 keys, 2026-12-04). A constant, so
 # that a compiled step bakes the choice in.
 CPU_DECODE_MATMULS = not cpu_has_amx()
+# Half-precision training on CPU runs the flash kernel in fp32 for rows up to this many tokens: its bf16 backward
+# took 2-4x the fp32 one's time up to 128 tokens, 1.0-1.2x at 256, and won at 1024 (1-2 threads, heads of 32-64,
+# AMX, 2026-12-04).
+CPU_FP32_ATTENTION_MAX_T = 256
 
 
 @dataclass
@@ -307,8 +313,14 @@ class Attention(nn.Module):
             y = decode_attention(q, k, v, mask)
         else:
             dropout = c.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                                               enable_gqa=c.n_kv_head != c.n_head)
+            dtype = q.dtype
+            fp32 = dtype in (torch.bfloat16, torch.float16) and cache is None and T <= CPU_FP32_ATTENTION_MAX_T \
+                and q.device.type == "cpu" and torch.is_grad_enabled()
+            if fp32:
+                q, k, v = q.float(), k.float(), v.float()
+            with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():  # autocast recasts SDPA
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                                   enable_gqa=c.n_kv_head != c.n_head).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
 
@@ -427,10 +439,12 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, kv_len: int | None = None,
                 logits_at: torch.Tensor | None = None, last_only: bool = False,
-                only: torch.Tensor | None = None) -> torch.Tensor:
+                only: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V); only the positions that are sampled with logits_at (B,) or last_only: (B, 1, V); only
         the positions a (B, T) bool mask `only` marks (the trained ones): (1, N, V), the vocabulary head and the loss
         skip the rest (with SmolLM2's 49k vocabulary the head is ~20% of a token's FLOPs).
+        targets (N,) with `only`, to train: the summed cross-entropy of those positions instead of their logits, the
+        head and loss fused (model/head_loss.py) unless the head is an adapted or quantized layer.
 
         position_ids: absolute positions (B, T); default 0..T-1. Packed training resets them per conversation.
         doc_ids: (B, T) conversation index per token; tokens attend only within their own conversation.
@@ -481,4 +495,9 @@ class GPT(nn.Module):
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
         elif only is not None:
             x = x[only][None]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(x[0], self.lm_head.weight, targets)
+        return F.cross_entropy(self.lm_head(x)[0].float(), targets, reduction="sum")

@@ -27,12 +27,17 @@ def token_loss(model, batch, autocast_ctx):
     training step).
 
     Eager, only the trained positions get logits (`only=`): an SFT row is mostly prompt, and the vocabulary head and
-    its fp32 cross-entropy are a large share of a small-model step. Under torch.compile the loss runs over every
+    its fp32 cross-entropy are a large share of a small-model step; in a training step the model fuses the head with
+    the loss (`targets=`, model/head_loss.py). Under torch.compile the loss runs over every
     position with untrained targets ignored instead: the shapes stay static (one graph, no data-dependent count)."""
     import torch
     import torch.nn.functional as F
 
     static = torch.compiler.is_compiling()
+    if not static and torch.is_grad_enabled():  # training: the head and its loss in one pass (model/head_loss.py)
+        with autocast_ctx:
+            return model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids,
+                         only=batch.loss_mask, targets=batch.targets[batch.loss_mask]), None, None
     with autocast_ctx:
         logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids,
                        only=None if static else batch.loss_mask)
@@ -41,10 +46,7 @@ def token_loss(model, batch, autocast_ctx):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                reduction="sum"), None, None
     logits, targets = logits[0], batch.targets[batch.loss_mask]
-    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-    if torch.is_grad_enabled():
-        return ce, None, None
-    return ce, logits.argmax(-1), targets
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), logits.argmax(-1), targets
 
 
 @dataclass(frozen=True)
