@@ -21,12 +21,15 @@ dim, ff = MLP width, a = bytes of the autocast dtype: 2 for bf16, 4 for fp32):
   norms 2 x (8d + 4) [RMSNorm keeps its fp32 input and normalised output] (LayerNorm: 2 x (4d + 8)),
   linear inputs a*d per consuming projection (autocast casts the norm output once per q/k/v/gate/up projection;
   fp32 shares one 4d copy per norm), RoPE cos/sin copies 4*a*hd, attention q/k/v/out a*(2*H*hd + 2*KV*hd) plus the
-  fp32 log-sum-exp 4H, MLP 4*a*ff (SwiGLU: gate, act, up, product) or 2*a*ff (GELU), and bf16 copies of the layer's
+  fp32 log-sum-exp 4H (bf16 rows up to gpt.CPU_FP32_ATTENTION_MAX_T tokens attend in fp32 on CPU: 4*(2*H*hd + 2*KV*hd)
+  and the bf16 output a*H*hd for the output projection), MLP 4*a*ff (SwiGLU: gate, act, up, product) or 2*a*ff (GELU), and bf16 copies of the layer's
   weights (2 B/param, autocast's cache). Packed rows add the attention mask, which SDPA converts to an additive
   B x T x T tensor of dtype a and keeps in every layer. With attention dropout PyTorch falls back to the math
   kernel, which keeps the fp32 T x T probabilities (12*H*T + 12*H*hd per token). Gradient checkpointing keeps only
   each layer's fp32 input (4d) and recomputes one layer at a time during the backward pass. The loss buffers follow
-  train.loss.token_loss: logits of the trained positions only (a each), their log-softmax and its gradients in fp32.
+  model/head_loss.py, which makes the m trained positions' loss and gradients in the forward: a chunk of fp32 logits
+  and its rounded gradient at a time ((4 + a) * V per row), the logits' gradient (a * m * V) for the head's weight
+  gradient, and the input's (4 * m * d) and weight's (4 * V * d) gradients kept for the backward.
   The peak is taken over a simple timeline of the backward pass: at its start every activation and the loss buffers
   are alive; as it walks down the layers each layer's activations are freed and its gradients appear.
 * Inference memory: weights + KV cache = 2 (K and V) * L * KV * hd * bytes per token.
@@ -120,6 +123,8 @@ def flops_per_token(c: ModelConfig, seq_len: int) -> dict:
 
 def _act_per_token(c: ModelConfig, seq_len: int, a: int, mixed: bool) -> tuple[float, float, float]:
     """(per layer, head, once-per-model) bytes of activations saved for backward, per token."""
+    from chatforge.model.gpt import CPU_FP32_ATTENTION_MAX_T
+
     d, hd, ff = c.d_model, c.head_dim, c.d_ff
     q, kv = c.n_head * hd, c.n_kv_head * hd
     norm = 8 * d + 4 if c.norm == "rmsnorm" else 4 * d + 8
@@ -128,6 +133,8 @@ def _act_per_token(c: ModelConfig, seq_len: int, a: int, mixed: bool) -> tuple[f
     rope = 4 * a * hd if (c.positions == "rope" and mixed) else 0
     if c.dropout > 0:  # SDPA's math kernel: fp32 q/k/v copies and T x T probabilities, plus dropout masks
         attn = 12 * q + 12 * c.n_head * seq_len + a * q + 2 * a * d
+    elif mixed and seq_len <= CPU_FP32_ATTENTION_MAX_T:  # the flash kernel on fp32 copies; the bf16 output
+        attn = 4 * (2 * q + 2 * kv) + 4 * c.n_head + a * q
     else:  # flash kernel: q, k, v, output and the fp32 log-sum-exp
         attn = a * (2 * q + 2 * kv) + 4 * c.n_head
     mlp = (4 if c.mlp == "swiglu" else 2) * a * ff
@@ -142,9 +149,11 @@ def training_memory(c: ModelConfig, batch_size: int, seq_len: int, mixed: bool =
     """Bytes needed to train with AdamW at batch_size x seq_len (bf16 autocast when mixed), and the peak.
 
     trained_fraction: share of positions that carry the loss (1 for pretraining; the assistant share for SFT), since
-    the training loop only takes the log-softmax of those. packed: rows hold several records, so attention gets a
+    the training loop only takes the log-softmax of those. Activations are those of CPU training. packed: rows hold several records, so attention gets a
     (B, 1, T, T) boolean mask built from doc ids.
     """
+    from chatforge.model.head_loss import CHUNK_ELEMENTS
+
     p = count_params(c)
     n = batch_size * seq_len
     a = 2 if mixed else 4
@@ -157,12 +166,11 @@ def training_memory(c: ModelConfig, batch_size: int, seq_len: int, mixed: bool =
     layer_full = layer_tok * n + layer_copy + mask
     layer_kept = 4 * c.d_model * n if gradient_checkpointing else layer_full
     head = head_tok * n + head_copy + once_tok * n
-    # Loss, as train.loss.token_loss computes it eagerly: logits of the trained positions only (a each), cast to fp32
-    # (4), their log-softmax (4). Backward: the NLL and log-softmax gradients (4 + 4 next to the saved 4), then the
-    # logits' gradient (a).
+    # Loss, as model/head_loss.py computes it (see the module doc): at the head's peak, the logits' gradient, one
+    # chunk's fp32 logits and rounded gradient, and the two gradients it keeps for the backward.
     m = max(1, round(trained_fraction * n))
-    forward = (a * m + 8 * m) if mixed else 8 * m
-    loss = c.vocab_size * max(forward, 12 * m + a * m)
+    chunk = min(m, max(1, CHUNK_ELEMENTS // c.vocab_size))
+    loss = c.vocab_size * (a * m + (4 + a) * chunk) + 4 * m * c.d_model + 4 * c.vocab_size * c.d_model
     layer_grad = 4 * _layer_params(c)
     head_grad = grads - c.n_layer * layer_grad
     # Gradient of the residual stream flowing down (fp32) and the MLP's widest gradients while a layer runs backward.
