@@ -73,7 +73,7 @@ def batches(B: int, T: int, n: int):
     for _ in range(n):
         x = torch.randint(0, VOCAB, (B, T + 1), generator=g)
         out.append(Batch(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.long),
-                         torch.arange(T).expand(B, T)))
+                         torch.arange(T).expand(B, T), packed=False))  # one record a row, as the reference sees it
     return out
 
 
@@ -175,7 +175,7 @@ def measure_lora(dtype_name: str, mode: str, steps: int, trained: float = 1.0) -
         lab = x[:, :-1].clone()
         lab[:, 1:][~mask[:, :-1]] = -100  # transformers shifts: labels[t] is predicted at t - 1
         data.append((Batch(x[:, :-1], x[:, 1:], mask, torch.zeros(B, T, dtype=torch.long),
-                           torch.arange(T).expand(B, T)), lab))
+                           torch.arange(T).expand(B, T), packed=False), lab))
     ctx = autocast(cpu, dtype)
     loss = compiled_loss(token_loss, ours, ctx) if mode == "compiled" else token_loss
 

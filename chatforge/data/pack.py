@@ -177,10 +177,14 @@ class Batch:
     loss_mask: "torch.Tensor"  # (B, T) bool: target trained and in the same record as its input
     doc_ids: "torch.Tensor"  # (B, T) long
     position_ids: "torch.Tensor"  # (B, T) long
+    # some row holds more than one record, so attention needs the doc mask; without, causal attention is exact for
+    # every real token (padding only follows them) and takes the faster causal kernel
+    packed: bool = True
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.input_ids, self.targets, self.loss_mask, self.doc_ids, self.position_ids)))
+                       (self.input_ids, self.targets, self.loss_mask, self.doc_ids, self.position_ids)),
+                     packed=self.packed)
 
     @property
     def n_trained(self) -> int:
@@ -251,7 +255,7 @@ def make_batch(rows: Rows | PackedRows, index) -> Batch:
     loss_mask = (m[:, 1:] == 1) & (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
     return Batch(torch.from_numpy(tok[:, :-1].astype(np.int64)), torch.from_numpy(tok[:, 1:].astype(np.int64)),
                  torch.from_numpy(loss_mask), torch.from_numpy(doc[:, :-1].astype(np.int64)),
-                 torch.from_numpy(pos[:, :-1].astype(np.int64)))
+                 torch.from_numpy(pos[:, :-1].astype(np.int64)), packed=bool((doc[:, :-1] > 0).any()))
 
 
 def pack(enc: Encoded, seq_len: int, pad_id: int, order: np.ndarray | None = None) -> Rows:
@@ -326,7 +330,7 @@ class BatchStream:
         import torch
 
         return Batch(*(torch.cat(ts) for ts in zip(*((p.input_ids, p.targets, p.loss_mask, p.doc_ids, p.position_ids)
-                                                      for p in parts))))
+                                                      for p in parts))), packed=any(p.packed for p in parts))
 
 
 # ---------------------------------------------------------------- bytes per token, for bits-per-byte

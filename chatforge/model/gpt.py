@@ -245,8 +245,12 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (B, T, hd) cos and sin. The angles come from a matmul, as in transformers: inductor then computes the
+    tables once, where an elementwise product let it inline cos and sin into every layer's and head's RoPE kernel
+    (a fifth of a compiled 10M training step on CPU)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    with torch.autocast(positions.device.type, enabled=False):
+        freqs = torch.matmul(positions.float()[..., None], inv_freq[None, :])  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -471,6 +475,9 @@ class GPT(nn.Module):
             rope = None
         else:
             rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta)
+            dev = x.device.type
+            if torch.is_autocast_enabled(dev):
+                rope = tuple(t.to(torch.get_autocast_dtype(dev)) for t in rope)
         x = self.drop(x)
         plan = None
         if cache is not None:

@@ -142,7 +142,7 @@ class RankSlice:
         b = self.stream.next()
         lo = self.dist.rank * self.batch_size
         return Batch(*(t[lo:lo + self.batch_size] for t in (b.input_ids, b.targets, b.loss_mask, b.doc_ids,
-                                                              b.position_ids)))
+                                                              b.position_ids)), packed=b.packed)
 
     def __getattr__(self, name):  # epoch, row, state(), load_state(), rows_per_epoch(): the global stream's
         return getattr(self.stream, name)

@@ -34,12 +34,13 @@ def token_loss(model, batch, autocast_ctx):
     import torch.nn.functional as F
 
     static = torch.compiler.is_compiling()
+    doc_ids = batch.doc_ids if batch.packed else None  # rows of one record each: plain causal attention
     if not static and torch.is_grad_enabled():  # training: the head and its loss in one pass (model/head_loss.py)
         with autocast_ctx:
-            return model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids,
+            return model(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids,
                          only=batch.loss_mask, targets=batch.targets[batch.loss_mask]), None, None
     with autocast_ctx:
-        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids,
+        logits = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids,
                        only=None if static else batch.loss_mask)
     if static:
         targets = batch.targets.masked_fill(~batch.loss_mask, -100)

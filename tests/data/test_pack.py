@@ -76,6 +76,25 @@ def test_packed_conversations_train_exactly_as_alone(tok, positions):
             torch.testing.assert_close(logits[0][sel], alone[0][: int(sel.sum())], atol=1e-5, rtol=1e-5)
 
 
+def test_rows_of_one_record_train_causally_with_the_same_loss(tok):
+    """A batch whose rows each hold one record (padding after it) is marked unpacked, and its training loss through
+    plain causal attention (token_loss passes no doc ids) equals the doc-masked loss."""
+    from chatforge.train.loss import token_loss
+
+    model = tiny_model(tok.vocab_size)
+    longest = max(len(tok.render(c["messages"])[0]) for c in CONVS)
+    enc = encode_records(CONVS, tok, "assistant", row_len=longest + 1, split_long=False)
+    rows = pack(enc, seq_len=longest, pad_id=tok.pad_id)
+    assert len(rows) == len(CONVS) and (rows.doc < 0).any()  # one record a row, most rows padded
+    batch = make_batch(rows, np.arange(len(rows)))
+    assert not batch.packed and make_batch(pack(enc, seq_len=4 * longest, pad_id=tok.pad_id), np.arange(1)).packed
+    off = torch.autocast("cpu", enabled=False)
+    causal, _, _ = token_loss(model, batch, off)
+    masked = F.cross_entropy(model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+                             [batch.loss_mask], batch.targets[batch.loss_mask], reduction="sum")
+    assert abs(float(causal.detach()) - float(masked.detach())) <= 1e-4 * float(masked.detach())
+
+
 def test_positions_restart_and_boundaries_are_not_targets(tok):
     total = sum(len(tok.render(c["messages"])[0]) for c in CONVS)
     enc = encode_records(CONVS, tok, "all", row_len=total + 5, split_long=True)
