@@ -19,8 +19,8 @@ dim, ff = MLP width, a = bytes of the autocast dtype: 2 for bf16, 4 for fp32):
   backward pass + the loss's logits buffers. Activations per layer and token, measured tensor by tensor with
   saved_tensors_hooks for bf16 autocast and PyTorch's flash SDPA kernel on CPU:
   norms 2 x (8d + 4) [RMSNorm keeps its fp32 input and normalised output] (LayerNorm: 2 x (4d + 8)),
-  linear inputs a*d per consuming projection (autocast casts the norm output once per q/k/v/gate/up projection;
-  fp32 shares one 4d copy per norm), RoPE cos/sin copies 4*a*hd, attention q/k/v/out a*(2*H*hd + 2*KV*hd) plus the
+  linear inputs a*d per consuming projection (autocast casts a LayerNorm's output once per q/k/v/gate/up projection;
+  RMSNorm rounds its own once, a*d; fp32 shares one 4d copy per norm), RoPE cos/sin copies 4*a*hd, attention q/k/v/out a*(2*H*hd + 2*KV*hd) plus the
   fp32 log-sum-exp 4H (bf16 rows up to gpt.CPU_FP32_ATTENTION_MAX_T tokens attend in fp32 on CPU: 4*(2*H*hd + 2*KV*hd)
   and the bf16 output a*H*hd for the output projection), MLP 4*a*ff (SwiGLU: gate, act, up, product) or 2*a*ff (GELU), and bf16 copies of the layer's
   weights (2 B/param, autocast's cache). Packed rows add the attention mask, which SDPA converts to an additive
@@ -129,7 +129,7 @@ def _act_per_token(c: ModelConfig, seq_len: int, a: int, mixed: bool) -> tuple[f
     q, kv = c.n_head * hd, c.n_kv_head * hd
     norm = 8 * d + 4 if c.norm == "rmsnorm" else 4 * d + 8
     consumers = 3 + (2 if c.mlp == "swiglu" else 1)  # projections reading a norm's output
-    linear_in = a * d * consumers if mixed else 2 * 4 * d
+    linear_in = (a * d if c.norm == "rmsnorm" else a * d * consumers) if mixed else 2 * 4 * d
     rope = 4 * a * hd if (c.positions == "rope" and mixed) else 0
     if c.dropout > 0:  # SDPA's math kernel: fp32 q/k/v copies and T x T probabilities, plus dropout masks
         attn = 12 * q + 12 * c.n_head * seq_len + a * q + 2 * a * d

@@ -36,7 +36,9 @@ def token_loss(model, batch, autocast_ctx):
     static = torch.compiler.is_compiling()
     doc_ids = batch.doc_ids if batch.packed else None  # rows of one record each: plain causal attention
     if not static and torch.is_grad_enabled():  # training: the head and its loss in one pass (model/head_loss.py)
-        with autocast_ctx:
+        from chatforge.weights.lora import autocast_inputs
+
+        with autocast_ctx, autocast_inputs(model, batch.input_ids.device.type):
             return model(batch.input_ids, position_ids=batch.position_ids, doc_ids=doc_ids,
                          only=batch.loss_mask, targets=batch.targets[batch.loss_mask]), None, None
     with autocast_ctx:

@@ -299,3 +299,50 @@ def test_train_from_an_adapter_folder_starts_from_the_adapter(tmp_path, mode):
         trained = load(str(final)).model(x)
         assert max_diff(trained, started_from.model(x)) <= 1e-4
         assert max_diff(trained, load_model(base)(x)) > 1e-2
+
+
+def test_adapters_take_autocast_inputs_uncast_with_the_same_loss_and_gradients(tmp_path):
+    """In a bf16 training step the adapters read the bf16 norm output as it is (peft's cast to their fp32 weights,
+    undone by autocast, is skipped inside autocast_inputs only): the same loss and gradients as with the cast; the
+    adapters' dropout is chatforge's 15-bit one at the configured rate."""
+    from chatforge.data.pack import Batch
+    from chatforge.model.dropout import Dropout
+    from chatforge.train.loss import token_loss
+    from chatforge.train.speed import frozen_to
+    from chatforge.weights.lora import autocast_inputs
+
+    loaded = load(str(base_folder(tmp_path, "llama")))
+    peft_model = apply_lora(loaded.model, {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"})
+    drops = [m for m in peft_model.modules() if isinstance(m, Dropout)]
+    assert len(drops) == 3 * 7 and {d.p for d in drops} == {0.1}
+    with torch.no_grad():  # B starts at zero, which leaves A without a gradient
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    frozen_to(peft_model, torch.bfloat16)
+    peft_model.eval()  # no dropout: the two runs see the same inputs
+    x, mask = loaded.tokenizer.render(CHAT[:3])
+    x, mask = torch.tensor([x]), torch.tensor([mask], dtype=torch.bool)
+    batch = Batch(x[:, :-1], x[:, 1:], mask[:, 1:], torch.zeros_like(x[:, :-1]),
+                  torch.arange(x.shape[1] - 1)[None], packed=False)
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    layers = [m for m in peft_model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+
+    def step(uncast: bool):
+        peft_model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if uncast:
+                loss = token_loss(peft_model, batch, torch.autocast("cpu", dtype=torch.bfloat16))[0]
+            else:  # the same forward, peft casting each adapter's input to fp32 first
+                loss = peft_model(batch.input_ids, only=batch.loss_mask, targets=batch.targets[batch.loss_mask])
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in lora]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast_inputs(peft_model, "cpu"):
+        assert not any(m.cast_input_dtype_enabled for m in layers)
+    assert all(m.cast_input_dtype_enabled for m in layers)  # restored; and outside autocast never touched:
+    assert isinstance(autocast_inputs(peft_model, "cpu"), type(__import__("contextlib").nullcontext()))
+    (a, ga), (b, gb) = step(True), step(False)
+    assert a == pytest.approx(b, rel=1e-3)
+    for g1, g2 in zip(ga, gb):
+        assert float((g1 - g2).norm() / g2.norm()) <= 0.02
