@@ -1,4 +1,4 @@
-"""The 15-bit dropout LoRA's adapters use: nn.Dropout's rate and expectation, its gradient, identity in eval."""
+"""The 16-bit dropout LoRA's adapters use: nn.Dropout's rate and expectation, its gradient, identity in eval."""
 
 import pytest
 import torch

@@ -304,7 +304,7 @@ def test_train_from_an_adapter_folder_starts_from_the_adapter(tmp_path, mode):
 def test_adapters_take_autocast_inputs_uncast_with_the_same_loss_and_gradients(tmp_path):
     """In a bf16 training step the adapters read the bf16 norm output as it is (peft's cast to their fp32 weights,
     undone by autocast, is skipped inside autocast_inputs only): the same loss and gradients as with the cast; the
-    adapters' dropout is chatforge's 15-bit one at the configured rate."""
+    adapters' dropout is chatforge's 16-bit one at the configured rate."""
     from chatforge.data.pack import Batch
     from chatforge.model.dropout import Dropout
     from chatforge.train.loss import token_loss
