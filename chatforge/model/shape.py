@@ -19,10 +19,11 @@ dim, ff = MLP width, a = bytes of the autocast dtype: 2 for bf16, 4 for fp32):
   backward pass + the loss's logits buffers. Activations per layer and token, measured tensor by tensor with
   saved_tensors_hooks for bf16 autocast and PyTorch's flash SDPA kernel on CPU:
   norms 2 x (8d + 4) [RMSNorm keeps its fp32 input and normalised output] (LayerNorm: 2 x (4d + 8)),
-  linear inputs a*d per consuming projection (autocast casts a LayerNorm's output once per q/k/v/gate/up projection;
-  RMSNorm rounds its own once, a*d; fp32 shares one 4d copy per norm), RoPE cos/sin copies 4*a*hd, attention q/k/v/out a*(2*H*hd + 2*KV*hd) plus the
-  fp32 log-sum-exp 4H (bf16 rows up to gpt.CPU_FP32_ATTENTION_MAX_T tokens attend in fp32 on CPU: 4*(2*H*hd + 2*KV*hd)
-  and the bf16 output a*H*hd for the output projection), MLP 4*a*ff (SwiGLU: gate, act, up, product) or 2*a*ff (GELU), and bf16 copies of the layer's
+  linear inputs a*d per consuming projection (autocast casts a LayerNorm's output once per q/k/v/gate/up
+  projection; RMSNorm rounds its own once, a*d; fp32 shares one 4d copy per norm), RoPE cos/sin copies 4*a*hd,
+  attention q/k/v/out a*(2*H*hd + 2*KV*hd) plus the fp32 log-sum-exp 4H (bf16 rows up to
+  gpt.CPU_FP32_ATTENTION_MAX_T tokens attend in fp32 on CPU: 4*(2*H*hd + 2*KV*hd) and the bf16 output a*H*hd for the
+  output projection), MLP 4*a*ff (SwiGLU: gate, act, up, product) or 2*a*ff (GELU), and bf16 copies of the layer's
   weights (2 B/param, autocast's cache). Packed rows add the attention mask, which SDPA converts to an additive
   B x T x T tensor of dtype a and keeps in every layer. With attention dropout PyTorch falls back to the math
   kernel, which keeps the fp32 T x T probabilities (12*H*T + 12*H*hd per token). Gradient checkpointing keeps only
@@ -149,8 +150,8 @@ def training_memory(c: ModelConfig, batch_size: int, seq_len: int, mixed: bool =
     """Bytes needed to train with AdamW at batch_size x seq_len (bf16 autocast when mixed), and the peak.
 
     trained_fraction: share of positions that carry the loss (1 for pretraining; the assistant share for SFT), since
-    the training loop only takes the log-softmax of those. Activations are those of CPU training. packed: rows hold several records, so attention gets a
-    (B, 1, T, T) boolean mask built from doc ids.
+    the training loop only takes the log-softmax of those. Activations are those of CPU training. packed: rows hold
+    several records, so attention gets a (B, 1, T, T) boolean mask built from doc ids.
     """
     from chatforge.model.head_loss import CHUNK_ELEMENTS
 
