@@ -52,6 +52,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type right now, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for the forward pass; weights and optimizer state stay fp32."""
     if dtype == torch.float32:

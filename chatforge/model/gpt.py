@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatforge.device import cpu_has_amx
+from chatforge.device import autocast_dtype, cpu_has_amx
 from chatforge.errors import ChatforgeError
 from chatforge.model.head_loss import linear_cross_entropy
 
@@ -235,11 +235,11 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 as transformers does, so bf16 runs match it.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
+        compute = autocast_dtype(x.device.type)
+        if compute is not None:
             # rounded once here to the dtype every consuming matmul casts it to (the same values), rather than once
             # per q, k, v, gate, up projection and LoRA adapter: a sixth of a LoRA step was these copies
-            return (self.weight * h).to(torch.get_autocast_dtype(dev))
+            return (self.weight * h).to(compute)
         return self.weight * h.to(x.dtype)
 
 
@@ -490,9 +490,9 @@ class GPT(nn.Module):
             rope = None
         else:
             rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta)
-            dev = x.device.type
-            if torch.is_autocast_enabled(dev):
-                rope = tuple(t.to(torch.get_autocast_dtype(dev)) for t in rope)
+            compute = autocast_dtype(x.device.type)
+            if compute is not None:  # cast once for every layer's q and k
+                rope = tuple(t.to(compute) for t in rope)
         x = self.drop(x)
         plan = None
         if cache is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from chatforge.device import autocast_dtype
+
 CHUNK_ELEMENTS = 1 << 21  # logits a chunk holds: 8 MiB of fp32 (512 rows of a 4k vocabulary, 42 of a 49k one)
 
 
@@ -20,7 +22,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dev = h.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        dtype = autocast_dtype(dev) or h.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(dev, enabled=False):
             x, w = h.to(dtype), weight.to(dtype)

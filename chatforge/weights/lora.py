@@ -165,10 +165,9 @@ def autocast_inputs(model, device_type: str):
     to their fp32 weights' dtype, which autocast casts straight back for the matmul: two copies of every adapted
     layer's input a step. Outside autocast (or for a model without adapters) nothing changes: a bf16 base with fp32
     adapters needs peft's cast there."""
-    import torch
+    from chatforge.device import autocast_dtype
 
-    if not torch.is_autocast_enabled(device_type) or getattr(getattr(model, "module", model), "peft_config",
-                                                             None) is None:
+    if autocast_dtype(device_type) is None or getattr(getattr(model, "module", model), "peft_config", None) is None:
         return contextlib.nullcontext()
     from peft.helpers import disable_input_dtype_casting
 

@@ -4,6 +4,7 @@ with the adapter, and freezing keeps what it says fixed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -341,7 +342,7 @@ def test_adapters_take_autocast_inputs_uncast_with_the_same_loss_and_gradients(t
     with torch.autocast("cpu", dtype=torch.bfloat16), autocast_inputs(peft_model, "cpu"):
         assert not any(m.cast_input_dtype_enabled for m in layers)
     assert all(m.cast_input_dtype_enabled for m in layers)  # restored; and outside autocast never touched:
-    assert isinstance(autocast_inputs(peft_model, "cpu"), type(__import__("contextlib").nullcontext()))
+    assert isinstance(autocast_inputs(peft_model, "cpu"), contextlib.nullcontext)
     (a, ga), (b, gb) = step(True), step(False)
     assert a == pytest.approx(b, rel=1e-3)
     for g1, g2 in zip(ga, gb):
