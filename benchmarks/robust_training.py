@@ -15,10 +15,16 @@ The builtin corpus is the quickstart's (0.2 epoch in 300 steps); `--data builtin
 question-answer corpus (~17 epochs in 300 steps), whose replies depend more on the user turn. `--train-seeds 0 1`
 trains every run again with another seed: two references side by side show the run-to-run noise.
 
+`--recipe shop` is the typical user's case instead: LoRA on SmolLM2-135M-Instruct with the shop's customer-service
+dialogs (configs/shop-smollm2-lora.yaml, without replay, which perturbation refuses), scored on the shop dialogs
+held out of training (`--data` defaults to examples/shop/conversations.jsonl; 15% held out, 10% of the rest for
+validation). A pretrained model reads the user turn closely, so its replies show what a misspelt question costs.
+
     nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/robust_training.py [--rates 0.3 0.1] [--steps 300]
         [--data builtin:chatterbot --out runs/bench-robust-cb] [--train-seeds 0 1]
     ... --only reference-s1     # train and score one run (runs are cached in --out; run two at once, then the table)
     ... --cached                # the table of the runs already cached
+    ... --recipe shop --steps 200 --out runs/bench-robust-shop --threads 2
 """
 
 from __future__ import annotations
@@ -41,6 +47,19 @@ def data(corpus: str, seed: int):
     train_set, dev = split_dev(train_all, DEV_FRACTION, seed)
     weighted = weight_chinese(train_set)[0] if corpus == CORPUS else train_set
     return train_set, [x for r in weighted for x in pieces(r)], [x for r in dev for x in pieces(r)], report, test
+
+
+SHOP = "examples/shop/conversations.jsonl"
+
+
+def shop_data(path: str, seed: int):
+    """(train, dev, report, test) of a dialog file: 15% held out for scoring, 10% of the rest for validation."""
+    from chatforge.data import load_dataset
+    from chatforge.tools.quickstart import split_dev
+
+    train_all, test, report = load_dataset(path, 0.15, seed)
+    train_set, dev = split_dev(train_all, 0.1, seed)
+    return train_set, dev, report, test
 
 
 def tokenizer(out: Path, train_set: list[dict]) -> str:
@@ -70,27 +89,43 @@ def train_and_score(name: str, rate: float | None, train_seed: int, args, out: P
     from chatforge.weights.folder import load_model
 
     torch.set_num_threads(args.threads)
-    train_set, train_pieces, dev, report, test = data(args.data, args.seed)
-    values = {"data": args.data, "out_dir": str(out / name / "train"), "seed": train_seed,
-              "tokenizer": tokenizer(out, train_set),
-              "num_threads": args.threads, "max_tokens": None, "max_steps": args.steps, "max_time_s": None,
-              "early_stop_patience": None, "eval_every": 100, "save_every": 100000}
+    values = {"out_dir": str(out / name / "train"), "seed": train_seed, "num_threads": args.threads,
+              "max_tokens": None, "max_time_s": None, "early_stop_patience": None, "save_every": 100000}
+    if args.steps is not None:
+        values["max_steps"] = args.steps
     if rate is not None:
         values |= {"perturbation.rate": rate}
-    cfg = load_config(str(RECIPES / "quickstart-pretrain.yaml"), values=values)
-    load = os.getloadavg()[0]
+    if args.recipe == "shop":
+        from chatforge.weights.loader import load
+
+        train_set, dev, report, test = shop_data(args.data or SHOP, args.seed)
+        cfg = load_config(str(RECIPES / "shop-smollm2-lora.yaml"), values=values | {"data": args.data or SHOP,
+                                                                             "replay": None})
+        records = (train_set, dev, report)
+    else:
+        train_set, train_pieces, dev, report, test = data(args.data or "builtin", args.seed)
+        values |= {"data": args.data or "builtin", "tokenizer": tokenizer(out, train_set), "eval_every": 100}
+        values.setdefault("max_steps", 300)
+        cfg = load_config(str(RECIPES / "quickstart-pretrain.yaml"), values=values)
+        records = (train_pieces, dev, report)
+    load_avg = os.getloadavg()[0]
     t0 = time.time()
-    s = train(cfg, records=(train_pieces, dev, report))
+    s = train(cfg, records=records)
     wall = time.time() - t0
-    model = load_model(s["final_dir"]).eval()
-    tok = Tokenizer.load(s["final_dir"])
-    held = [p for r in pick_records(test, args.eval_records, args.seed) for p in pieces(r)]
+    if args.recipe == "shop":  # the adapter merged into its base
+        loaded = load(s["final_dir"])
+        model, tok = loaded.model.eval(), loaded.tokenizer
+        held = pick_records(test, args.eval_records, args.seed)
+    else:
+        model = load_model(s["final_dir"]).eval()
+        tok = Tokenizer.load(s["final_dir"])
+        held = [p for r in pick_records(test, args.eval_records, args.seed) for p in pieces(r)]
     t1 = time.time()
     rob = robustness_eval(model, tok, held, cfg.seq_len, 16, torch.device("cpu"), "auto", seed=args.seed)
     result = {"name": name, "train_seed": train_seed, "steps": s["steps"], "tokens": s["tokens"], "params": s["params"],
               "train_wall_s": wall, "tokens_per_s": s["tokens_per_s"], "eval_s": time.time() - t1,
-              "load_start": load, "load_end": os.getloadavg()[0], "dev_loss_final": s["final_val_loss"],
-              "held_out_conversations": args.eval_records, "held_out_pieces": len(held), **rob,
+              "load_start": load_avg, "load_end": os.getloadavg()[0], "dev_loss_final": s["final_val_loss"],
+              "held_out_conversations": min(args.eval_records, len(test)), "held_out_pieces": len(held), **rob,
               "eval_rate": rob["rate"], "rate": rate}
     cached.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
@@ -99,9 +134,13 @@ def train_and_score(name: str, rate: float | None, train_seed: int, args, out: P
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[0.3], help="perturbation rates of the robust runs")
-    ap.add_argument("--steps", type=int, default=300, help="training steps of every run (8 x 256 tokens each)")
+    ap.add_argument("--recipe", choices=("quickstart", "shop"), default="quickstart",
+                    help="quickstart: its nano pretraining from scratch; shop: LoRA on SmolLM2 with shop dialogs")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps of every run (default: quickstart 300 of 8 x 256 tokens, shop its config's)")
     ap.add_argument("--eval-records", type=int, default=150, help="held-out test conversations scored")
-    ap.add_argument("--data", default="builtin", help="the corpus (builtin, builtin:chatterbot, ...)")
+    ap.add_argument("--data", default=None, help="the corpus (quickstart: builtin, builtin:chatterbot, ...; "
+                    "shop: a dialog file)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0],
@@ -127,8 +166,11 @@ def main() -> None:
         return
     refs = {r["train_seed"]: r for r in results.values() if r["rate"] is None}
     first = next(iter(refs.values()))
-    print(f"nano model ({first['params']:,} parameters), quickstart pretraining recipe from scratch on {args.data}, "
-          f"{first['steps']} steps x 8 x 256 tokens each, split seed {args.seed}, {args.threads} thread(s); held-out: "
+    recipe = (f"nano model ({first['params']:,} parameters), quickstart pretraining recipe from scratch on "
+              f"{args.data or 'builtin'}, {first['steps']} steps x 8 x 256 tokens each" if args.recipe == "quickstart" else
+              f"SmolLM2-135M-Instruct + LoRA (configs/shop-smollm2-lora.yaml without replay) on {args.data or SHOP}, "
+              f"{first['steps']} steps x 4 x 256 tokens")
+    print(f"{recipe}, split seed {args.seed}, {args.threads} thread(s); held-out: "
           f"{first['held_out_conversations']} test conversations ({first['held_out_pieces']} pieces), loss of the "
           f"assistant replies (nats/token) with clean user turns and with every user turn perturbed (kinds mixed; the "
           f"noise seeded alike for every model). Recovery and cost are against the reference of the same training "
