@@ -44,13 +44,18 @@ def fsync_path(path: str | os.PathLike) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path to write to; on success it replaces `path`, on error it is removed.
 
-    For libraries that insist on writing a path themselves (e.g. safetensors' save_file).
+    For libraries that insist on writing a path themselves (e.g. safetensors' save_file). The temporary file is
+    created here (0666 minus the umask) and given that mode again before the rename: safetensors replaces it with
+    a 0600 file of its own, which would hide a shipped or shared file from other users.
     """
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _temp_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # os.open applies the umask
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         yield tmp
+        os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -66,11 +71,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically; the new file gets the usual permissions (0666 minus umask)."""
-    with atomic_path(path) as tmp:
-        # os.open applies the umask, unlike mkstemp's fixed 0600 that would hide model folders from other users.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import torch
 
 from chatforge.cli import main
 from chatforge.errors import ChatforgeError
-from chatforge.io import atomic_folder
+from chatforge.io import atomic_folder, atomic_path, atomic_write_bytes
 from chatforge.model.gpt import GPT, ModelConfig
 from chatforge.weights.folder import load_model, save_model
 from chatforge.weights.loader import load
@@ -62,6 +62,22 @@ def test_saved_folders_get_the_usual_permissions(tmp_path, umask, capsys):
     umask(0o077)  # the umask decides, not the writer
     for kind, folder in write_every_kind(tmp_path / "private").items():
         assert modes(folder) == (0o700, {0o600}), kind
+
+
+def test_single_files_get_the_usual_permissions(tmp_path, umask):
+    """atomic_path and atomic_write_bytes: safetensors' save_file writes 0600 on its own (the shipped moderation
+    model was unreadable to other users); the umask decides, not the writer."""
+    import torch
+    from safetensors.torch import save_file
+
+    for mask, want in ((0o022, 0o644), (0o077, 0o600)):
+        umask(mask)
+        folder = tmp_path / f"m{mask:o}"
+        with atomic_path(folder / "w.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
+        atomic_write_bytes(folder / "b.json", b"{}")
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == \
+            {"w.safetensors": want, "b.json": want}
 
 
 def test_a_failure_mid_write_leaves_no_partial_folder(tmp_path):
