@@ -41,17 +41,18 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, mode: int = 0o666) -> Iterator[str]:
     """Yield a temporary path to write to; on success it replaces `path`, on error it is removed.
 
     For libraries that insist on writing a path themselves (e.g. safetensors' save_file). The temporary file is
-    created here (0666 minus the umask) and given that mode again before the rename: safetensors replaces it with
-    a 0600 file of its own, which would hide a shipped or shared file from other users.
+    created here (`mode` minus the umask: the usual permissions, or 0o600 for a file only its owner may read) and
+    given that mode again before the rename: safetensors replaces it with a 0600 file of its own, which would hide a
+    shipped or shared file from other users.
     """
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _temp_name(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # os.open applies the umask
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))  # os.open applies the umask
     mode = os.stat(tmp).st_mode & 0o777
     try:
         yield tmp

@@ -329,12 +329,10 @@ def decrypt_file(src: str, dst: str, key: Key) -> int:
     """Decrypt file `src` into `dst`, created readable by its owner only; nothing is left at `dst` unless the whole
     file verified. Returns the plaintext size."""
     n = 0
-    with open(src, "rb") as f, atomic_path(dst) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            for plain in _verified_chunks(f, key, src):
-                out.write(plain)
-                n += len(plain)
+    with open(src, "rb") as f, atomic_path(dst, mode=0o600) as tmp, open(tmp, "wb") as out:
+        for plain in _verified_chunks(f, key, src):
+            out.write(plain)
+            n += len(plain)
     return n
 
 
