@@ -99,8 +99,8 @@ def train_and_score(name: str, rate: float | None, train_seed: int, args, out: P
         from chatforge.weights.loader import load
 
         train_set, dev, report, test = shop_data(args.data or SHOP, args.seed)
-        cfg = load_config(str(RECIPES / "shop-smollm2-lora.yaml"), values=values | {"data": args.data or SHOP,
-                                                                             "replay": None})
+        values |= {"data": args.data or SHOP, "replay": None}
+        cfg = load_config(str(RECIPES / "shop-smollm2-lora.yaml"), values=values)
         records = (train_set, dev, report)
     else:
         train_set, train_pieces, dev, report, test = data(args.data or "builtin", args.seed)
@@ -166,10 +166,12 @@ def main() -> None:
         return
     refs = {r["train_seed"]: r for r in results.values() if r["rate"] is None}
     first = next(iter(refs.values()))
-    recipe = (f"nano model ({first['params']:,} parameters), quickstart pretraining recipe from scratch on "
-              f"{args.data or 'builtin'}, {first['steps']} steps x 8 x 256 tokens each" if args.recipe == "quickstart" else
-              f"SmolLM2-135M-Instruct + LoRA (configs/shop-smollm2-lora.yaml without replay) on {args.data or SHOP}, "
-              f"{first['steps']} steps x 4 x 256 tokens")
+    if args.recipe == "quickstart":
+        recipe = (f"nano model ({first['params']:,} parameters), quickstart pretraining recipe from scratch on "
+                  f"{args.data or 'builtin'}, {first['steps']} steps x 8 x 256 tokens each")
+    else:
+        recipe = (f"SmolLM2-135M-Instruct + LoRA (configs/shop-smollm2-lora.yaml without replay) on "
+                  f"{args.data or SHOP}, {first['steps']} steps x 4 x 256 tokens")
     print(f"{recipe}, split seed {args.seed}, {args.threads} thread(s); held-out: "
           f"{first['held_out_conversations']} test conversations ({first['held_out_pieces']} pieces), loss of the "
           f"assistant replies (nats/token) with clean user turns and with every user turn perturbed (kinds mixed; the "

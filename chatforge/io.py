@@ -53,10 +53,10 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o666) -> Iterator[str]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _temp_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))  # os.open applies the umask
-    mode = os.stat(tmp).st_mode & 0o777
+    final_mode = os.stat(tmp).st_mode & 0o777
     try:
         yield tmp
-        os.chmod(tmp, mode)
+        os.chmod(tmp, final_mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
