@@ -65,7 +65,7 @@ def test_saved_folders_get_the_usual_permissions(tmp_path, umask, capsys):
 
 
 def test_single_files_get_the_usual_permissions(tmp_path, umask):
-    """atomic_path and atomic_write_bytes: safetensors' save_file writes 0600 on its own (the shipped moderation
+    """atomic_path and atomic_write_bytes: safetensors' save_file writes 0600 on its own (a retrained moderation
     model was unreadable to other users); the umask decides, not the writer."""
     from safetensors.torch import save_file
 
