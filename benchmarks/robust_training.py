@@ -83,10 +83,9 @@ def train_and_score(name: str, rate: float | None, train_seed: int, args, out: P
     from chatforge.config import load_config
     from chatforge.eval.evaluate import pick_records
     from chatforge.eval.robustness import robustness_eval
-    from chatforge.tokenizer import Tokenizer
     from chatforge.tools.quickstart import RECIPES, pieces
     from chatforge.train.loop import train
-    from chatforge.weights.folder import load_model
+    from chatforge.weights.loader import load
 
     torch.set_num_threads(args.threads)
     values = {"out_dir": str(out / name / "train"), "seed": train_seed, "num_threads": args.threads,
@@ -96,30 +95,24 @@ def train_and_score(name: str, rate: float | None, train_seed: int, args, out: P
     if rate is not None:
         values |= {"perturbation.rate": rate}
     if args.recipe == "shop":
-        from chatforge.weights.loader import load
-
         train_set, dev, report, test = shop_data(args.data or SHOP, args.seed)
         values |= {"data": args.data or SHOP, "replay": None}
         cfg = load_config(str(RECIPES / "shop-smollm2-lora.yaml"), values=values)
         records = (train_set, dev, report)
+        held = pick_records(test, args.eval_records, args.seed)
     else:
         train_set, train_pieces, dev, report, test = data(args.data or "builtin", args.seed)
         values |= {"data": args.data or "builtin", "tokenizer": tokenizer(out, train_set), "eval_every": 100}
         values.setdefault("max_steps", 300)
         cfg = load_config(str(RECIPES / "quickstart-pretrain.yaml"), values=values)
         records = (train_pieces, dev, report)
+        held = [p for r in pick_records(test, args.eval_records, args.seed) for p in pieces(r)]
     load_avg = os.getloadavg()[0]
     t0 = time.time()
     s = train(cfg, records=records)
     wall = time.time() - t0
-    if args.recipe == "shop":  # the adapter merged into its base
-        loaded = load(s["final_dir"])
-        model, tok = loaded.model.eval(), loaded.tokenizer
-        held = pick_records(test, args.eval_records, args.seed)
-    else:
-        model = load_model(s["final_dir"]).eval()
-        tok = Tokenizer.load(s["final_dir"])
-        held = [p for r in pick_records(test, args.eval_records, args.seed) for p in pieces(r)]
+    loaded = load(s["final_dir"])  # a model folder, or a LoRA adapter merged into its base
+    model, tok = loaded.model, loaded.tokenizer
     t1 = time.time()
     rob = robustness_eval(model, tok, held, cfg.seq_len, 16, torch.device("cpu"), "auto", seed=args.seed)
     result = {"name": name, "train_seed": train_seed, "steps": s["steps"], "tokens": s["tokens"], "params": s["params"],
